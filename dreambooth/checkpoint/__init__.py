@@ -1,0 +1,1 @@
+"""Single file ⇄ diffusers: safe loading, model detection, key maps, convert, export."""

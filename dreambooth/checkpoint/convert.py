@@ -1,0 +1,269 @@
+"""`dreambooth convert`: one original single-file checkpoint → a complete, offline-loadable diffusers folder."""
+
+import json
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+
+import diffusers
+import torch
+from safetensors.torch import save_file
+
+from dreambooth import __version__
+from dreambooth.checkpoint import components as comp
+from dreambooth.checkpoint.detect import (
+    MODEL_TYPE_HINT,
+    Detection,
+    decide_prediction_type,
+    detect_family,
+    probe_prediction_type,
+    refuse_unsupported,
+)
+from dreambooth.checkpoint.families import (
+    FAMILIES,
+    MODEL_TYPES,
+    infer_text_config,
+    infer_unet_config,
+    infer_vae_config,
+    model_type_of,
+    scheduler_config,
+)
+from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, EMA_PREFIX, TEXT_SOURCES, unet_sources, vae_sources
+from dreambooth.checkpoint.load import Checkpoint, check_input_file, load_checkpoint
+from dreambooth.checkpoint.vae_file import load_vae
+from dreambooth.errors import UserError
+from dreambooth.fileio import atomic_dir, sha256_file, write_json
+
+EXTRAS_FILE = "original_extras.safetensors"  # original tensors diffusers has no place for (see `leftovers`)
+PROVENANCE_FILE = "dreambooth.json"
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    model_type: str = "auto"  # auto | sd1 | sd2 | sd2-v
+    original_config: Path | None = None
+    ema: bool = False
+    vae: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.model_type not in ("auto", *MODEL_TYPES):
+            raise UserError(f"--model-type {self.model_type!r} is not one of auto, {', '.join(MODEL_TYPES)}")
+        if self.original_config is not None:
+            check_input_file(self.original_config, "--original-config")
+
+
+@dataclass
+class Analysis:
+    """Everything learned from the file: what it is, its components, and what is left over."""
+
+    path: Path
+    family: str
+    model_type: str
+    prediction_type: str
+    has_ema: bool
+    ema_used: bool
+    dtype: str
+    file_bytes: int
+    evidence: list[str]
+    components: dict[str, comp.Component]
+    leftovers: dict[str, torch.Tensor] = field(repr=False)
+
+    def summary(self) -> dict:
+        return {
+            "file": str(self.path),
+            "size_bytes": self.file_bytes,
+            "family": self.family,
+            "model_type": self.model_type,
+            "prediction_type": self.prediction_type,
+            "ema_present": self.has_ema,
+            "ema_used": self.ema_used,
+            "dtype": self.dtype,
+            "parameters": {name: c.num_params for name, c in self.components.items()},
+            "extra_tensors": len(self.leftovers),
+            "evidence": self.evidence,
+        }
+
+
+def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) -> Analysis:
+    detection = detect_family(ckpt)
+    refuse_unsupported(detection, ckpt.path)
+    if options.ema and not detection.has_ema:
+        raise UserError(
+            f"--ema: {ckpt.path} has no EMA weights", "drop --ema (the file's weights are used as they are)"
+        )
+    decide_prediction_type(detection, ckpt, options.model_type, options.original_config)
+
+    family = detection.family
+    # configs depend on the model type only through sample size / scheduler; start from epsilon's, fix below
+    provisional = model_type_of(family, detection.prediction_type or "epsilon")
+    source = str(ckpt.path)
+    unet = comp.unet_from_original(
+        ckpt.tensors, infer_unet_config(ckpt.tensors, provisional), ema=options.ema, source=source
+    )
+    if detection.prediction_type is None and probe:
+        probe_prediction_type(_unet_module(unet), detection)
+    if detection.prediction_type is None:
+        raise UserError(f"cannot tell whether {ckpt.path} is an epsilon or a v-prediction model", MODEL_TYPE_HINT)
+    model_type = model_type_of(family, detection.prediction_type)
+    unet.config.update(sample_size=infer_unet_config(ckpt.tensors, model_type)["sample_size"])
+
+    if options.vae is not None:
+        vae = load_vae(options.vae, model_type)
+        detection.evidence.append(f"VAE replaced by {options.vae}")
+    else:
+        vae = comp.vae_from_original(ckpt.tensors, infer_vae_config(ckpt.tensors, model_type), source=source)
+    text = comp.text_from_original(ckpt.tensors, infer_text_config(ckpt.tensors, model_type), family, source=source)
+    components = {"unet": unet, "vae": vae, "text_encoder": text}
+    detection.evidence.append(
+        "UNet weights: EMA"
+        if options.ema
+        else (
+            "UNet weights: non-EMA (EMA kept aside)"
+            if detection.has_ema
+            else "UNet weights: the file's (no EMA present)"
+        )
+    )
+    return Analysis(
+        path=ckpt.path,
+        family=family,
+        model_type=model_type,
+        prediction_type=detection.prediction_type,
+        has_ema=detection.has_ema,
+        ema_used=options.ema,
+        dtype=_dtype_summary(ckpt.tensors),
+        file_bytes=ckpt.path.stat().st_size,
+        evidence=detection.evidence,
+        components=components,
+        leftovers=leftovers(ckpt, detection, components, ema_used=options.ema),
+    )
+
+
+def original_names(components: dict[str, comp.Component], family: str) -> set[str]:
+    """The original keys that exporting these components produces (the reverse key map, names only)."""
+    names = set(unet_sources(list(components["unet"].state), components["unet"].config))
+    names |= set(vae_sources(list(components["vae"].state), components["vae"].config))
+    text = components["text_encoder"]
+    names |= set(TEXT_SOURCES[FAMILIES[family].text_kind](list(text.state), text.config))
+    if FAMILIES[family].text_kind == "clip":
+        names.add(CLIP_POSITION_IDS)
+    return names
+
+
+def leftovers(ckpt: Checkpoint, detection: Detection, components: dict, *, ema_used: bool) -> dict:
+    """Original tensors with no place in a diffusers folder, kept so that export gives the same file back.
+
+    SD 2.x's unused last text layer, text_projection and logit_scale; the noise-schedule buffers; the EMA copy
+    of the UNet when the non-EMA weights were taken. When the EMA weights were taken they *are* the UNet now, so
+    the EMA copy is not kept twice (and the non-EMA weights are dropped, as the user asked).
+    """
+    produced = original_names(components, detection.family)
+    unknown_to_file = sorted(n for n in produced if n not in ckpt.tensors and n != CLIP_POSITION_IDS)
+    if unknown_to_file and not ema_used:
+        raise RuntimeError(f"key map disagrees with the file (bug): e.g. {unknown_to_file[:3]}")
+    return {k: v for k, v in ckpt.tensors.items() if k not in produced and not (ema_used and k.startswith(EMA_PREFIX))}
+
+
+def _unet_module(unet: comp.Component) -> torch.nn.Module:
+    with torch.device("meta"):
+        model = comp.build_model("unet", unet.config)
+    model.load_state_dict(unet.state, assign=True)  # assign: use the loaded tensors, copy nothing
+    return model.eval()
+
+
+def _dtype_summary(tensors: dict[str, torch.Tensor]) -> str:
+    counts: dict[str, int] = {}
+    for t in tensors.values():
+        if t.is_floating_point():
+            name = str(t.dtype).removeprefix("torch.")
+            counts[name] = counts.get(name, 0) + t.numel()
+    return max(counts, key=counts.get) if counts else "unknown"
+
+
+def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -> dict:
+    """Convert and write; returns the summary (also written to DEST/dreambooth.json)."""
+    started = time.perf_counter()
+    src, dest = Path(src), Path(dest)
+    check_destination(dest, options.overwrite)
+    with ThreadPoolExecutor(1) as pool:  # hash while we read and convert: the file is in the page cache anyway
+        digest = pool.submit(sha256_file, check_input_file(src))
+        analysis = analyze(load_checkpoint(src), options)
+        sha256 = digest.result()
+    with atomic_dir(dest, overwrite=options.overwrite) as tmp:
+        write_diffusers_folder(tmp, analysis)
+        summary = {
+            **analysis.summary(),
+            "sha256": sha256,
+            "converted_by": f"dreambooth {__version__}",
+            "seconds": round(time.perf_counter() - started, 2),
+        }
+        write_json(tmp / PROVENANCE_FILE, summary)
+    return summary
+
+
+def check_destination(dest: Path, overwrite: bool) -> None:
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"destination {dest} exists and is a file", "pass a folder path for the diffusers model")
+    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
+        raise UserError(f"destination {dest} exists and is not empty", "pass --overwrite, or choose another folder")
+
+
+def write_diffusers_folder(folder: Path, analysis: Analysis) -> None:
+    weights = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+    for name, component in analysis.components.items():
+        (folder / name).mkdir()
+        save_file(component.state, folder / name / f"{weights[name]}.safetensors", metadata={"format": "pt"})
+        write_json(folder / name / "config.json", component_config_file(name, component.config))
+    if analysis.leftovers:
+        save_file(analysis.leftovers, folder / EXTRAS_FILE, metadata={"format": "pt"})
+    scheduler = scheduler_config(analysis.model_type)
+    (folder / "scheduler").mkdir()
+    write_json(
+        folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": diffusers.__version__}
+    )
+    write_tokenizer(folder / "tokenizer", analysis.family)
+    write_json(
+        folder / "model_index.json",
+        {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": diffusers.__version__,
+            "feature_extractor": [None, None],
+            "image_encoder": [None, None],
+            "requires_safety_checker": False,
+            "safety_checker": [None, None],
+            "scheduler": ["diffusers", scheduler["_class_name"]],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        },
+    )
+
+
+def component_config_file(name: str, config: dict) -> dict:
+    if name == "text_encoder":
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(**config).to_dict()
+    cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
+    return {**config, "_class_name": cls, "_diffusers_version": diffusers.__version__}
+
+
+def write_tokenizer(folder: Path, family: str) -> None:
+    """The bundled CLIP BPE files (derived from open_clip's vocabulary) and the family's padding choice."""
+    assets = resources.files("dreambooth") / "assets" / "tokenizer"
+    folder.mkdir()
+    for name in ("vocab.json", "merges.txt"):
+        with resources.as_file(assets / name) as path:
+            shutil.copyfile(path, folder / name)
+    config = json.loads((assets / f"tokenizer_config.{family}.json").read_text())
+    write_json(folder / "tokenizer_config.json", config)
+    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
+    write_json(folder / "special_tokens_map.json", special)
+
+
+def summary_asdict(options: ConvertOptions) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}

@@ -1,0 +1,140 @@
+"""Decide what a checkpoint is — family, EMA, prediction type — and keep the evidence for the user to see.
+
+v-prediction cannot be read from key names or shapes (SD 2.x 512 and 768-v are the same network). The old
+script guessed it from `global_step`; we ask, in order: the --model-type flag, an --original-config yaml,
+the file's own metadata, a sidecar yaml next to it (A1111's convention), then a one-step numerical probe of the
+UNet (what A1111 does for SD 2.x). If all of that is inconclusive, we say so and name the flag.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from dreambooth.checkpoint.keymap import CLIP_PREFIX, EMA_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from dreambooth.checkpoint.load import Checkpoint
+from dreambooth.errors import UserError
+
+MODEL_TYPE_HINT = "pass --model-type sd1, sd2 (512 px, epsilon) or sd2-v (768 px, v-prediction)"
+
+
+@dataclass
+class Detection:
+    family: str  # sd1 | sd2 | sdxl | unknown
+    has_ema: bool
+    evidence: list[str] = field(default_factory=list)
+    prediction_type: str | None = None  # epsilon | v_prediction | None while undecided
+
+
+def detect_family(ckpt: Checkpoint) -> Detection:
+    keys = list(ckpt.tensors)
+    has_ema = sum(k.startswith(EMA_PREFIX) for k in keys) > 100
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return Detection("sdxl", has_ema, ["has `conditioner.embedders.*` keys (SDXL's two text encoders)"])
+    if any("lora_" in k or ".lora_down." in k or ".lora_A." in k for k in keys):
+        return Detection("lora", False, ["has LoRA keys (`lora_*`)"])
+    if not any(k.startswith(UNET_PREFIX) for k in keys):
+        standalone_vae = any(k.startswith(("encoder.down.", VAE_PREFIX + "encoder.")) for k in keys)
+        why = "only VAE weights" if standalone_vae else f"no `{UNET_PREFIX}*` keys"
+        return Detection("unknown", has_ema, [why])
+    to_k = next((v for k, v in ckpt.tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")))
+    if any(k.startswith(OPENCLIP_PREFIX + "transformer.resblocks.") for k in keys):
+        return Detection("sd2", has_ema, [f"OpenCLIP text encoder; UNet cross-attention width {to_k.shape[1]}"])
+    if any(k.startswith(CLIP_PREFIX) for k in keys):
+        return Detection("sd1", has_ema, [f"CLIP text encoder; UNet cross-attention width {to_k.shape[1]}"])
+    return Detection("unknown", has_ema, ["a UNet but no text encoder (`cond_stage_model.*`)"])
+
+
+def refuse_unsupported(detection: Detection, path: Path) -> None:
+    if detection.family == "sdxl":
+        raise UserError(
+            f"{path} is an SDXL checkpoint, which is not supported yet",
+            "use an SD 1.x or 2.x model; SDXL support is planned",
+        )
+    if detection.family == "lora":
+        raise UserError(
+            f"{path} is a LoRA adapter, not a full model",
+            "pass the base model it was trained on; load LoRAs in your UI (A1111/ComfyUI)",
+        )
+    if detection.family == "unknown":
+        raise UserError(
+            f"{path} is not a Stable Diffusion 1.x/2.x checkpoint ({detection.evidence[0]})",
+            "pass a full model file (UNet + VAE + text encoder), e.g. v1-5-pruned.safetensors",
+        )
+
+
+def _parameterization_in_yaml(path: Path) -> str | None:
+    try:
+        doc = yaml.safe_load(Path(path).read_text())
+        params = doc["model"]["params"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+        raise UserError(
+            f"cannot read the model config yaml {path} ({exc})", "pass an LDM config like v1-inference.yaml"
+        ) from exc
+    return "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+
+
+def _prediction_in_metadata(metadata: dict[str, str]) -> tuple[str, str] | None:
+    for key in ("dreambooth.prediction_type", "modelspec.prediction_type", "prediction_type"):
+        value = metadata.get(key, "").lower()
+        if value in ("v", "v_prediction", "v-prediction"):
+            return "v_prediction", key
+        if value in ("epsilon", "eps"):
+            return "epsilon", key
+    if metadata.get("ss_v_parameterization", "").lower() == "true":  # kohya sd-scripts
+        return "v_prediction", "ss_v_parameterization"
+    return None
+
+
+def decide_prediction_type(
+    detection: Detection, ckpt: Checkpoint, model_type: str, original_config: Path | None
+) -> None:
+    """Fill in `detection.prediction_type` from the first conclusive source (the probe comes later)."""
+    if model_type != "auto":
+        family = model_type.removesuffix("-v")
+        if family != detection.family:
+            raise UserError(
+                f"--model-type {model_type} does not fit {ckpt.path}, which is {detection.family} "
+                f"({detection.evidence[0]})",
+                f"drop --model-type, or pass --model-type {detection.family}",
+            )
+        detection.prediction_type = "v_prediction" if model_type.endswith("-v") else "epsilon"
+        detection.evidence.append(f"prediction type from --model-type {model_type}")
+        return
+    if original_config is not None:
+        detection.prediction_type = _parameterization_in_yaml(original_config)
+        detection.evidence.append(f"prediction type from --original-config {original_config}")
+        return
+    found = _prediction_in_metadata(ckpt.metadata)
+    if found:
+        detection.prediction_type = found[0]
+        detection.evidence.append(f"prediction type from the file's metadata ({found[1]})")
+        return
+    sidecar = ckpt.path.with_suffix(".yaml")
+    if sidecar.is_file():
+        detection.prediction_type = _parameterization_in_yaml(sidecar)
+        detection.evidence.append(f"prediction type from the sidecar config {sidecar.name}")
+
+
+# A1111's SD 2.x test: feed a flat 0.5 latent at t=999 with a flat context. An epsilon model predicts noise
+# close to its input (mean(out - x) ≈ 0); a v model predicts ≈ -x0, far below. We add a dead band so that
+# an untrained or exotic UNet is called inconclusive rather than guessed.
+V_BELOW = -1.0
+EPSILON_ABOVE = -0.5
+
+
+@torch.no_grad()
+def probe_prediction_type(unet: torch.nn.Module, detection: Detection) -> None:
+    param = next(unet.parameters())
+    cross = unet.config.cross_attention_dim
+    x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=param.dtype)
+    context = torch.full((1, 2, cross), 0.5, dtype=param.dtype)
+    out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    score = (out.float() - x.float()).mean().item()
+    if score < V_BELOW:
+        detection.prediction_type = "v_prediction"
+    elif score > EPSILON_ABOVE:
+        detection.prediction_type = "epsilon"
+    verdict = detection.prediction_type or "inconclusive"
+    detection.evidence.append(f"numerical probe of the UNet: mean(out - x) = {score:.3f} → {verdict}")

@@ -1,0 +1,163 @@
+"""`dreambooth export`: a diffusers folder → one file in the layout of the released SD 1.x/2.x checkpoints."""
+
+import json
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dreambooth import __version__
+from dreambooth.checkpoint.components import COMPONENTS
+from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE
+from dreambooth.checkpoint.families import FAMILIES
+from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, TEXT_SOURCES, build_original, unet_sources, vae_sources
+from dreambooth.checkpoint.load import read_json_file
+from dreambooth.errors import UserError
+from dreambooth.fileio import atomic_path
+
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+SUFFIXES = (".safetensors", ".ckpt")
+# Stability's model-spec names, which A1111/ComfyUI tooling reads from safetensors metadata
+MODELSPEC_ARCHITECTURE = {
+    "sd1": "stable-diffusion-v1",
+    "sd2": "stable-diffusion-v2-512",
+    "sd2-v": "stable-diffusion-v2-768-v",
+}
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    half: bool = False
+    overwrite: bool = True
+    training: dict | None = None  # a training summary to record in the metadata
+
+    def __post_init__(self) -> None:
+        pass
+
+
+@dataclass
+class DiffusersModel:
+    folder: Path
+    configs: dict[str, dict]
+    states: dict[str, dict[str, torch.Tensor]]
+    family: str
+    prediction_type: str
+    provenance: dict
+
+    @property
+    def model_type(self) -> str:
+        return "sd2-v" if self.family == "sd2" and self.prediction_type == "v_prediction" else self.family
+
+
+def read_diffusers_folder(folder: Path) -> DiffusersModel:
+    folder = Path(folder)
+    if not folder.is_dir():
+        what = "does not exist" if not folder.exists() else "is a file, not a diffusers folder"
+        raise UserError(f"{folder} {what}", "pass the folder `dreambooth convert` or training wrote")
+    if not (folder / "model_index.json").is_file():
+        raise UserError(f"{folder} has no model_index.json: not a diffusers model folder", "pass its top folder")
+    configs, states = {}, {}
+    for name in COMPONENTS:
+        cfg_path = folder / name / "config.json"
+        weights = folder / name / f"{WEIGHT_FILES[name]}.safetensors"
+        if not cfg_path.is_file() or not weights.is_file():
+            raise UserError(
+                f"{folder} is incomplete: {name}/config.json or {weights.relative_to(folder)} is missing",
+                "re-run the conversion or training step that wrote it",
+            )
+        configs[name] = read_json_file(cfg_path, f"{name} config")
+        states[name] = load_file(weights)
+    provenance = read_json_file(folder / PROVENANCE_FILE, "provenance") if (folder / PROVENANCE_FILE).is_file() else {}
+    family = provenance.get("family") or _family_from_text_config(configs["text_encoder"])
+    if family not in FAMILIES:
+        raise UserError(f"{folder}: model family {family!r} cannot be exported", "only SD 1.x and 2.x are supported")
+    scheduler = folder / "scheduler" / "scheduler_config.json"
+    prediction = "epsilon"
+    if scheduler.is_file():
+        prediction = read_json_file(scheduler, "scheduler config").get("prediction_type", "epsilon")
+    return DiffusersModel(folder, configs, states, family, prediction, provenance)
+
+
+def _family_from_text_config(config: dict) -> str:
+    # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
+    return "sd1" if config.get("hidden_act") == "quick_gelu" else "sd2"
+
+
+def to_original(model: DiffusersModel) -> dict[str, torch.Tensor]:
+    maps = {"unet": unet_sources, "vae": vae_sources, "text_encoder": TEXT_SOURCES[FAMILIES[model.family].text_kind]}
+    out: dict[str, torch.Tensor] = {}
+    for name, sources_of in maps.items():
+        state = model.states[name]
+        out |= build_original(sources_of(list(state), model.configs[name]), state)
+    if FAMILIES[model.family].text_kind == "clip":
+        # transformers no longer saves this buffer; the released SD 1.x files have it, and old loaders want it
+        positions = model.configs["text_encoder"]["max_position_embeddings"]
+        out[CLIP_POSITION_IDS] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
+    extras = model.folder / EXTRAS_FILE
+    if extras.is_file():
+        out = load_file(extras) | out  # our component weights win over anything kept aside
+    return out
+
+
+def export(src: Path, dest: Path, options: ExportOptions = ExportOptions()) -> dict:
+    started = time.perf_counter()
+    dest = Path(dest)
+    if dest.suffix not in SUFFIXES:
+        raise UserError(f"{dest}: unknown file type {dest.suffix!r}", "name it .safetensors (or .ckpt for old tools)")
+    if dest.exists() and not options.overwrite:
+        raise UserError(f"{dest} exists", "pass --overwrite or choose another name")
+    model = read_diffusers_folder(src)
+    state = to_original(model)
+    if options.half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    # one storage per tensor, contiguous: safetensors and old loaders need both
+    state = {k: v.contiguous() for k, v in state.items()}
+    metadata = export_metadata(model, options)
+    with atomic_path(dest) as tmp:
+        if dest.suffix == ".safetensors":
+            save_file(state, tmp, metadata=metadata)
+        else:
+            torch.save({"state_dict": state}, tmp)
+    if model.prediction_type == "v_prediction":
+        write_sidecar_yaml(dest)
+    return {
+        "file": str(dest),
+        "size_bytes": dest.stat().st_size,
+        "tensors": len(state),
+        "model_type": model.model_type,
+        "half": options.half,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+
+
+def export_metadata(model: DiffusersModel, options: ExportOptions) -> dict[str, str]:
+    meta = {
+        "format": "pt",
+        "dreambooth.version": __version__,
+        "dreambooth.family": model.family,
+        "dreambooth.model_type": model.model_type,
+        "dreambooth.prediction_type": model.prediction_type,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": MODELSPEC_ARCHITECTURE[model.model_type],
+        "modelspec.prediction_type": "v" if model.prediction_type == "v_prediction" else "epsilon",
+        # exact configs, so a non-standard model (e.g. the tiny demo) converts back without guessing
+        "dreambooth.configs": json.dumps(model.configs, sort_keys=True),
+    }
+    if model.provenance.get("sha256"):
+        meta["dreambooth.base_model_sha256"] = model.provenance["sha256"]
+    if model.provenance.get("base_model_sha256"):
+        meta["dreambooth.base_model_sha256"] = model.provenance["base_model_sha256"]
+    training = options.training or model.provenance.get("training")
+    if training:
+        meta["dreambooth.training"] = json.dumps(training, sort_keys=True)
+    return meta
+
+
+def write_sidecar_yaml(dest: Path) -> None:
+    """A1111 picks a model's config from `<name>.yaml` beside it; SD 2.x-v needs `parameterization: v`."""
+    text = (resources.files("dreambooth") / "assets" / "ldm" / "v2-inference-v.yaml").read_text()
+    with atomic_path(dest.with_suffix(".yaml")) as tmp:
+        tmp.write_text(text)

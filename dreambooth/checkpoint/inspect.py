@@ -1,0 +1,33 @@
+"""`dreambooth inspect`: what a checkpoint is, and why we think so — without writing anything."""
+
+from pathlib import Path
+
+from dreambooth.checkpoint.convert import ConvertOptions, analyze
+from dreambooth.checkpoint.detect import detect_family
+from dreambooth.checkpoint.load import load_checkpoint
+from dreambooth.errors import UserError
+
+
+def inspect_file(path: Path, model_type: str = "auto", original_config: Path | None = None) -> dict:
+    ckpt = load_checkpoint(path)
+    options = ConvertOptions(model_type=model_type, original_config=original_config)
+    try:
+        report = analyze(ckpt, options).summary()
+    except UserError as exc:
+        detection = detect_family(ckpt)
+        if detection.family not in ("sd1", "sd2"):
+            # an unsupported file is still worth describing: that *is* the answer to "what is this?"
+            return {
+                "file": str(ckpt.path),
+                "size_bytes": ckpt.path.stat().st_size,
+                "family": detection.family,
+                "tensors": len(ckpt.tensors),
+                "evidence": detection.evidence,
+                "supported": False,
+            }
+        raise exc
+    report["tensors"] = len(ckpt.tensors)
+    report["supported"] = True
+    if ckpt.other_entries:
+        report["other_entries"] = {k: v for k, v in ckpt.other_entries.items() if isinstance(v, int | float | str)}
+    return report

@@ -1,0 +1,211 @@
+"""Diffusers component state dicts → the original single-file layout (CompVis/Stability LDM), table-driven.
+
+Import uses diffusers' own `single_file_utils` mappings; the reverse direction has no library function, so it
+lives here, once. Each table is built from the component's config (block counts, layers per block), not
+hard-coded for SD's sizes, so tiny test models and future families use the same code. A round-trip test
+(original → convert → export) proves the two directions agree, key for key and bit for bit.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: an HF CLIPTextModel inside FrozenCLIPEmbedder
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip's text tower inside FrozenOpenCLIPEmbedder
+EMA_PREFIX = "model_ema."
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where one original tensor comes from: diffusers keys of one component, and how they combine."""
+
+    keys: tuple[str, ...]
+    combine: Callable[..., torch.Tensor]
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _as_conv1x1(t: torch.Tensor) -> torch.Tensor:
+    # The LDM VAE's attention uses 1x1 convolutions where diffusers uses linear layers: same numbers, 2 more dims.
+    return t.reshape(*t.shape, 1, 1) if t.ndim == 2 else t
+
+
+def _concat(*parts: torch.Tensor) -> torch.Tensor:
+    # open_clip keeps q, k, v as one fused in_proj (nn.MultiheadAttention); diffusers/HF split them.
+    return torch.cat(parts, dim=0)
+
+
+UNET_RESNET = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+VAE_RESNET = {"conv_shortcut": "nin_shortcut"}
+VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
+    """diffusers module prefix → (original module prefix, renames of the sub-modules inside it)."""
+    n = len(config["down_block_types"])
+    per = config["layers_per_block"]  # resnets per down block; up blocks have one more
+    table: dict[str, tuple[str, dict[str, str]]] = {
+        "time_embedding.linear_1": ("time_embed.0", {}),
+        "time_embedding.linear_2": ("time_embed.2", {}),
+        "conv_in": ("input_blocks.0.0", {}),
+        "conv_norm_out": ("out.0", {}),
+        "conv_out": ("out.2", {}),
+        "mid_block.resnets.0": ("middle_block.0", UNET_RESNET),
+        "mid_block.attentions.0": ("middle_block.1", {}),
+        "mid_block.resnets.1": ("middle_block.2", UNET_RESNET),
+    }
+    for i in range(n):
+        for j in range(per):
+            index = 1 + i * (per + 1) + j  # input_blocks.0 is conv_in; each level ends with its downsampler
+            table[f"down_blocks.{i}.resnets.{j}"] = (f"input_blocks.{index}.0", UNET_RESNET)
+            table[f"down_blocks.{i}.attentions.{j}"] = (f"input_blocks.{index}.1", {})
+        if i < n - 1:
+            table[f"down_blocks.{i}.downsamplers.0.conv"] = (f"input_blocks.{(i + 1) * (per + 1)}.0.op", {})
+    for i in range(n):
+        for j in range(per + 1):
+            index = i * (per + 1) + j
+            table[f"up_blocks.{i}.resnets.{j}"] = (f"output_blocks.{index}.0", UNET_RESNET)
+            table[f"up_blocks.{i}.attentions.{j}"] = (f"output_blocks.{index}.1", {})
+        if i < n - 1:
+            # the upsampler sits after the attention in the level's last output block, when there is one
+            slot = 2 if "CrossAttn" in config["up_block_types"][i] else 1
+            table[f"up_blocks.{i}.upsamplers.0.conv"] = (f"output_blocks.{i * (per + 1) + per}.{slot}.conv", {})
+    return table
+
+
+def vae_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
+    n = len(config["block_out_channels"])
+    per = config["layers_per_block"]
+    table: dict[str, tuple[str, dict[str, str]]] = {"quant_conv": ("quant_conv", {})}
+    table["post_quant_conv"] = ("post_quant_conv", {})
+    for part in ("encoder", "decoder"):
+        table[f"{part}.conv_in"] = (f"{part}.conv_in", {})
+        table[f"{part}.conv_out"] = (f"{part}.conv_out", {})
+        table[f"{part}.conv_norm_out"] = (f"{part}.norm_out", {})
+        table[f"{part}.mid_block.resnets.0"] = (f"{part}.mid.block_1", VAE_RESNET)
+        table[f"{part}.mid_block.resnets.1"] = (f"{part}.mid.block_2", VAE_RESNET)
+        table[f"{part}.mid_block.attentions.0"] = (f"{part}.mid.attn_1", VAE_ATTENTION)
+    for i in range(n):
+        for j in range(per):
+            table[f"encoder.down_blocks.{i}.resnets.{j}"] = (f"encoder.down.{i}.block.{j}", VAE_RESNET)
+        if i < n - 1:
+            table[f"encoder.down_blocks.{i}.downsamplers.0.conv"] = (f"encoder.down.{i}.downsample.conv", {})
+    for i in range(n):
+        level = n - 1 - i  # the LDM decoder numbers its levels from the bottom (highest resolution = 0)
+        for j in range(per + 1):
+            table[f"decoder.up_blocks.{i}.resnets.{j}"] = (f"decoder.up.{level}.block.{j}", VAE_RESNET)
+        if i < n - 1:
+            table[f"decoder.up_blocks.{i}.upsamplers.0.conv"] = (f"decoder.up.{level}.upsample.conv", {})
+    return table
+
+
+def _rename(key: str, table: dict[str, tuple[str, dict[str, str]]]) -> tuple[str, dict[str, str]] | None:
+    """Find the table's module prefix of `key`; return (original key, inner renames that applied)."""
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:cut])
+        if prefix in table:
+            original, inner = table[prefix]
+            rest = ".".join(parts[cut:])
+            for old, new in inner.items():
+                if rest.startswith(old + "."):
+                    return f"{original}.{new}{rest[len(old) :]}", inner
+            return f"{original}.{rest}", inner
+    return None
+
+
+def unet_sources(keys: list[str], config: dict) -> dict[str, Source]:
+    table = unet_prefixes(config)
+    out = {}
+    for key in keys:
+        found = _rename(key, table)
+        if found is None:
+            raise KeyError(f"UNet key {key} has no place in the original layout")
+        out[UNET_PREFIX + found[0]] = Source((key,), _copy)
+    return out
+
+
+def vae_sources(keys: list[str], config: dict) -> dict[str, Source]:
+    table = vae_prefixes(config)
+    out = {}
+    for key in keys:
+        found = _rename(key, table)
+        if found is None:
+            raise KeyError(f"VAE key {key} has no place in the original layout")
+        original, inner = found
+        is_attention_weight = inner is VAE_ATTENTION and not original.endswith((".norm.weight", ".norm.bias"))
+        out[VAE_PREFIX + original] = Source((key,), _as_conv1x1 if is_attention_weight else _copy)
+    return out
+
+
+def _text_model_key(key: str) -> str:
+    """transformers 5 saves CLIPTextModel without the `text_model.` level that 4.x (and SD files) have."""
+    return "text_model." + key.removeprefix("text_model.")
+
+
+def clip_sources(keys: list[str], config: dict) -> dict[str, Source]:
+    """SD 1.x stored the HF CLIPTextModel (4.x layout) as is, under one prefix."""
+    return {CLIP_PREFIX + _text_model_key(key): Source((key,), _copy) for key in keys}
+
+
+CLIP_POSITION_IDS = CLIP_PREFIX + "text_model.embeddings.position_ids"
+
+OPENCLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def openclip_sources(keys: list[str], config: dict) -> dict[str, Source]:
+    """SD 2.x stored open_clip's text tower: other names, fused q/k/v, a bare positional embedding."""
+    out: dict[str, Source] = {}
+    fixed = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    for key in keys:
+        canon = _text_model_key(key)
+        if canon in fixed:
+            out[OPENCLIP_PREFIX + fixed[canon]] = Source((key,), _copy)
+            continue
+        head, sep, rest = key.partition(".self_attn.")
+        if sep and rest.split(".")[0] in ("q_proj", "k_proj", "v_proj"):
+            kind = rest.split(".")[1]  # weight | bias
+            layer = _text_model_key(head).removeprefix("text_model.encoder.layers.")
+            fused = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"
+            parts = tuple(f"{head}.self_attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj"))
+            out[fused] = Source(parts, _concat)
+            continue
+        layer, _, inner = canon.removeprefix("text_model.encoder.layers.").partition(".")
+        module, _, param = inner.rpartition(".")
+        if canon.startswith("text_model.encoder.layers.") and module in OPENCLIP_LAYER:
+            out[f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.{OPENCLIP_LAYER[module]}.{param}"] = Source(
+                (key,), _copy
+            )
+            continue
+        raise KeyError(f"text encoder key {key} has no place in the open_clip layout")
+    return out
+
+
+TEXT_SOURCES = {"clip": clip_sources, "openclip": openclip_sources}
+
+
+def build_original(sources: dict[str, Source], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: src.combine(*(state[k] for k in src.keys)) for name, src in sources.items()}

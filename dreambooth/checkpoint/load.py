@@ -1,0 +1,179 @@
+"""Read single-file checkpoints safely: `.safetensors`, or `.ckpt` through `torch.load(weights_only=True)` only.
+
+A `.ckpt` is a pickle, and a pickle can run any code while it loads. We never unpickle anything but tensors,
+containers and a short allow-list of inert stand-ins for the foreign names that real SD 1.x releases contain.
+"""
+
+import json
+import pickle
+import re
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from dreambooth.errors import UserError
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+
+class _Inert:
+    """Stands in for a foreign class in a pickle: can be built and given state, does nothing, is never used."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, state: object) -> None:
+        pass
+
+
+def _inert_scalar(*args: object) -> None:
+    """numpy scalars (training metrics in Lightning's callback state): not needed, so not rebuilt."""
+    return None
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode`, which protocol-2 pickles use to carry bytes; only the byte-preserving codec."""
+    if encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return text.encode("latin1")
+
+
+# The released SD 1.x .ckpt files pickle Lightning's ModelCheckpoint class (a key of `callbacks`) and numpy
+# scalars. These names, and only these, resolve to the inert stand-ins above. Lightning is never imported.
+ALLOWED_FOREIGN_GLOBALS = [
+    (_Inert, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_Inert, "lightning.pytorch.callbacks.model_checkpoint.ModelCheckpoint"),
+    (_inert_scalar, "numpy.core.multiarray.scalar"),
+    (_inert_scalar, "numpy._core.multiarray.scalar"),
+    (_Inert, "numpy.dtype"),
+    (_latin1_encode, "_codecs.encode"),
+]
+
+
+@dataclass
+class Checkpoint:
+    """The tensors of a single-file checkpoint, with what else the file said about itself."""
+
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
+    file_format: str = "safetensors"  # or "pickle"
+    other_entries: dict[str, Any] = field(default_factory=dict)  # e.g. global_step of a .ckpt
+
+
+def sniff_format(path: Path) -> str:
+    """Tell the container format from the first bytes, not the extension (files get renamed)."""
+    with path.open("rb") as f:
+        head = f.read(16)
+    size = path.stat().st_size
+    if head[:4] == b"PK\x03\x04":
+        return "pickle"  # torch's zip format (torch.save since 1.6)
+    if head[:1] == b"\x80":
+        return "pickle"  # torch's legacy format / raw pickle
+    if len(head) >= 9:
+        (header_len,) = struct.unpack("<Q", head[:8])
+        if 0 < header_len < size and head[8:9] == b"{":
+            return "safetensors"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "json"
+    return "unknown"
+
+
+def check_input_file(path: Path, what: str = "checkpoint") -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{what} {path} does not exist", "check the path (inside the container, /models/…)")
+    if path.is_dir():
+        raise UserError(
+            f"{what} {path} is a folder, not a single .ckpt/.safetensors file",
+            "to turn a diffusers folder into one file use `dreambooth export`",
+        )
+    if path.stat().st_size == 0:
+        raise UserError(f"{what} {path} is empty (0 bytes)", "download or copy the file again")
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Load every tensor of a single-file checkpoint; refuse anything that is not a plain checkpoint."""
+    path = check_input_file(path)
+    kind = sniff_format(path)
+    if kind == "safetensors":
+        ckpt = _load_safetensors(path)
+    elif kind == "pickle":
+        ckpt = _load_pickle(path)
+    elif kind == "json":
+        raise UserError(
+            f"{path} is a JSON file, not a model checkpoint",
+            "pass the .safetensors/.ckpt weights file (a config .json/.yaml goes to --original-config)",
+        )
+    else:
+        raise UserError(
+            f"{path} is neither a .safetensors file nor a PyTorch checkpoint (unrecognised first bytes)",
+            "the file is corrupt or not a model; download it again",
+        )
+    if not ckpt.tensors:
+        raise UserError(f"{path} holds no tensors", "pass a Stable Diffusion model file")
+    return ckpt
+
+
+def _load_safetensors(path: Path) -> Checkpoint:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:  # safetensors raises its own error types for truncated/garbled files
+        raise UserError(
+            f"{path} is not a readable .safetensors file ({_first_line(exc)})",
+            "the file is truncated or corrupt; download it again",
+        ) from exc
+    return Checkpoint(path, tensors, metadata, "safetensors")
+
+
+def _load_pickle(path: Path) -> Checkpoint:
+    zipped = path.open("rb").read(4) == b"PK\x03\x04"
+    try:
+        with torch.serialization.safe_globals(ALLOWED_FOREIGN_GLOBALS):
+            # mmap: tensors stay in the page cache instead of being copied (zip format only)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    except pickle.UnpicklingError as exc:
+        name = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        culprit = f" (it references `{name.group(1)}`)" if name else ""
+        raise UserError(
+            f"refusing to load {path}: it needs more than tensors to unpickle{culprit}, and a pickle like that"
+            " can run code on your machine",
+            "get the .safetensors version of this model, or convert it on a machine you can risk",
+        ) from exc
+    except Exception as exc:  # zip errors, EOF, bad magic: all mean the bytes are not a full checkpoint
+        raise UserError(
+            f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})",
+            "the file is truncated or corrupt; download it again",
+        ) from exc
+    tensors, other = _flatten_checkpoint_object(obj, path)
+    return Checkpoint(path, tensors, {}, "pickle", other)
+
+
+def _flatten_checkpoint_object(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Find the state dict: top level, or nested under `state_dict` (Lightning) — tensors only."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict", "pass a model checkpoint file")
+    inner = obj.get("state_dict")
+    state = inner if isinstance(inner, dict) else obj
+    tensors = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    other = {k: v for k, v in obj.items() if k != "state_dict" and isinstance(v, int | float | str)}
+    return tensors, other
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def read_json_file(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read {what} {path}: {_first_line(exc)}", "check the file") from exc
