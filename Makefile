@@ -19,8 +19,14 @@ $(VENV)/.installed: requirements/lock.txt requirements/dev-lock.txt pyproject.to
 venv: $(VENV)/.installed ## Install the locked stack into .venv (host)
 
 .PHONY: test
-test: $(VENV)/.installed ## Run the whole test suite
-	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+test: $(VENV)/.installed ## Run the whole test suite (PYTEST_ARGS="-m 'not slow'" for the quick part)
+	@# pytest exits 5 when it collected no tests: that is a broken suite, not a pass
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+.PHONY: demo
+demo: $(VENV)/.installed ## The main job on the built-in tiny model (host; writes output/demo/)
+	$(VENV)/bin/dreambooth demo --output output/demo
 
 .PHONY: lint
 lint: $(VENV)/.installed ## ruff

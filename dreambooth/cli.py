@@ -124,6 +124,21 @@ def inspect(
         _report(report, str(file))
 
 
+@app.command()
+def demo(
+    output: Annotated[Path, typer.Option("--output", help="Where the demo writes its files.")] = Path("output/demo"),
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Run the built-in tiny model through convert → export (and a sample), offline, in seconds."""
+    from dreambooth.demo import run_demo
+
+    report = run_demo(output, seed)
+    events.emit("demo_finished", **report)
+    _report({k: v for k, v in report.items() if not isinstance(v, dict)}, f"demo finished: {output}")
+    if not report["round_trip_identical"]:
+        raise UserError("the demo's round trip was not exact", "please report this with output/demo/demo_report.json")
+
+
 def _report(data: dict, title: str) -> None:
     """Human summary on stdout (text mode); in JSON mode the event already carried it."""
     if events._json_mode:
@@ -142,8 +157,22 @@ def _report(data: dict, title: str) -> None:
             print(f"  {key}: {value}")
 
 
+def _quiet_libraries() -> None:
+    """Our own progress and report are what the user reads; the libraries' chatter and bars would bury them."""
+    import logging
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever downloaded at run time
+    # bitsandbytes warns at import, on every CPU-only run, about an optional kernel hub package
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line per user error (exit 2, or 3 for the environment), 130 on Ctrl-C."""
+    _quiet_libraries()
     try:
         app(args=argv, prog_name="dreambooth", standalone_mode=False)
     except UserError as exc:

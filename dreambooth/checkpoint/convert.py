@@ -4,7 +4,7 @@ import json
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -101,22 +101,27 @@ def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) ->
     # configs depend on the model type only through sample size / scheduler; start from epsilon's, fix below
     provisional = model_type_of(family, detection.prediction_type or "epsilon")
     source = str(ckpt.path)
-    unet = comp.unet_from_original(
-        ckpt.tensors, infer_unet_config(ckpt.tensors, provisional), ema=options.ema, source=source
-    )
+    recorded = recorded_configs(ckpt)
+    if recorded:
+        detection.evidence.append("component configs from the file's metadata (written by dreambooth export)")
+    unet_config = recorded.get("unet") or infer_unet_config(ckpt.tensors, provisional)
+    unet = comp.unet_from_original(ckpt.tensors, unet_config, ema=options.ema, source=source)
     if detection.prediction_type is None and probe:
         probe_prediction_type(_unet_module(unet), detection)
     if detection.prediction_type is None:
         raise UserError(f"cannot tell whether {ckpt.path} is an epsilon or a v-prediction model", MODEL_TYPE_HINT)
     model_type = model_type_of(family, detection.prediction_type)
-    unet.config.update(sample_size=infer_unet_config(ckpt.tensors, model_type)["sample_size"])
+    if "unet" not in recorded:
+        unet.config.update(sample_size=infer_unet_config(ckpt.tensors, model_type)["sample_size"])
 
     if options.vae is not None:
         vae = load_vae(options.vae, model_type)
         detection.evidence.append(f"VAE replaced by {options.vae}")
     else:
-        vae = comp.vae_from_original(ckpt.tensors, infer_vae_config(ckpt.tensors, model_type), source=source)
-    text = comp.text_from_original(ckpt.tensors, infer_text_config(ckpt.tensors, model_type), family, source=source)
+        vae_config = recorded.get("vae") or infer_vae_config(ckpt.tensors, model_type)
+        vae = comp.vae_from_original(ckpt.tensors, vae_config, source=source)
+    text_config = recorded.get("text_encoder") or infer_text_config(ckpt.tensors, model_type)
+    text = comp.text_from_original(ckpt.tensors, text_config, family, source=source)
     components = {"unet": unet, "vae": vae, "text_encoder": text}
     detection.evidence.append(
         "UNet weights: EMA"
@@ -140,6 +145,15 @@ def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) ->
         components=components,
         leftovers=leftovers(ckpt, detection, components, ema_used=options.ema),
     )
+
+
+def recorded_configs(ckpt: Checkpoint) -> dict[str, dict]:
+    """Exact component configs that our own export stored in the file (shapes are still checked)."""
+    try:
+        configs = json.loads(ckpt.metadata.get("dreambooth.configs", "{}"))
+    except ValueError:
+        return {}
+    return {name: {k: v for k, v in cfg.items() if not k.startswith("_")} for name, cfg in configs.items()}
 
 
 def original_names(components: dict[str, comp.Component], family: str) -> set[str]:
@@ -193,7 +207,7 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -
         analysis = analyze(load_checkpoint(src), options)
         sha256 = digest.result()
     with atomic_dir(dest, overwrite=options.overwrite) as tmp:
-        write_diffusers_folder(tmp, analysis)
+        write_diffusers_folder(tmp, analysis.components, analysis.family, analysis.model_type, analysis.leftovers)
         summary = {
             **analysis.summary(),
             "sha256": sha256,
@@ -211,20 +225,25 @@ def check_destination(dest: Path, overwrite: bool) -> None:
         raise UserError(f"destination {dest} exists and is not empty", "pass --overwrite, or choose another folder")
 
 
-def write_diffusers_folder(folder: Path, analysis: Analysis) -> None:
-    weights = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
-    for name, component in analysis.components.items():
-        (folder / name).mkdir()
-        save_file(component.state, folder / name / f"{weights[name]}.safetensors", metadata={"format": "pt"})
+WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+
+
+def write_diffusers_folder(
+    folder: Path, components: dict[str, comp.Component], family: str, model_type: str, leftovers: dict | None = None
+) -> None:
+    """Everything `StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)` needs."""
+    for name, component in components.items():
+        (folder / name).mkdir(parents=True)
+        save_file(component.state, folder / name / f"{WEIGHT_FILES[name]}.safetensors", metadata={"format": "pt"})
         write_json(folder / name / "config.json", component_config_file(name, component.config))
-    if analysis.leftovers:
-        save_file(analysis.leftovers, folder / EXTRAS_FILE, metadata={"format": "pt"})
-    scheduler = scheduler_config(analysis.model_type)
+    if leftovers:
+        save_file(leftovers, folder / EXTRAS_FILE, metadata={"format": "pt"})
+    scheduler = scheduler_config(model_type)
     (folder / "scheduler").mkdir()
     write_json(
         folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": diffusers.__version__}
     )
-    write_tokenizer(folder / "tokenizer", analysis.family)
+    write_tokenizer(folder / "tokenizer", family)
     write_json(
         folder / "model_index.json",
         {
@@ -263,7 +282,3 @@ def write_tokenizer(folder: Path, family: str) -> None:
     write_json(folder / "tokenizer_config.json", config)
     special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     write_json(folder / "special_tokens_map.json", special)
-
-
-def summary_asdict(options: ConvertOptions) -> dict:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}

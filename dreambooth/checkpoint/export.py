@@ -11,14 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from dreambooth import __version__
 from dreambooth.checkpoint.components import COMPONENTS
-from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE
+from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
 from dreambooth.checkpoint.families import FAMILIES
 from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, TEXT_SOURCES, build_original, unet_sources, vae_sources
 from dreambooth.checkpoint.load import read_json_file
 from dreambooth.errors import UserError
 from dreambooth.fileio import atomic_path
 
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
 SUFFIXES = (".safetensors", ".ckpt")
 # Stability's model-spec names, which A1111/ComfyUI tooling reads from safetensors metadata
 MODELSPEC_ARCHITECTURE = {
