@@ -125,6 +125,25 @@ def inspect(
 
 
 @app.command()
+def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """Report GPU, driver, versions, and whether 8-bit Adam, xformers and SDPA actually run here."""
+    from dreambooth.doctor import run_doctor
+    from dreambooth.errors import EnvironmentProblem
+
+    report = run_doctor()
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(f"dreambooth {report['versions']['dreambooth']} on {report['platform']} (WSL: {report['wsl']})")
+        print("  " + ", ".join(f"{k} {v}" for k, v in report["versions"].items() if k != "dreambooth"))
+        for check in report["checks"]:
+            print(f"  {check['status'].upper():<4} {check['name']}: {check['detail']}")
+    if not report["ok"]:
+        failed = [c["name"] for c in report["checks"] if c["status"] == "fail"]
+        raise EnvironmentProblem(f"doctor found problems: {', '.join(failed)}", "see the lines marked FAIL above")
+
+
+@app.command()
 def demo(
     output: Annotated[Path, typer.Option("--output", help="Where the demo writes its files.")] = Path("output/demo"),
     seed: Annotated[int, typer.Option("--seed")] = 0,
