@@ -43,3 +43,105 @@ lock: ## Re-generate requirements/*.txt (hashes) from requirements/*.in
 .PHONY: help
 help: ## This list
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+# ---------------------------------------------------------------------------------------------------------------
+# Docker: thin wrappers over compose.yaml and the Dockerfile. A bare Linux machine: docker/ci-bootstrap.sh first.
+#   make build | train | doctor | test-image        MODEL=, DATA=, CONFIG=, PROMPT= pass through to `train`
+#   GPU=1 / GPU=0 forces the GPU / CPU services (default: detected); BASE_IMAGE=... overrides the pinned base.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= dreambooth:$(VERSION)
+TEST_IMAGE ?= $(IMAGE)-test
+DOCKER ?= docker
+COMPOSE ?= $(shell $(DOCKER) compose version >/dev/null 2>&1 && echo "$(DOCKER) compose" || echo docker-compose)
+# In a WSL2 shell (Docker Desktop on Windows) the services run the WSL variant built from Dockerfile.windows.
+WSL := $(shell grep -qsi microsoft /proc/sys/kernel/osrelease && echo 1)
+RUN_IMAGE := $(IMAGE)$(if $(WSL),-wsl)
+
+# what compose.yaml reads
+export DREAMBOOTH_IMAGE := $(RUN_IMAGE)
+export DREAMBOOTH_LINUX_IMAGE := $(IMAGE)
+export DREAMBOOTH_WSL_IMAGE := $(IMAGE)-wsl
+export DREAMBOOTH_TEST_IMAGE := $(TEST_IMAGE)
+export CA_BUNDLE ?= $(or $(wildcard /etc/ssl/certs/ca-certificates.crt),/dev/null)
+export DREAMBOOTH_USER := $(shell id -u):$(shell id -g)
+export VERSION
+export REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
+export SOURCE := $(or $(shell git config --get remote.origin.url 2>/dev/null),unknown)
+export CREATED := $(shell git log -1 --format=%cI 2>/dev/null || date -u +%Y-%m-%dT%H:%M:%SZ)
+ifneq ($(strip $(BASE_IMAGE)),)
+export BASE_IMAGE
+endif
+export MODEL DATA CONFIG PROMPT
+
+# `compose run --rm`, but with the container's exit status (docker/compose-run.sh says why)
+COMPOSE_RUN = COMPOSE="$(COMPOSE)" DOCKER="$(DOCKER)" docker/compose-run.sh
+# ./models/x, models/x → /models/x: host paths under the repo as the container sees them
+cpath = $(if $(filter /%,$(1)),$(1),/$(patsubst ./%,%,$(1)))
+# sets $$svc to $(2) (GPU) when Docker can give containers an NVIDIA GPU, else to $(1) with a one-line notice
+define pick_service
+if [ "$(GPU)" = 1 ]; then svc=$(2); \
+elif [ "$(GPU)" != 0 ] && $(DOCKER) info 2>/dev/null | grep -i 'runtimes:' | grep -qw nvidia; then svc=$(2); \
+elif [ "$(GPU)" != 0 ] && [ -n "$(WSL)" ] && nvidia-smi -L >/dev/null 2>&1; then svc=$(2); \
+elif [ "$(GPU)" != 0 ] && nvidia-smi -L >/dev/null 2>&1; then svc=$(1); \
+  echo "notice: a GPU is here but Docker has no NVIDIA runtime (install the NVIDIA Container Toolkit): running on the CPU" >&2; \
+else svc=$(1); echo "notice: no NVIDIA GPU runtime on this Docker host: running on the CPU (slow; GPU=1 forces the GPU service)" >&2; fi
+endef
+
+.PHONY: build
+build: ## Build the image (IMAGE=dreambooth:VERSION); in WSL2 also the -wsl variant (Dockerfile.windows)
+	DREAMBOOTH_IMAGE=$(IMAGE) $(COMPOSE) build train
+	$(DOCKER) tag $(IMAGE) dreambooth:latest
+	$(if $(WSL),$(COMPOSE) --profile wsl build wsl)
+
+.PHONY: dirs
+dirs:
+	@mkdir -p models data output cache
+
+.PHONY: train
+train: build dirs ## Train in the image: MODEL=./models/x.safetensors DATA=./data/alice [PROMPT=] | CONFIG=./data/run.toml | neither: tiny demo
+	@$(call pick_service,train,train-gpu); set -x; $(COMPOSE_RUN) $$svc $(ARGS)
+
+.PHONY: demo-image
+demo-image: build dirs ## The tiny offline demo inside the image (writes output/demo/)
+	@$(call pick_service,train,train-gpu); set -x; $(COMPOSE_RUN) -e MODEL= -e DATA= -e CONFIG= $$svc $(ARGS)
+
+.PHONY: convert
+convert: build dirs ## Single file → diffusers folder in the image: MODEL=./models/x.safetensors [DEST=./output/base] [ARGS=--ema]
+	@test -n "$(MODEL)" || { echo "error: MODEL is not set"; echo "hint: make convert MODEL=./models/v1-5-pruned.safetensors"; exit 2; } >&2
+	$(COMPOSE_RUN) convert $(call cpath,$(MODEL)) $(call cpath,$(or $(DEST),./output/base)) $(ARGS)
+
+.PHONY: export
+export: build dirs ## Diffusers folder → A1111/ComfyUI file: [SRC=./output/base] [DEST=./output/export/model.safetensors] [ARGS=--half]
+	$(COMPOSE_RUN) export $(call cpath,$(or $(SRC),./output/base)) \
+		$(call cpath,$(or $(DEST),./output/export/model.safetensors)) $(ARGS)
+
+.PHONY: doctor
+doctor: build dirs ## Environment report inside the image (GPU, driver, versions, xformers/bnb ops, volumes, disk)
+	@$(call pick_service,doctor,doctor-gpu); set -x; $(COMPOSE_RUN) $$svc $(ARGS)
+
+.PHONY: test-image
+test-image: ## The test suite inside the frozen image (target `test`): PYTEST_ARGS="-m 'not slow'" for the quick part
+	$(COMPOSE) --profile test build test
+	@# pytest exits 5 when it collected no tests: that is a broken suite (or image), not a pass
+	$(COMPOSE_RUN) test python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests in the image" >&2; exit 1; fi; exit $$rc
+
+.PHONY: lint-docker
+lint-docker: ## hadolint (Dockerfiles), shellcheck (entrypoint/, docker/), compose config, yamllint
+	hadolint Dockerfile Dockerfile.windows
+	shellcheck entrypoint/*.sh docker/*.sh
+	$(COMPOSE) --profile '*' config -q
+	yamllint --strict compose.yaml .hadolint.yaml .yamllint
+
+.PHONY: bench
+bench: build dirs ## bench/convert.py inside the image (BENCH_ARGS="--json bench/results/convert-image.json")
+	$(DOCKER) run --rm --network none --user $(DREAMBOOTH_USER) --shm-size 8g \
+		-v "$(CURDIR)/bench:/workspace/bench" -v "$(CURDIR)/output:/output" -v "$(CURDIR)/cache:/cache" \
+		$(RUN_IMAGE) python bench/convert.py $(BENCH_ARGS)
+
+.PHONY: clean
+clean: ## Remove this project's containers, images and dangling build cache (keeps output/, models/, data/, cache/)
+	-$(COMPOSE) --profile '*' down --remove-orphans
+	-$(DOCKER) image rm $(IMAGE) $(IMAGE)-wsl $(TEST_IMAGE) dreambooth:latest 2>/dev/null
+	-$(DOCKER) image prune -f
+	-$(DOCKER) builder prune -f
