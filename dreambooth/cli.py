@@ -4,7 +4,7 @@ import json
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 import click
 import typer
@@ -158,6 +158,174 @@ def demo(
         raise UserError("the demo's round trip was not exact", "please report this with output/demo/demo_report.json")
 
 
+class _TrainCommand(typer.core.TyperCommand):
+    """Accepts the classic script's snake_case flags as hidden aliases (`--max_train_steps=800`)."""
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "--pretrained_model_name_or_path": "--model",
+        "--pretrained_vae_name_or_path": "--vae",
+        "--output_dir": "--output",
+        "--hflip": "--random-flip",
+        "--not_cache_latents": "--no-cache-latents",
+        "--stop_text_encoder_training": "--text-encoder-steps",
+        "--save_half": "--save-fp16",
+    }
+    FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
+        "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"]
+    }
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        known = {name for param in self.params for name in getattr(param, "opts", [])}
+        rewritten: list[str] = []
+        for arg in args:
+            name, eq, value = arg.partition("=")
+            if name in self.FLAGS_WITH_VALUE and not eq:
+                rewritten += self.FLAGS_WITH_VALUE[name]
+                continue
+            if name.startswith("--") and "_" in name:
+                new = self.RENAMED.get(name, name.replace("_", "-"))
+                if new in known:
+                    arg = new + eq + value
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+class MixedPrecision(StrEnum):
+    no = "no"
+    fp16 = "fp16"
+    bf16 = "bf16"
+
+
+class LrScheduler(StrEnum):
+    constant = "constant"
+    constant_with_warmup = "constant_with_warmup"
+    linear = "linear"
+    cosine = "cosine"
+    cosine_with_restarts = "cosine_with_restarts"
+    polynomial = "polynomial"
+
+
+class Attention(StrEnum):
+    sdpa = "sdpa"
+    xformers = "xformers"
+
+
+_DATA = "Data"
+_PRIOR = "Prior preservation"
+_OPT = "Optimisation"
+_SAVE = "Saving"
+
+
+@app.command(cls=_TrainCommand, epilog="The classic script's snake_case flags (--max_train_steps, …) also work.")
+def train(
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with the settings; flags win.")] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Base model: diffusers folder, or a .ckpt/.safetensors file.")
+    ] = None,
+    vae: Annotated[Path | None, typer.Option("--vae", help="Replacement VAE (a diffusers VAE folder).")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Where checkpoints and reports go.")] = None,
+    cache_dir: Annotated[
+        Path | None, typer.Option("--cache-dir", help="Converted models; default OUTPUT/cache.")
+    ] = None,
+    concepts_list: Annotated[
+        Path | None, typer.Option("--concepts-list", help="JSON list of concepts.", rich_help_panel=_DATA)
+    ] = None,
+    instance_data_dir: Annotated[
+        Path | None, typer.Option(help="Photos of the subject.", rich_help_panel=_DATA)
+    ] = None,
+    instance_prompt: Annotated[
+        str | None, typer.Option(help="e.g. 'a photo of sks dog'.", rich_help_panel=_DATA)
+    ] = None,
+    class_data_dir: Annotated[Path | None, typer.Option(help="Class images folder.", rich_help_panel=_PRIOR)] = None,
+    class_prompt: Annotated[str | None, typer.Option(help="e.g. 'a photo of dog'.", rich_help_panel=_PRIOR)] = None,
+    with_prior_preservation: Annotated[bool | None, typer.Option(rich_help_panel=_PRIOR)] = None,
+    prior_loss_weight: Annotated[float | None, typer.Option(rich_help_panel=_PRIOR)] = None,
+    num_class_images: Annotated[int | None, typer.Option(rich_help_panel=_PRIOR)] = None,
+    sample_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_PRIOR)] = None,
+    class_inference_steps: Annotated[int | None, typer.Option(rich_help_panel=_PRIOR)] = None,
+    resolution: Annotated[int | None, typer.Option(rich_help_panel=_DATA)] = None,
+    center_crop: Annotated[bool | None, typer.Option(rich_help_panel=_DATA)] = None,
+    random_flip: Annotated[bool | None, typer.Option(rich_help_panel=_DATA)] = None,
+    seed: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
+    train_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
+    max_train_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
+    learning_rate: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    scale_lr: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
+    lr_scheduler: Annotated[LrScheduler | None, typer.Option(rich_help_panel=_OPT)] = None,
+    lr_warmup_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
+    lr_num_cycles: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
+    lr_power: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    adam_beta1: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    adam_beta2: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    adam_weight_decay: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    adam_epsilon: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    max_grad_norm: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    gradient_accumulation_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
+    use_8bit_adam: Annotated[bool | None, typer.Option("--use-8bit-adam/--no-use-8bit-adam", rich_help_panel=_OPT)] = (
+        None
+    ),
+    gradient_checkpointing: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
+    mixed_precision: Annotated[MixedPrecision | None, typer.Option(rich_help_panel=_OPT)] = None,
+    attention: Annotated[Attention | None, typer.Option(rich_help_panel=_OPT)] = None,
+    train_text_encoder: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
+    text_encoder_steps: Annotated[
+        int | None, typer.Option(help="Train the text encoder only for the first N steps.", rich_help_panel=_OPT)
+    ] = None,
+    cache_latents: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
+    offset_noise: Annotated[float | None, typer.Option(help="e.g. 0.05.", rich_help_panel=_OPT)] = None,
+    snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR weighting, e.g. 5.", rich_help_panel=_OPT)] = None,
+    save_interval: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    save_min_steps: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    save_fp16: Annotated[bool | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    export_single_file: Annotated[
+        bool | None, typer.Option(help="Also write an A1111 .safetensors per checkpoint.", rich_help_panel=_SAVE)
+    ] = None,
+    keep_last: Annotated[int | None, typer.Option(help="Keep only the last K checkpoints.", rich_help_panel=_SAVE)] = (
+        None
+    ),
+    save_sample_prompt: Annotated[list[str] | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    save_sample_negative_prompt: Annotated[str | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    n_save_sample: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    save_guidance_scale: Annotated[float | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    save_infer_steps: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="Require a checkpoint to continue from (re-runs resume anyway).")
+    ] = None,
+) -> None:
+    """Fine-tune a Stable Diffusion model on your photos (DreamBooth), with prior preservation."""
+    given = dict(locals())  # first line: every parameter, None where the flag was not given
+    from dreambooth import train as training
+    from dreambooth.config import build_train_config
+
+    flags = {k: (v.value if isinstance(v, StrEnum) else v) for k, v in given.items() if k != "config"}
+    cfg = build_train_config(config, flags)
+    report = training.train(cfg)
+    events.emit("train_finished", **{k: v for k, v in report.items() if k not in ("losses", "settings")})
+    _report({k: report[k] for k in ("steps", "seconds", "final_checkpoint", "report") if k in report}, "training done")
+
+
+@app.command()
+def sample(
+    model_dir: Annotated[Path, typer.Argument(help="Diffusers folder (e.g. OUTPUT/checkpoints/step-800).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="What to draw.")],
+    num_images: Annotated[int, typer.Option("--num-images", min=1)] = 4,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 30,
+    guidance_scale: Annotated[float, typer.Option("--guidance-scale")] = 7.5,
+    output: Annotated[Path | None, typer.Option("--output", help="Folder for the PNGs; default MODEL_DIR/samples.")] = (
+        None
+    ),
+) -> None:
+    """Draw images from a model folder with a fixed seed, plus a grid."""
+    from dreambooth.sample import sample_model
+
+    dest = output or model_dir / "samples"
+    with events.stage(f"sampling {num_images} images"):
+        paths = sample_model(model_dir, prompt, dest, num_images, seed, steps, guidance_scale)
+    events.emit("sampled", files=[str(p) for p in paths])
+    _report({"files": [str(p) for p in paths]}, f"wrote {dest}")
+
+
 def _report(data: dict, title: str) -> None:
     """Human summary on stdout (text mode); in JSON mode the event already carried it."""
     if events._json_mode:
@@ -193,7 +361,9 @@ def main(argv: list[str] | None = None) -> None:
     """Console entry point: one line per user error (exit 2, or 3 for the environment), 130 on Ctrl-C."""
     _quiet_libraries()
     try:
-        app(args=argv, prog_name="dreambooth", standalone_mode=False)
+        code = app(args=argv, prog_name="dreambooth", standalone_mode=False)
+        if isinstance(code, int) and code:  # typer turns KeyboardInterrupt into a returned 130 in this mode
+            sys.exit(code)
     except UserError as exc:
         if _debug:
             raise

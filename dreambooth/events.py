@@ -46,3 +46,54 @@ def error(message: str, hint: str | None) -> None:
     print(f"error: {message}", file=sys.stderr)
     if hint:
         print(f"hint: {hint}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    """Something the user should know that does not stop the run (a skipped image, a fallback)."""
+    if _json_mode:
+        emit("warning", message=message)
+        return
+    console.print(f"[yellow]warning:[/yellow] {message}", highlight=False, soft_wrap=True)
+
+
+def notice(message: str) -> None:
+    """One informative line (e.g. which optimizer or attention actually runs)."""
+    if _json_mode:
+        emit("notice", message=message)
+        return
+    console.print(message, highlight=False, soft_wrap=True)
+
+
+@contextmanager
+def progress(description: str, total: int, completed: int = 0) -> Iterator:
+    """A progress bar (done/total, it/s, ETA and any fields passed, e.g. loss, lr, GPU memory) for people;
+    one `progress` event per advance for machines. Yields `advance(n, **fields)`."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    state = {"done": completed, "started": time.perf_counter(), "start_done": completed}
+    show = not _json_mode and console.is_terminal
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+        console=console,
+        disable=not show,
+    )
+    task = bar.add_task(description, total=total, completed=completed, rate="", info="")
+
+    def advance(n: int = 1, **fields: object) -> None:
+        state["done"] += n
+        elapsed = time.perf_counter() - state["started"]
+        rate = (state["done"] - state["start_done"]) / elapsed if elapsed > 0 else 0.0
+        info = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+        bar.update(task, advance=n, rate=f"{rate:.2f} it/s", info=info)
+        emit("progress", stage=description, done=state["done"], total=total, it_per_s=round(rate, 3), **fields)
+        if not _json_mode and not show and (state["done"] == total or state["done"] % max(1, total // 10) == 0):
+            # no terminal (docker logs, CI): a plain line every 10 % instead of a redrawn bar
+            print(f"{description}: {state['done']}/{total} {rate:.2f} it/s {info}", file=sys.stderr, flush=True)
+
+    with bar:
+        yield advance

@@ -1,0 +1,304 @@
+"""Training configuration: frozen dataclasses that check their own values, built from TOML, JSON and flags.
+
+Only values are checked here (ranges, combinations, the concepts file's shape). Whether folders, images and
+models on disk are usable is checked by `train.preflight`, still before any heavy work.
+"""
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from dreambooth.errors import UserError
+
+MIXED_PRECISION = ("no", "fp16", "bf16")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+ATTENTION = ("sdpa", "xformers")
+CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a config field, for error messages."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One subject to learn: its images and prompt, and (for prior preservation) its class."""
+
+    instance_prompt: str
+    instance_data_dir: Path
+    class_prompt: str | None = None
+    class_data_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.instance_prompt, str) or not self.instance_prompt.strip():
+            raise UserError("the instance prompt is empty", "pass --instance-prompt, e.g. 'a photo of sks dog'")
+        object.__setattr__(self, "instance_data_dir", Path(self.instance_data_dir))
+        if self.class_data_dir is not None:
+            object.__setattr__(self, "class_data_dir", Path(self.class_data_dir))
+
+
+def load_concepts_list(path: Path) -> tuple[Concept, ...]:
+    """`concepts_list.json` as the classic script reads it: a list of {instance_prompt, class_prompt, …}."""
+    path = Path(path)
+    where = f"--concepts-list {path}"
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{where}: file not found", "pass the path of your concepts_list.json") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{where}: cannot read it ({exc})", "check the file's permissions and encoding") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
+            "fix the JSON; the format is a list of {instance_prompt, class_prompt, instance_data_dir, class_data_dir}",
+        ) from None
+    if isinstance(data, dict):
+        data = [data]
+    if not isinstance(data, list) or not data:
+        raise UserError(f"{where}: expected a non-empty JSON list of concepts", "wrap your concept objects in [ … ]")
+    return tuple(_concept_from_dict(entry, f"{where}: entry {i}") for i, entry in enumerate(data))
+
+
+def _concept_from_dict(entry: Any, where: str) -> Concept:
+    if not isinstance(entry, dict):
+        raise UserError(f"{where} is a {type(entry).__name__}, not an object", "each entry is {instance_prompt, …}")
+    unknown = sorted(set(entry) - set(CONCEPT_KEYS))
+    if unknown:
+        raise UserError(f"{where}: unknown key {unknown[0]!r}", f"the keys are {', '.join(CONCEPT_KEYS)}")
+    for key in ("instance_prompt", "instance_data_dir"):
+        if not isinstance(entry.get(key), str) or not entry[key].strip():
+            raise UserError(f"{where}: key {key!r} is missing or empty", f'add "{key}": "…" to that entry')
+    for key in ("class_prompt", "class_data_dir"):
+        if entry.get(key) is not None and not isinstance(entry[key], str):
+            raise UserError(f"{where}: key {key!r} must be a string", f'write "{key}": "…"')
+    return Concept(
+        instance_prompt=entry["instance_prompt"],
+        instance_data_dir=Path(entry["instance_data_dir"]),
+        class_prompt=entry.get("class_prompt") or None,
+        class_data_dir=Path(entry["class_data_dir"]) if entry.get("class_data_dir") else None,
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything `dreambooth train` needs. Field names are the flags' names in snake_case."""
+
+    model: Path
+    concepts: tuple[Concept, ...]
+    output: Path = Path("output")
+    vae: Path | None = None
+    cache_dir: Path | None = None  # converted single files go here; default <output>/cache
+    # prior preservation
+    with_prior_preservation: bool = False
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    sample_batch_size: int = 4
+    class_inference_steps: int = 50
+    # data
+    resolution: int = 512
+    center_crop: bool = False
+    random_flip: bool = False
+    # optimisation
+    seed: int | None = None
+    train_batch_size: int = 1
+    max_train_steps: int = 800
+    learning_rate: float = 5e-6
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 1e-2
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    use_8bit_adam: bool = False
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    attention: str = "sdpa"
+    train_text_encoder: bool = False
+    text_encoder_steps: int | None = None  # train the text encoder only for the first N steps
+    cache_latents: bool = True
+    offset_noise: float = 0.0
+    snr_gamma: float | None = None
+    # saving
+    save_interval: int = 500
+    save_min_steps: int = 0
+    save_fp16: bool = False
+    export_single_file: bool = False
+    keep_last: int | None = None
+    save_sample_prompt: tuple[str, ...] = ()
+    save_sample_negative_prompt: str | None = None
+    n_save_sample: int = 4
+    save_guidance_scale: float = 7.5
+    save_infer_steps: int = 20
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("model", "output"):
+            object.__setattr__(self, name, Path(getattr(self, name)))
+        for name in ("vae", "cache_dir"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
+        object.__setattr__(self, "concepts", tuple(self.concepts))
+        object.__setattr__(self, "save_sample_prompt", tuple(self.save_sample_prompt))
+        if not self.concepts:
+            raise UserError(
+                "no training images given",
+                "pass --instance-data-dir and --instance-prompt, or --concepts-list concepts_list.json",
+            )
+        if self.resolution % 8 or self.resolution < 8:
+            raise UserError(
+                f"--resolution {self.resolution} is not a multiple of 8",
+                f"try --resolution {max(8, self.resolution // 8 * 8)}",
+            )
+        for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "save_interval",
+                     "sample_batch_size", "n_save_sample", "save_infer_steps", "class_inference_steps",
+                     "lr_num_cycles"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise UserError(
+                    f"{flag(name)} must be at least 1 (got {getattr(self, name)})", "pass a positive number"
+                )
+        for name in ("num_class_images", "lr_warmup_steps", "save_min_steps", "prior_loss_weight", "max_grad_norm",
+                     "offset_noise", "adam_weight_decay"):  # fmt: skip
+            if getattr(self, name) < 0:
+                raise UserError(f"{flag(name)} must not be negative (got {getattr(self, name)})", "pass 0 or more")
+        if not self.learning_rate > 0:
+            raise UserError(f"--learning-rate must be positive (got {self.learning_rate})", "e.g. --learning-rate 1e-6")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise UserError(
+                f"--mixed-precision {self.mixed_precision!r} is unknown", f"use {' | '.join(MIXED_PRECISION)}"
+            )
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise UserError(f"--lr-scheduler {self.lr_scheduler!r} is unknown", f"use {' | '.join(LR_SCHEDULERS)}")
+        if self.attention not in ATTENTION:
+            raise UserError(f"--attention {self.attention!r} is unknown", f"use {' | '.join(ATTENTION)}")
+        if self.keep_last is not None and self.keep_last < 1:
+            raise UserError(
+                f"--keep-last must be at least 1 (got {self.keep_last})", "omit it to keep every checkpoint"
+            )
+        if self.snr_gamma is not None and self.snr_gamma <= 0:
+            raise UserError(f"--snr-gamma must be positive (got {self.snr_gamma})", "5.0 is the usual choice")
+        if self.text_encoder_steps is not None:
+            if not self.train_text_encoder:
+                raise UserError("--text-encoder-steps needs --train-text-encoder", "add --train-text-encoder")
+            if self.text_encoder_steps < 1:
+                raise UserError(
+                    "--text-encoder-steps must be at least 1", "omit it to train the text encoder throughout"
+                )
+        if self.with_prior_preservation:
+            for i, concept in enumerate(self.concepts):
+                which = f"concept {i} ({concept.instance_prompt!r})" if len(self.concepts) > 1 else "it"
+                if not concept.class_prompt:
+                    raise UserError(
+                        f"--with-prior-preservation needs a class prompt, and {which} has none",
+                        "pass --class-prompt (or class_prompt in the concepts list), e.g. 'a photo of dog'",
+                    )
+                if concept.class_data_dir is None:
+                    raise UserError(
+                        f"--with-prior-preservation needs a class image folder, and {which} has none",
+                        "pass --class-data-dir (or class_data_dir in the concepts list); missing images are generated",
+                    )
+
+    @property
+    def cache(self) -> Path:
+        return self.cache_dir if self.cache_dir is not None else self.output / "cache"
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        return json.loads(json.dumps(data, default=str))
+
+
+FIELD_NAMES = {f.name for f in fields(TrainConfig)} - {"concepts"}
+SINGLE_CONCEPT = ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")
+
+
+def _normalise_keys(data: dict, where: str) -> dict:
+    out = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        name = {"pretrained_model_name_or_path": "model", "output_dir": "output",
+                "pretrained_vae_name_or_path": "vae"}.get(name, name)  # fmt: skip
+        if name not in FIELD_NAMES and name not in SINGLE_CONCEPT and name not in ("concepts_list", "concepts"):
+            raise UserError(f"{where}: unknown setting {key!r}", "see `dreambooth train --help` for the names")
+        out[name] = value
+    return out
+
+
+def read_toml(path: Path) -> dict:
+    path = Path(path)
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: file not found", "pass the path of your run.toml") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UserError(f"--config {path}: not valid TOML ({exc})", "fix the file's syntax") from None
+    # settings may sit at the top level or under [train]; both are accepted
+    train = data.pop("train", {})
+    if not isinstance(train, dict):
+        raise UserError(f"--config {path}: [train] must be a table", "write the settings under a [train] header")
+    data = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    settings = _normalise_keys({**data, **train}, f"--config {path}")
+    base = path.parent  # relative paths in a config file are relative to the file, like in any config format
+    for key in ("model", "output", "vae", "cache_dir", "concepts_list", "instance_data_dir", "class_data_dir"):
+        if isinstance(settings.get(key), str):
+            settings[key] = base / settings[key]
+    if "concepts" in settings:
+        if not isinstance(settings["concepts"], list):
+            raise UserError(f"--config {path}: concepts must be an array of tables", "write [[train.concepts]] blocks")
+        concepts = []
+        for i, entry in enumerate(settings["concepts"]):
+            if isinstance(entry, dict):
+                entry = {
+                    k: (str(base / v) if k.endswith("_dir") and isinstance(v, str) else v) for k, v in entry.items()
+                }
+            concepts.append(_concept_from_dict(entry, f"--config {path}: concepts entry {i}"))
+        settings["concepts"] = tuple(concepts)
+    return settings
+
+
+def build_train_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
+    """Merge the config file (if any) and the flags (flags win) into one checked TrainConfig.
+
+    `flags` holds only the flags the user gave (None means "not given").
+    """
+    settings = read_toml(config_file) if config_file is not None else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    settings.update(_normalise_keys(given, "flags"))
+    if "save_sample_prompt" in settings and isinstance(settings["save_sample_prompt"], str):
+        settings["save_sample_prompt"] = (settings["save_sample_prompt"],)
+
+    single = {k: settings.pop(k) for k in SINGLE_CONCEPT if k in settings}
+    concepts_list = settings.pop("concepts_list", None)
+    concepts = settings.pop("concepts", ())
+    if concepts_list is not None:
+        if single.get("instance_data_dir") is not None and "instance_data_dir" in given:
+            raise UserError(
+                "--concepts-list and --instance-data-dir both given", "use one: the list, or the single-concept flags"
+            )
+        concepts = load_concepts_list(Path(concepts_list))
+    elif single:
+        if not single.get("instance_data_dir"):
+            raise UserError("--instance-prompt given without --instance-data-dir", "pass the folder of your photos")
+        if not single.get("instance_prompt"):
+            raise UserError("--instance-data-dir given without --instance-prompt", "e.g. --instance-prompt 'sks dog'")
+        concepts = (
+            Concept(
+                instance_prompt=single["instance_prompt"],
+                instance_data_dir=Path(single["instance_data_dir"]),
+                class_prompt=single.get("class_prompt") or None,
+                class_data_dir=Path(single["class_data_dir"]) if single.get("class_data_dir") else None,
+            ),
+        )
+    if "model" not in settings:
+        raise UserError("no base model given", "pass --model (a diffusers folder, or a .ckpt/.safetensors file)")
+    try:
+        return TrainConfig(concepts=concepts, **settings)
+    except TypeError as exc:  # a TOML value of the wrong type reaches a comparison
+        raise UserError(f"a setting has the wrong type: {exc}", "check the values in your config file") from None

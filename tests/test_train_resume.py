@@ -1,0 +1,104 @@
+"""Stopping and resuming: a run stopped at step k and resumed ends bit-identical to one that never stopped."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth import events
+from tests.train_helpers import base_args, tiny_model, write_photos
+
+# everything that draws random numbers or carries state across steps, all at once
+HARD = (
+    "--max-train-steps", 6, "--learning-rate", "1e-3", "--train-batch-size", 2, "--save-interval", 100,
+    "--train-text-encoder", "--random-flip", "--gradient-accumulation-steps", 2, "--lr-scheduler", "cosine",
+    "--lr-warmup-steps", 2, "--offset-noise", 0.05, "--snr-gamma", 5, "--save-fp16", "--no-cache-latents",
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return write_photos(tmp_path_factory.mktemp("photos") / "sks", count=3)
+
+
+def _master_weights(out, step):
+    state = torch.load(out / "checkpoints" / f"step-{step}" / "training_state.pt", weights_only=False)
+    return state["master_weights"]
+
+
+def test_stopped_and_resumed_run_is_bit_identical(cli, model, photos, tmp_path, monkeypatch):
+    straight = cli(*base_args(model, photos, tmp_path / "a", *HARD))
+    assert straight.exit_code == 0, straight.stderr
+
+    emit = events.emit
+
+    def stop_at_step_3(event, **fields):  # a real SIGTERM, delivered while step 3 is being logged
+        emit(event, **fields)
+        if event == "train_step" and fields["step"] == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(events, "emit", stop_at_step_3)
+    stopped = cli(*base_args(model, photos, tmp_path / "b", *HARD))
+    assert stopped.exit_code == 130
+    assert (tmp_path / "b" / "checkpoints" / "step-3" / "training_state.pt").is_file()
+    monkeypatch.setattr(events, "emit", emit)
+    resumed = cli(*base_args(model, photos, tmp_path / "b", *HARD))
+    assert resumed.exit_code == 0, resumed.stderr
+
+    a, b = _master_weights(tmp_path / "a", 6), _master_weights(tmp_path / "b", 6)
+    for part in ("unet", "text_encoder"):
+        assert a[part].keys() == b[part].keys()
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    report_a = json.loads((tmp_path / "a" / "train_report.json").read_text())
+    report_b = json.loads((tmp_path / "b" / "train_report.json").read_text())
+    assert report_a["losses"] == report_b["losses"]
+    # the saved files are fp16 (--save-fp16); the exact fp32 weights travel in the training state
+    unet_file = load_file(tmp_path / "b" / "checkpoints" / "step-6" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unet_file["conv_in.weight"].dtype == torch.float16
+
+
+def test_resume_flag_without_a_checkpoint_is_an_error(cli, model, photos, tmp_path):
+    result = cli(*base_args(model, photos, tmp_path / "o", "--resume"))
+    assert result.exit_code == 2 and "--resume" in result.stderr
+
+
+def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(model, photos, tmp_path):
+    out = tmp_path / "out"
+    args = [str(a) for a in base_args(model, photos, out, "--max-train-steps", 100000, "--save-interval", 100000)]
+    command = [sys.executable, "-c", "from dreambooth.cli import main; main()", "--log-format", "json", *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event["event"] == "train_step" and event["step"] >= 2:
+                proc.send_signal(signal.SIGTERM)
+                break
+            assert time.monotonic() < deadline, "training did not start"
+        rest, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    events_after = [json.loads(line) for line in rest.splitlines()]
+    saved = [e for e in events_after if e["event"] == "checkpoint_saved"]
+    assert len(saved) == 1
+    step = saved[0]["step"]
+    state = torch.load(out / "checkpoints" / f"step-{step}" / "training_state.pt", weights_only=False)
+    assert state["step"] == step
+    # and the same command picks it up (here asked to stop two steps later)
+    args = [str(a) for a in base_args(model, photos, out, "--max-train-steps", step + 2, "--resume")]
+    done = subprocess.run([sys.executable, "-c", "from dreambooth.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from {out / 'checkpoints' / f'step-{step}'}" in done.stderr
+    assert json.loads((out / "train_report.json").read_text())["steps"] == step + 2

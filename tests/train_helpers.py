@@ -1,0 +1,44 @@
+"""Shared pieces for the training tests: a tiny model folder and a few tiny photos, made in code."""
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from dreambooth.tiny_model import write_tiny_diffusers
+
+RES = 32  # the tiny VAE halves it: 16×16 latents
+
+
+def write_photos(folder: Path, count: int = 4, *, size=(40, 48), seed: int = 0, hue: int = 0) -> Path:
+    """Simple, distinct pictures: a coloured disc on a textured background, a little different each time."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        background = (rng.random((size[1], size[0], 3)) * 60 + 40).astype(np.uint8)
+        image = Image.fromarray(background, "RGB")
+        draw = ImageDraw.Draw(image)
+        colour = ((hue + 200 + 10 * i) % 256, (hue + 40 * i) % 256, (hue + 90) % 256)
+        cx, cy, r = size[0] // 2 + i, size[1] // 2 - i, min(size) // 3
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        image.save(folder / f"photo-{i}.png")
+    return folder
+
+
+def tiny_model(folder: Path) -> Path:
+    if not (folder / "model_index.json").is_file():
+        write_tiny_diffusers(folder, seed=0)
+    return folder
+
+
+def base_args(model: Path, photos: Path, output: Path, *extra: object) -> list[str]:
+    return [
+        "train",
+        "--model", model,
+        "--instance-data-dir", photos,
+        "--instance-prompt", "a photo of sks thing",
+        "--output", output,
+        "--resolution", RES,
+        "--seed", 7,
+        *extra,
+    ]  # fmt: skip
