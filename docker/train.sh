@@ -5,7 +5,7 @@
 #   CONFIG=./data/run.toml                → dreambooth run --config /data/run.toml
 #   MODEL=./models/x.safetensors DATA=./data/alice [PROMPT="a photo of sks dog"]
 #                                         → dreambooth train --model /models/x.safetensors --instance-data-dir /data/alice
-#                                             --output-dir /output [--instance-prompt ...]
+#                                             --output /output [--instance-prompt ...]
 #   nothing                               → dreambooth demo --output /output/demo   (the built-in tiny model)
 # Extra arguments are appended (e.g. `docker compose run --rm train --max-train-steps 400`).
 set -eu
@@ -30,7 +30,7 @@ elif [ -n "${MODEL:-}" ] || [ -n "${DATA:-}" ]; then
     fi
     if [ -n "${PROMPT:-}" ]; then set -- --instance-prompt "$PROMPT" "$@"; fi
     set -- train --model "$(container_path "$MODEL")" --instance-data-dir "$(container_path "$DATA")" \
-        --output-dir "$output" "$@"
+        --output "$output" "$@"
 else
     set -- demo --output "$output/demo" "$@"
 fi

@@ -66,3 +66,34 @@ def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+# hashlib (OpenSSL, SHA extensions) runs ~4x faster here than coreutils' sha256sum
+_HASH_CHILD = "import hashlib, sys; print(hashlib.file_digest(open(sys.argv[1], 'rb'), 'sha256').hexdigest())"
+
+
+class BackgroundSha256:
+    """Hash a (multi-GB) file in the background; `result()` waits for the hex digest, `cancel()` stops it.
+
+    A child process, not a thread: writing safetensors holds the GIL for whole tensors, which would serialise a
+    hashing thread behind the conversion it is meant to overlap.
+    """
+
+    def __init__(self, path: Path) -> None:
+        import subprocess
+        import sys
+
+        self.path = Path(path)
+        cmd = [sys.executable, "-c", _HASH_CHILD, str(self.path)]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def result(self) -> str:
+        out, _ = self.proc.communicate()
+        if self.proc.returncode == 0 and out.strip():
+            return out.strip()
+        return sha256_file(self.path)
+
+    def cancel(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()

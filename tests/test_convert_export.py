@@ -1,5 +1,6 @@
 """Round trips and what users get from convert / export / inspect, on tiny original-layout checkpoints."""
 
+import hashlib
 import json
 
 import pytest
@@ -88,7 +89,7 @@ def test_export_metadata_and_v_sidecar(tmp_path, cli):
     assert meta["dreambooth.family"] == "sd2"
     assert meta["dreambooth.prediction_type"] == "v_prediction"
     assert meta["modelspec.prediction_type"] == "v"
-    assert len(meta["dreambooth.base_model_sha256"]) == 64
+    assert meta["dreambooth.base_model_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert "dreambooth.version" in meta
     sidecar = (tmp_path / "v.yaml").read_text()
     assert 'parameterization: "v"' in sidecar

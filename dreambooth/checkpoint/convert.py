@@ -3,7 +3,6 @@
 import json
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -35,7 +34,7 @@ from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, EMA_PREFIX, TEXT_SOU
 from dreambooth.checkpoint.load import Checkpoint, check_input_file, load_checkpoint
 from dreambooth.checkpoint.vae_file import load_vae
 from dreambooth.errors import UserError
-from dreambooth.fileio import atomic_dir, sha256_file, write_json
+from dreambooth.fileio import BackgroundSha256, atomic_dir, write_json
 
 EXTRAS_FILE = "original_extras.safetensors"  # original tensors diffusers has no place for (see `leftovers`)
 PROVENANCE_FILE = "dreambooth.json"
@@ -202,15 +201,17 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -
     started = time.perf_counter()
     src, dest = Path(src), Path(dest)
     check_destination(dest, options.overwrite)
-    with ThreadPoolExecutor(1) as pool:  # hash while we read and convert: the file is in the page cache anyway
-        digest = pool.submit(sha256_file, check_input_file(src))
+    digest = BackgroundSha256(check_input_file(src))  # alongside the conversion; the file is in the page cache
+    try:
         analysis = analyze(load_checkpoint(src), options)
-        sha256 = digest.result()
+    except BaseException:
+        digest.cancel()
+        raise
     with atomic_dir(dest, overwrite=options.overwrite) as tmp:
         write_diffusers_folder(tmp, analysis.components, analysis.family, analysis.model_type, analysis.leftovers)
         summary = {
             **analysis.summary(),
-            "sha256": sha256,
+            "sha256": digest.result(),
             "converted_by": f"dreambooth {__version__}",
             "seconds": round(time.perf_counter() - started, 2),
         }
