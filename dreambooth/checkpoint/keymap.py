@@ -6,7 +6,7 @@ hard-coded for SD's sizes, so tiny test models and future families use the same 
 (original → convert → export) proves the two directions agree, key for key and bit for bit.
 """
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -126,25 +126,21 @@ def _rename(key: str, table: dict[str, tuple[str, dict[str, str]]]) -> tuple[str
     return None
 
 
-def unet_sources(keys: list[str], config: dict) -> dict[str, Source]:
-    table = unet_prefixes(config)
-    out = {}
+def _renamed(keys: list[str], table: dict, what: str) -> Iterator[tuple[str, str, dict[str, str]]]:
     for key in keys:
         found = _rename(key, table)
         if found is None:
-            raise KeyError(f"UNet key {key} has no place in the original layout")
-        out[UNET_PREFIX + found[0]] = Source((key,), _copy)
-    return out
+            raise KeyError(f"{what} key {key} has no place in the original layout")
+        yield key, *found
+
+
+def unet_sources(keys: list[str], config: dict) -> dict[str, Source]:
+    return {UNET_PREFIX + orig: Source((key,), _copy) for key, orig, _ in _renamed(keys, unet_prefixes(config), "UNet")}
 
 
 def vae_sources(keys: list[str], config: dict) -> dict[str, Source]:
-    table = vae_prefixes(config)
     out = {}
-    for key in keys:
-        found = _rename(key, table)
-        if found is None:
-            raise KeyError(f"VAE key {key} has no place in the original layout")
-        original, inner = found
+    for key, original, inner in _renamed(keys, vae_prefixes(config), "VAE"):
         is_attention_weight = inner is VAE_ATTENTION and not original.endswith((".norm.weight", ".norm.bias"))
         out[VAE_PREFIX + original] = Source((key,), _as_conv1x1 if is_attention_weight else _copy)
     return out
