@@ -1,4 +1,4 @@
-"""Diffusers component state dicts → the original single-file layout (the LDM layout of the CompVis and Stability releases), table-driven.
+"""Diffusers component state dicts → the original single-file layout (LDM, as the SD releases), table-driven.
 
 Import uses diffusers' own `single_file_utils` mappings; the reverse direction has no library function, so it
 lives here, once. Each table is built from the component's config (block counts, layers per block), not
