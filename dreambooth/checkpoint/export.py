@@ -33,9 +33,6 @@ class ExportOptions:
     overwrite: bool = True
     training: dict | None = None  # a training summary to record in the metadata
 
-    def __post_init__(self) -> None:
-        pass
-
 
 @dataclass
 class DiffusersModel:
