@@ -47,14 +47,9 @@ def run_demo(output: Path, seed: int = 0) -> dict:
 
 
 def draw_sample(model_dir: Path, dest: Path, seed: int) -> Path:
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
+    from dreambooth.sample import generate, load_pipeline
 
-    diffusers_logging.disable_progress_bar()
-    pipe = StableDiffusionPipeline.from_pretrained(model_dir, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(seed)
-    image = pipe("a photo of sks dog", num_inference_steps=4, height=64, width=64, generator=generator).images[0]
+    image = generate(load_pipeline(model_dir), "a photo of sks dog", 1, seed, resolution=64, steps=4)[0]
     with atomic_path(dest) as tmp:
         image.save(tmp, format="PNG")
     return dest

@@ -96,20 +96,27 @@ def check_xformers() -> Check:
     return _try("xformers", run, warn_only=True)
 
 
+def adamw8bit_step_runs(device) -> str:
+    """One real AdamW8bit step on `device`; raises when bitsandbytes' kernels cannot run there."""
+    import bitsandbytes as bnb
+    import torch
+
+    p = torch.nn.Parameter(torch.randn(4096, device=device))
+    p.grad = torch.randn_like(p)
+    before = p.detach().clone()
+    bnb.optim.AdamW8bit([p], lr=1e-3).step()
+    if torch.equal(before, p.detach()):
+        raise RuntimeError("an AdamW8bit step left the weights unchanged")
+    return f"AdamW8bit step ran (bitsandbytes {bnb.__version__})"
+
+
 def check_bitsandbytes() -> Check:
     def run() -> str:
-        import bitsandbytes as bnb
         import torch
 
         if not torch.cuda.is_available():
             raise RuntimeError("8-bit AdamW needs a CUDA GPU here; training falls back to torch AdamW")
-        p = torch.nn.Parameter(torch.randn(4096, device="cuda"))
-        opt = bnb.optim.AdamW8bit([p], lr=1e-3)
-        p.grad = torch.randn_like(p)
-        before = p.detach().clone()
-        opt.step()
-        assert not torch.equal(before, p.detach())
-        return f"AdamW8bit step ran (bitsandbytes {bnb.__version__})"
+        return adamw8bit_step_runs("cuda")
 
     return _try("bitsandbytes", run, warn_only=True)
 

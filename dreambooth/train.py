@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth import __version__, events
+from dreambooth.checkpoint.convert import WEIGHT_FILES
 from dreambooth.config import TrainConfig
 from dreambooth.data import DataStream, Example, LatentSource, PromptEncoder, check_instance_dir, sample_latents
 from dreambooth.errors import EnvironmentProblem, UserError
@@ -34,11 +35,6 @@ from dreambooth.fileio import atomic_dir, atomic_path, write_json
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 REPORT_FILE = "train_report.json"
-COMPONENT_FILES = {
-    "unet": ("config.json", "diffusion_pytorch_model"),
-    "vae": ("config.json", "diffusion_pytorch_model"),
-    "text_encoder": ("config.json", "model"),
-}
 
 
 # ───────────────────────────── checks that run before any heavy work ─────────────────────────────
@@ -49,9 +45,9 @@ def check_model_folder(folder: Path, flag: str) -> None:
     if not folder.is_dir():
         raise UserError(f"{flag} {folder} is not a folder", "pass a diffusers folder or a .ckpt/.safetensors file")
     missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    for name, (config, weights) in COMPONENT_FILES.items():
-        if not (folder / name / config).is_file():
-            missing.append(f"{name}/{config}")
+    for name, weights in WEIGHT_FILES.items():
+        if not (folder / name / "config.json").is_file():
+            missing.append(f"{name}/config.json")
         if not any(
             p.name.startswith(weights) for p in (folder / name).glob("*") if p.suffix in (".safetensors", ".bin")
         ):
@@ -214,9 +210,9 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
                 raise RuntimeError("it needs a CUDA GPU")
             import bitsandbytes as bnb
 
-            probe = torch.nn.Parameter(torch.randn(4096, device=device))
-            probe.grad = torch.randn_like(probe)
-            bnb.optim.AdamW8bit([probe], lr=1e-3).step()  # importing is not enough: prove the kernel runs
+            from dreambooth.doctor import adamw8bit_step_runs
+
+            adamw8bit_step_runs(device)  # importing is not enough: prove the kernel runs
             return bnb.optim.AdamW8bit(params, **kwargs), "AdamW8bit (bitsandbytes)"
         except Exception as exc:
             events.notice(f"--use-8bit-adam: 8-bit AdamW cannot run here ({exc}); using torch AdamW")
