@@ -143,19 +143,72 @@ def doctor(as_json: Annotated[bool, typer.Option("--json", help="Print the repor
         raise EnvironmentProblem(f"doctor found problems: {', '.join(failed)}", "see the lines marked FAIL above")
 
 
-@app.command()
-def demo(
-    output: Annotated[Path, typer.Option("--output", help="Where the demo writes its files.")] = Path("output/demo"),
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+_EXTRA_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.command(context_settings=_EXTRA_ARGS)
+def run(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="run.toml; without it, the built-in demo runs.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Output folder; default: run.toml's, else $DREAMBOOTH_OUTPUT.")
+    ] = None,
 ) -> None:
-    """Run the built-in tiny model through convert → export (and a sample), offline, in seconds."""
+    """convert → class images → train → export; finished stages with unchanged inputs are skipped.
+
+    Any `dreambooth train` flag may follow and overrides run.toml (e.g. --max-train-steps 400).
+    """
+    import os
+
+    from dreambooth.pipeline import load_run_config, run_pipeline
+
+    flags = _train_flags(ctx.args)
+    default_output = Path(os.environ.get("DREAMBOOTH_OUTPUT", "output"))
+    if config is None:
+        events.notice("no --config: running the built-in demo (tiny model, example images)")
+        _run_demo(output or default_output, flags)
+        return
+    manifest = run_pipeline(load_run_config(config, {**flags, "output": output}, default_output))
+    _finished(manifest)
+
+
+@app.command(context_settings=_EXTRA_ARGS)
+def demo(
+    ctx: typer.Context,
+    output: Annotated[Path, typer.Option("--output", help="Where the demo writes its files.")] = Path("output/demo"),
+) -> None:
+    """The built-in tiny model through convert → class images → train → export, offline, on a CPU.
+
+    Any `dreambooth train` flag may follow and overrides the demo's settings (e.g. --max-train-steps 20).
+    """
+    _run_demo(output, _train_flags(ctx.args))
+
+
+def _run_demo(output: Path, flags: dict) -> None:
     from dreambooth.demo import run_demo
 
-    report = run_demo(output, seed)
-    events.emit("demo_finished", **report)
-    _report({k: v for k, v in report.items() if not isinstance(v, dict)}, f"demo finished: {output}")
-    if not report["round_trip_identical"]:
-        raise UserError("the demo's round trip was not exact", "please report this with output/demo/demo_report.json")
+    _finished(run_demo(output, flags))
+
+
+def _finished(manifest: dict) -> None:
+    stages = {name: record.get("status") for name, record in manifest["stages"].items()}
+    events.emit(
+        "run_finished", status=manifest["status"], seconds=manifest["seconds"], stages=stages, **manifest["outputs"]
+    )
+    _report({"stages": stages, **manifest["outputs"], "seconds": manifest["seconds"]}, "run finished")
+
+
+def _train_flags(args: list[str]) -> dict:
+    """Extra arguments of `run` / `demo`, parsed exactly as `dreambooth train` parses them (aliases included)."""
+    if not args:
+        return {}
+    command = typer.main.get_command(app).commands["train"]
+    with command.make_context("dreambooth train", list(args)) as ctx:
+        params = dict(ctx.params)
+    params.pop("config", None)
+    return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in params.items()}
 
 
 class _TrainCommand(typer.core.TyperCommand):

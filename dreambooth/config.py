@@ -6,7 +6,7 @@ models on disk are usable is checked by `train.preflight`, still before any heav
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -230,6 +230,11 @@ def _normalise_keys(data: dict, where: str) -> dict:
     return out
 
 
+def _folder_name(prompt: str) -> str:
+    """'a photo of dog' → 'a-photo-of-dog': a class prompt as a folder name."""
+    return "-".join("".join(ch if ch.isalnum() else " " for ch in prompt.lower()).split())[:80] or "class"
+
+
 def read_toml(path: Path) -> dict:
     path = Path(path)
     try:
@@ -263,10 +268,13 @@ def read_toml(path: Path) -> dict:
     return settings
 
 
-def build_train_config(config_file: Path | None, flags: dict[str, Any]) -> TrainConfig:
+def build_train_config(
+    config_file: Path | None, flags: dict[str, Any], *, class_images_root: Path | None = None
+) -> TrainConfig:
     """Merge the config file (if any) and the flags (flags win) into one checked TrainConfig.
 
-    `flags` holds only the flags the user gave (None means "not given").
+    `flags` holds only the flags the user gave (None means "not given"). With `class_images_root` (what
+    `dreambooth run` passes), a concept with a class prompt but no class folder gets ROOT/<class prompt>.
     """
     settings = read_toml(config_file) if config_file is not None else {}
     given = {k: v for k, v in flags.items() if v is not None}
@@ -295,6 +303,13 @@ def build_train_config(config_file: Path | None, flags: dict[str, Any]) -> Train
                 class_prompt=single.get("class_prompt") or None,
                 class_data_dir=Path(single["class_data_dir"]) if single.get("class_data_dir") else None,
             ),
+        )
+    if class_images_root is not None:
+        concepts = tuple(
+            replace(c, class_data_dir=Path(class_images_root) / _folder_name(c.class_prompt))
+            if c.class_prompt and c.class_data_dir is None
+            else c
+            for c in concepts
         )
     if "model" not in settings:
         raise UserError("no base model given", "pass --model (a diffusers folder, or a .ckpt/.safetensors file)")

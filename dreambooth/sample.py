@@ -12,7 +12,9 @@ from dreambooth.fileio import atomic_path
 def load_pipeline(model_dir: Path, *, vae_dir: Path | None = None, dtype: torch.dtype = torch.float32):
     """A StableDiffusionPipeline from a local folder, without safety checker, progress bars or network."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar would cut through ours
     extra = {"vae": AutoencoderKL.from_pretrained(vae_dir, dtype=dtype)} if vae_dir else {}
     pipe = StableDiffusionPipeline.from_pretrained(
         model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True, **extra
