@@ -86,7 +86,8 @@ ENV PATH=/opt/venv/bin:${PATH} \
     TRITON_CACHE_DIR=/cache/triton \
     MPLCONFIGDIR=/tmp/matplotlib \
     NVIDIA_VISIBLE_DEVICES=all \
-    NVIDIA_DRIVER_CAPABILITIES=compute,utility
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility \
+    DREAMBOOTH_OUTPUT=/output
 COPY requirements/lock.txt /opt/dreambooth/requirements/lock.txt
 COPY docker/assert_stack.py /opt/dreambooth/assert_stack.py
 # Build-time proof that the locked stack is what is installed and that it works here (the build fails otherwise).
@@ -141,3 +142,6 @@ LABEL org.opencontainers.image.title="dreambooth" \
       org.opencontainers.image.source="${SOURCE}" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.base.name="${BASE_IMAGE}"
+# what `dreambooth run` records in OUTPUT/manifest.json as the image it ran in
+ENV DREAMBOOTH_IMAGE_VERSION="${VERSION}" \
+    DREAMBOOTH_IMAGE_REVISION="${REVISION}"

@@ -19,7 +19,10 @@ $(VENV)/.installed: requirements/lock.txt requirements/dev-lock.txt pyproject.to
 venv: $(VENV)/.installed ## Install the locked stack into .venv (host)
 
 .PHONY: test
-test: $(VENV)/.installed ## Run the whole test suite (PYTEST_ARGS="-m 'not slow'" for the quick part)
+test: test-image test-container ## The whole test suite inside the frozen image, then the container tests (needs Docker)
+
+.PHONY: test-host
+test-host: $(VENV)/.installed ## The test suite on this machine's .venv (PYTEST_ARGS="-m 'not slow'" for the quick part)
 	@# pytest exits 5 when it collected no tests: that is a broken suite, not a pass
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
@@ -28,10 +31,18 @@ test: $(VENV)/.installed ## Run the whole test suite (PYTEST_ARGS="-m 'not slow'
 demo: $(VENV)/.installed ## The main job on the built-in tiny model (host; writes output/demo/)
 	$(VENV)/bin/dreambooth demo --output output/demo
 
+# ruff and pytest (requirements/dev-lock.txt, hash-checked) in a small venv: linting and the container tests
+# need neither torch nor the 3 GB .venv
+TOOLS ?= .tools
+$(TOOLS)/.installed: requirements/dev-lock.txt
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install -q --disable-pip-version-check --require-hashes --no-deps -r requirements/dev-lock.txt
+	touch $@
+
 .PHONY: lint
-lint: $(VENV)/.installed ## ruff
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check .
+lint: $(TOOLS)/.installed ## ruff (Python); lint-docker checks the Dockerfiles, shell scripts and YAML
+	$(TOOLS)/bin/ruff check .
+	$(TOOLS)/bin/ruff format --check .
 
 .PHONY: lock
 lock: ## Re-generate requirements/*.txt (hashes) from requirements/*.in
@@ -71,6 +82,16 @@ export CREATED := $(shell git log -1 --format=%cI 2>/dev/null || date -u +%Y-%m-
 ifneq ($(strip $(BASE_IMAGE)),)
 export BASE_IMAGE
 endif
+# Hosts that cannot pull (CI here: no registry): when the pinned base is not present locally but
+# docker/ci-bootstrap.sh's debootstrapped one is, build from that (BASE_IMAGE=... always wins). Decided when the
+# recipe runs, not when make reads this file: docker-ready may have just made it.
+PINNED_BASE := $(shell sed -n 's/^ARG BASE_IMAGE=//p' Dockerfile)
+LOCAL_BASE ?= local/debian:bookworm
+define with_base
+if [ -z "$${BASE_IMAGE:-}" ] && ! $(DOCKER) image inspect $(PINNED_BASE) >/dev/null 2>&1 \
+	&& $(DOCKER) image inspect $(LOCAL_BASE) >/dev/null 2>&1; then \
+	export BASE_IMAGE=$(LOCAL_BASE); echo "notice: building from $(LOCAL_BASE) ($(PINNED_BASE) is not here to pull)" >&2; fi
+endef
 export MODEL DATA CONFIG PROMPT
 
 # `compose run --rm`, but with the container's exit status (docker/compose-run.sh says why)
@@ -87,9 +108,18 @@ elif [ "$(GPU)" != 0 ] && nvidia-smi -L >/dev/null 2>&1; then svc=$(1); \
 else svc=$(1); echo "notice: no NVIDIA GPU runtime on this Docker host: running on the CPU (slow; GPU=1 forces the GPU service)" >&2; fi
 endef
 
+.PHONY: docker-ready
+docker-ready: # Docker and compose answer (and the linters are here); on a bare machine as root, bootstrap them first
+	@if ! { $(DOCKER) info && $(COMPOSE) version && command -v hadolint shellcheck yamllint; } >/dev/null 2>&1; then \
+		if [ "$$(id -u)" = 0 ]; then echo "notice: Docker, compose or a linter is missing: running docker/ci-bootstrap.sh" >&2; \
+			sh docker/ci-bootstrap.sh; \
+		else echo "error: no Docker daemon, compose v2 or linter answers (docker info / $(COMPOSE) version)" >&2; \
+			echo "hint: install Docker with compose v2 and start it, or run \`sudo docker/ci-bootstrap.sh\` once" >&2; exit 3; fi; \
+	fi
+
 .PHONY: build
-build: ## Build the image (IMAGE=dreambooth:VERSION); in WSL2 also the -wsl variant (Dockerfile.windows)
-	DREAMBOOTH_IMAGE=$(IMAGE) $(COMPOSE) build train
+build: docker-ready ## Build the image (IMAGE=dreambooth:VERSION); in WSL2 also the -wsl variant (Dockerfile.windows)
+	@$(with_base); set -x; DREAMBOOTH_IMAGE=$(IMAGE) $(COMPOSE) build train
 	$(DOCKER) tag $(IMAGE) dreambooth:latest
 	$(if $(WSL),$(COMPOSE) --profile wsl build wsl)
 
@@ -120,14 +150,20 @@ doctor: build dirs ## Environment report inside the image (GPU, driver, versions
 	@$(call pick_service,doctor,doctor-gpu); set -x; $(COMPOSE_RUN) $$svc $(ARGS)
 
 .PHONY: test-image
-test-image: ## The test suite inside the frozen image (target `test`): PYTEST_ARGS="-m 'not slow'" for the quick part
-	$(COMPOSE) --profile test build test
+test-image: build ## The test suite inside the frozen image (target `test`): PYTEST_ARGS="-m 'not slow'" for the quick part
+	@$(with_base); set -x; $(COMPOSE) --profile test build test
 	@# pytest exits 5 when it collected no tests: that is a broken suite (or image), not a pass
 	$(COMPOSE_RUN) test python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests in the image" >&2; exit 1; fi; exit $$rc
 
+.PHONY: test-container
+test-container: build $(TOOLS)/.installed ## Tests that drive the built image with docker (tests/container): non-root, read-only inputs, docker stop
+	DREAMBOOTH_TEST_IMAGE_RUNTIME=$(IMAGE) DOCKER="$(DOCKER)" $(TOOLS)/bin/python -m pytest -p no:cacheprovider \
+		--confcutdir=tests/container tests/container $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no container tests" >&2; exit 1; fi; exit $$rc
+
 .PHONY: lint-docker
-lint-docker: ## hadolint (Dockerfiles), shellcheck (entrypoint/, docker/), compose config, yamllint
+lint-docker: docker-ready ## hadolint (Dockerfiles), shellcheck (entrypoint/, docker/), compose config, yamllint
 	hadolint Dockerfile Dockerfile.windows
 	shellcheck entrypoint/*.sh docker/*.sh
 	$(COMPOSE) --profile '*' config -q

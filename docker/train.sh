@@ -6,7 +6,7 @@
 #   MODEL=./models/x.safetensors DATA=./data/alice [PROMPT="a photo of sks dog"]
 #                                         → dreambooth train --model /models/x.safetensors --instance-data-dir /data/alice
 #                                             --output /output [--instance-prompt ...]
-#   nothing                               → dreambooth demo --output /output/demo   (the built-in tiny model)
+#   nothing                               → dreambooth run --output /output   (no config: the built-in tiny demo)
 # Extra arguments are appended (e.g. `docker compose run --rm train --max-train-steps 400`).
 set -eu
 
@@ -32,6 +32,6 @@ elif [ -n "${MODEL:-}" ] || [ -n "${DATA:-}" ]; then
     set -- train --model "$(container_path "$MODEL")" --instance-data-dir "$(container_path "$DATA")" \
         --output "$output" "$@"
 else
-    set -- demo --output "$output/demo" "$@"
+    set -- run --output "$output" "$@"
 fi
 exec /usr/local/bin/entrypoint.sh "$@"
