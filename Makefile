@@ -121,6 +121,8 @@ docker-ready: # Docker and compose answer (and the linters are here); on a bare 
 build: docker-ready ## Build the image (IMAGE=dreambooth:VERSION); in WSL2 also the -wsl variant (Dockerfile.windows)
 	@$(with_base); set -x; DREAMBOOTH_IMAGE=$(IMAGE) $(COMPOSE) build train
 	$(DOCKER) tag $(IMAGE) dreambooth:latest
+	@# each rebuild leaves the previous image untagged (~8 GB apparent); the disk is shared, so drop ours
+	@$(DOCKER) image prune -f --filter label=org.opencontainers.image.title=dreambooth >/dev/null
 	$(if $(WSL),$(COMPOSE) --profile wsl build wsl)
 
 .PHONY: dirs
