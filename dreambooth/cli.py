@@ -263,10 +263,37 @@ class Attention(StrEnum):
     xformers = "xformers"
 
 
+class AdamImpl(StrEnum):
+    auto = "auto"
+    for_loop = "for-loop"
+    foreach = "foreach"
+    fused = "fused"
+
+
+class ReportTo(StrEnum):
+    none = "none"
+    tensorboard = "tensorboard"
+    wandb = "wandb"
+    all = "all"
+
+
+class Distributed(StrEnum):
+    ddp = "ddp"
+    deepspeed_zero2 = "deepspeed-zero2"
+    deepspeed_zero3 = "deepspeed-zero3"
+
+
+class Offload(StrEnum):
+    none = "none"
+    cpu = "cpu"
+
+
 _DATA = "Data"
 _PRIOR = "Prior preservation"
 _OPT = "Optimisation"
 _SAVE = "Saving"
+_SPEED = "Speed and memory"
+_SCALE = "Scaling out (several GPUs or machines)"
 
 
 @app.command(cls=_TrainCommand, epilog="The classic script's snake_case flags (--max_train_steps, …) also work.")
@@ -275,7 +302,9 @@ def train(
     model: Annotated[
         Path | None, typer.Option("--model", help="Base model: diffusers folder, or a .ckpt/.safetensors file.")
     ] = None,
-    vae: Annotated[Path | None, typer.Option("--vae", help="Replacement VAE (a diffusers VAE folder).")] = None,
+    vae: Annotated[
+        Path | None, typer.Option("--vae", help="Replacement VAE: a diffusers VAE folder or a .safetensors/.ckpt file.")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Where checkpoints and reports go.")] = None,
     cache_dir: Annotated[
         Path | None, typer.Option("--cache-dir", help="Converted models; default OUTPUT/cache.")
@@ -327,6 +356,32 @@ def train(
     cache_latents: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
     offset_noise: Annotated[float | None, typer.Option(help="e.g. 0.05.", rich_help_panel=_OPT)] = None,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR weighting, e.g. 5.", rich_help_panel=_OPT)] = None,
+    low_vram: Annotated[
+        bool | None,
+        typer.Option(
+            help="Profile: 8-bit paged AdamW, checkpointing, cached latents, fp16, the step inside backward "
+            "(each still overridable).",
+            rich_help_panel=_SPEED,
+        ),
+    ] = None,
+    paged_adam: Annotated[
+        bool | None, typer.Option(help="8-bit Adam's states in paged (spillable) memory.", rich_help_panel=_SPEED)
+    ] = None,
+    fused_backward: Annotated[
+        bool | None,
+        typer.Option(help="Update each weight inside backward (no clipping/accumulation).", rich_help_panel=_SPEED),
+    ] = None,
+    adam_impl: Annotated[
+        AdamImpl | None, typer.Option(help="torch AdamW's kernels (auto = torch's choice).", rich_help_panel=_SPEED)
+    ] = None,
+    torch_compile: Annotated[
+        bool | None, typer.Option(help="Compile the UNet's blocks (regional torch.compile).", rich_help_panel=_SPEED)
+    ] = None,
+    channels_last: Annotated[bool | None, typer.Option(help="NHWC convolutions.", rich_help_panel=_SPEED)] = None,
+    report_to: Annotated[
+        ReportTo | None,
+        typer.Option(help="Also log to TensorBoard / W&B (offline) under OUTPUT/logs.", rich_help_panel=_SAVE),
+    ] = None,
     save_interval: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
     save_min_steps: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
     save_fp16: Annotated[bool | None, typer.Option(rich_help_panel=_SAVE)] = None,
@@ -344,15 +399,46 @@ def train(
     resume: Annotated[
         bool | None, typer.Option("--resume", help="Require a checkpoint to continue from (re-runs resume anyway).")
     ] = None,
+    num_processes: Annotated[
+        int | None, typer.Option(help="Processes (GPUs) of all machines together.", rich_help_panel=_SCALE)
+    ] = None,
+    num_machines: Annotated[int | None, typer.Option(rich_help_panel=_SCALE)] = None,
+    machine_rank: Annotated[
+        int | None, typer.Option(help="This machine's number, 0 … num-machines − 1.", rich_help_panel=_SCALE)
+    ] = None,
+    main_process_ip: Annotated[
+        str | None, typer.Option(help="Address of the machine with rank 0.", rich_help_panel=_SCALE)
+    ] = None,
+    main_process_port: Annotated[int | None, typer.Option(rich_help_panel=_SCALE)] = None,
+    distributed: Annotated[Distributed | None, typer.Option(rich_help_panel=_SCALE)] = None,
+    offload_optimizer: Annotated[
+        Offload | None, typer.Option(help="DeepSpeed: keep the optimizer in CPU memory.", rich_help_panel=_SCALE)
+    ] = None,
+    accelerate_config: Annotated[
+        Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
+    ] = None,
 ) -> None:
     """Fine-tune a Stable Diffusion model on your photos (DreamBooth), with prior preservation."""
     given = dict(locals())  # first line: every parameter, None where the flag was not given
-    from dreambooth import train as training
+    from dreambooth import launch
     from dreambooth.config import build_train_config
 
     flags = {k: (v.value if isinstance(v, StrEnum) else v) for k, v in given.items() if k != "config"}
     cfg = build_train_config(config, flags)
-    report = training.train(cfg)
+    _training_done(launch.train(cfg))  # in this process, or in the processes it launches
+
+
+@app.command("train-worker", hidden=True)
+def train_worker(settings: Path) -> None:
+    """One of the processes `dreambooth train --num-processes N` launches, with the settings it checked.
+    The launching process reports when all are done."""
+    from dreambooth import launch
+    from dreambooth import train as training
+
+    training.train(launch.read_settings(settings))
+
+
+def _training_done(report: dict) -> None:
     events.emit("train_finished", **{k: v for k, v in report.items() if k not in ("losses", "settings")})
     _report({k: report[k] for k in ("steps", "seconds", "final_checkpoint", "report") if k in report}, "training done")
 
@@ -381,7 +467,7 @@ def sample(
 
 def _report(data: dict, title: str) -> None:
     """Human summary on stdout (text mode); in JSON mode the event already carried it."""
-    if events._json_mode:
+    if events._json_mode or events.silenced():
         return
     print(title)
     for key, value in data.items():
@@ -428,5 +514,6 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
-        events.error("interrupted", None)
+        if not events.silenced():  # several processes: the first one says it
+            events.error("interrupted", None)
         sys.exit(130)

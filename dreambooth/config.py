@@ -15,6 +15,23 @@ from dreambooth.errors import UserError
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 ATTENTION = ("sdpa", "xformers")
+DISTRIBUTED = ("ddp", "deepspeed-zero2", "deepspeed-zero3")
+OFFLOAD = ("none", "cpu")
+REPORT_TO = ("none", "tensorboard", "wandb", "all")
+ADAM_IMPLS = ("auto", "for-loop", "foreach", "fused")
+# --low-vram: full-UNet fine-tuning at 512 px in about 6 GB of GPU memory, the UNet staying on the GPU. It fills in
+# what the user did not set: 8-bit AdamW with paged states, gradient checkpointing, cached latents and text
+# embeddings (so the VAE and the text encoder leave the GPU), fp16 autocast over frozen half-precision parts, and
+# the optimizer step inside backward (no clipping then: clipping needs all gradients before the first update).
+LOW_VRAM = {
+    "use_8bit_adam": True,
+    "paged_adam": True,
+    "gradient_checkpointing": True,
+    "cache_latents": True,
+    "mixed_precision": "fp16",
+    "fused_backward": True,
+    "max_grad_norm": 0.0,
+}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
 
@@ -126,6 +143,14 @@ class TrainConfig:
     cache_latents: bool = True
     offset_noise: float = 0.0
     snr_gamma: float | None = None
+    # speed and memory (dreambooth/performance.py); all off unless asked, --low-vram turns on the memory ones
+    low_vram: bool = False
+    paged_adam: bool = False
+    fused_backward: bool = False
+    torch_compile: bool = False
+    channels_last: bool = False
+    adam_impl: str = "auto"
+    report_to: str = "none"
     # saving
     save_interval: int = 500
     save_min_steps: int = 0
@@ -138,6 +163,15 @@ class TrainConfig:
     save_guidance_scale: float = 7.5
     save_infer_steps: int = 20
     resume: bool = False
+    # scaling out (dreambooth/launch.py starts the processes through accelerate; train.py shards the work)
+    num_processes: int = 1  # over all machines together, as accelerate counts: 2 machines × 4 GPUs = 8
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str | None = None
+    main_process_port: int | None = None
+    accelerate_config: Path | None = None  # an `accelerate config` YAML, passed through to `accelerate launch`
+    distributed: str = "ddp"
+    offload_optimizer: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):
@@ -204,6 +238,91 @@ class TrainConfig:
                         f"--with-prior-preservation needs a class image folder, and {which} has none",
                         "pass --class-data-dir (or class_data_dir in the concepts list); missing images are generated",
                     )
+        self._check_speed_levers()
+        self._check_scaling()
+
+    def _check_speed_levers(self) -> None:
+        if self.report_to not in REPORT_TO:
+            raise UserError(f"--report-to {self.report_to!r} is unknown", f"use {' | '.join(REPORT_TO)}")
+        if self.adam_impl not in ADAM_IMPLS:
+            raise UserError(f"--adam-impl {self.adam_impl!r} is unknown", f"use {' | '.join(ADAM_IMPLS)}")
+        if self.paged_adam and not self.use_8bit_adam:
+            raise UserError(
+                "--paged-adam pages bitsandbytes' 8-bit states", "add --use-8bit-adam, or drop --paged-adam"
+            )
+        if self.adam_impl != "auto" and self.use_8bit_adam:
+            raise UserError(
+                f"--adam-impl {self.adam_impl} chooses torch AdamW's kernels, and --use-8bit-adam uses bitsandbytes'",
+                "drop one of them",
+            )
+        if not self.fused_backward:
+            return
+        why = "--fused-backward (part of --low-vram) updates each weight as soon as its gradient exists, so it"
+        if self.gradient_accumulation_steps > 1:
+            raise UserError(
+                f"{why} cannot accumulate gradients over "
+                f"--gradient-accumulation-steps {self.gradient_accumulation_steps}",
+                "drop --gradient-accumulation-steps (raise --train-batch-size instead), or pass --no-fused-backward",
+            )
+        if self.max_grad_norm > 0:
+            raise UserError(
+                f"{why} cannot clip them to --max-grad-norm {self.max_grad_norm} (that needs all of them first)",
+                "pass --max-grad-norm 0 (what --low-vram sets when not given), or --no-fused-backward",
+            )
+        if self.num_processes > 1 or self.num_machines > 1 or self.distributed != "ddp":
+            raise UserError(
+                f"{why} runs in one process only (each process would update before the gradients are averaged)",
+                "train in one process, or pass --no-fused-backward",
+            )
+
+    def _check_scaling(self) -> None:
+        if self.accelerate_config is not None:
+            object.__setattr__(self, "accelerate_config", Path(self.accelerate_config))
+        for name in ("num_processes", "num_machines"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{flag(name)} must be at least 1 (got {getattr(self, name)})", "e.g. 2")
+        if self.num_processes % self.num_machines:
+            raise UserError(
+                f"--num-processes {self.num_processes} cannot be spread evenly over --num-machines {self.num_machines}",
+                "--num-processes counts the processes of all machines together: 2 machines × 4 GPUs is 8",
+            )
+        if not 0 <= self.machine_rank < self.num_machines:
+            raise UserError(
+                f"--machine-rank {self.machine_rank} is outside 0…{self.num_machines - 1}",
+                "number the machines 0, 1, …; the one with rank 0 is --main-process-ip",
+            )
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise UserError(
+                f"--num-machines {self.num_machines} needs --main-process-ip",
+                "pass the address (IP or host name) of the machine with --machine-rank 0, the same on every machine",
+            )
+        if self.main_process_port is not None and not 0 < self.main_process_port < 65536:
+            raise UserError(f"--main-process-port {self.main_process_port} is not a port", "e.g. 29500")
+        if self.distributed not in DISTRIBUTED:
+            raise UserError(f"--distributed {self.distributed!r} is unknown", f"use {' | '.join(DISTRIBUTED)}")
+        if self.offload_optimizer not in OFFLOAD:
+            raise UserError(f"--offload-optimizer {self.offload_optimizer!r} is unknown", "use none | cpu")
+        deepspeed = self.distributed.startswith("deepspeed")
+        if self.offload_optimizer != "none" and not deepspeed:
+            raise UserError(
+                "--offload-optimizer cpu needs DeepSpeed", "add --distributed deepspeed-zero2 (or deepspeed-zero3)"
+            )
+        if deepspeed and self.train_text_encoder:
+            # accelerate hands DeepSpeed one model per engine; the text encoder would be a second one
+            raise UserError(
+                f"--distributed {self.distributed} trains the UNet only, and --train-text-encoder is set",
+                "drop --train-text-encoder, or use --distributed ddp",
+            )
+        if self.offload_optimizer != "none" and self.use_8bit_adam:
+            raise UserError(
+                "--use-8bit-adam and --offload-optimizer cpu both shrink the optimizer's memory; they do not combine",
+                "keep one: --offload-optimizer cpu moves the whole optimizer to the CPU",
+            )
+
+    @property
+    def launches_processes(self) -> bool:
+        """Whether `dreambooth train` starts processes through accelerate rather than training in itself."""
+        return self.num_processes > 1 or self.num_machines > 1 or self.accelerate_config is not None
 
     @property
     def cache(self) -> Path:
@@ -251,7 +370,8 @@ def read_toml(path: Path) -> dict:
     data = {k: v for k, v in data.items() if not isinstance(v, dict)}
     settings = _normalise_keys({**data, **train}, f"--config {path}")
     base = path.parent  # relative paths in a config file are relative to the file, like in any config format
-    for key in ("model", "output", "vae", "cache_dir", "concepts_list", "instance_data_dir", "class_data_dir"):
+    for key in ("model", "output", "vae", "cache_dir", "concepts_list", "instance_data_dir", "class_data_dir",
+                "accelerate_config"):  # fmt: skip
         if isinstance(settings.get(key), str):
             settings[key] = base / settings[key]
     if "concepts" in settings:
@@ -279,6 +399,8 @@ def build_train_config(
     settings = read_toml(config_file) if config_file is not None else {}
     given = {k: v for k, v in flags.items() if v is not None}
     settings.update(_normalise_keys(given, "flags"))
+    if settings.get("low_vram"):  # a profile: it fills in what neither the file nor the flags set
+        settings = {**LOW_VRAM, **settings}
     if "save_sample_prompt" in settings and isinstance(settings["save_sample_prompt"], str):
         settings["save_sample_prompt"] = (settings["save_sample_prompt"],)
 

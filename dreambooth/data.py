@@ -143,9 +143,14 @@ class DataStream:
         return random.Random(f"{self.seed}:{position}:{kind}")
 
     def batch(self, index: int) -> Batch:
-        """The `index`-th micro-batch of the run."""
+        """The `index`-th micro-batch of a one-process run."""
+        return self.at(index * self.batch_size)
+
+    def at(self, start: int) -> Batch:
+        """`batch_size` examples from stream position `start` on. Several processes each take their own
+        consecutive slice of one global micro-batch, so together they see what one process would."""
         n = len(self.instances)
-        positions = list(range(index * self.batch_size, (index + 1) * self.batch_size))
+        positions = list(range(start, start + self.batch_size))
         examples = [self.instances[self._permutation(p // n)[p % n]] for p in positions]
         flips = [self.random_flip and self.rng(p, 0).random() < 0.5 for p in positions]
         num_instance = len(examples)
@@ -204,12 +209,12 @@ class LatentSource:
         return self._encode(pixels)
 
 
-def sample_latents(params: torch.Tensor, scaling_factor: float, generator: torch.Generator) -> torch.Tensor:
-    """Draw latents from the VAE's diagonal Gaussian, with the training generator (so resume replays it)."""
+def sample_latents(params: torch.Tensor, scaling_factor: float, eps: torch.Tensor) -> torch.Tensor:
+    """Draw latents from the VAE's diagonal Gaussian. `eps` (standard normal, the latents' shape) comes from the
+    training generator, so a resumed run, or several processes, replay exactly the same draw."""
     mean, logvar = params.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    eps = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return (mean + std * eps) * scaling_factor
+    return (mean + std * eps.to(mean.device)) * scaling_factor
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:

@@ -10,6 +10,8 @@ from rich.console import Console
 
 console = Console(stderr=True)
 _json_mode = False
+_silent = False
+_label = ""
 
 
 def set_log_format(fmt: str) -> None:
@@ -17,9 +19,20 @@ def set_log_format(fmt: str) -> None:
     _json_mode = fmt == "json"
 
 
+def silence(on: bool = True, label: str = "") -> None:
+    """Nothing but errors (marked with `label`) from this process on: in a multi-process run the first process
+    speaks for all."""
+    global _silent, _label
+    _silent, _label = on, label if on else ""
+
+
+def silenced() -> bool:
+    return _silent
+
+
 def emit(event: str, **fields: object) -> None:
     """One machine-readable event (JSON mode) — or nothing: humans get progress and the final report."""
-    if _json_mode:
+    if _json_mode and not _silent:
         print(json.dumps({"event": event, "time": round(time.time(), 3), **fields}, default=str), flush=True)
 
 
@@ -28,18 +41,19 @@ def stage(description: str, **fields: object) -> Iterator[None]:
     """A long step: a spinner with elapsed time for people, start/end events for machines."""
     started = time.perf_counter()
     emit("stage_start", stage=description, **fields)
-    if _json_mode or not console.is_terminal:
+    if _json_mode or _silent or not console.is_terminal:
         yield
     else:
         with console.status(f"{description}…"):
             yield
     seconds = round(time.perf_counter() - started, 2)
     emit("stage_end", stage=description, seconds=seconds)
-    if not _json_mode:
+    if not _json_mode and not _silent:
         console.print(f"[green]✓[/green] {description} [dim]({seconds:.1f} s)[/dim]")
 
 
 def error(message: str, hint: str | None) -> None:
+    message = f"[{_label}] {message}" if _label else message
     if _json_mode:
         emit("error", message=message, hint=hint)
         return
@@ -50,6 +64,8 @@ def error(message: str, hint: str | None) -> None:
 
 def warn(message: str) -> None:
     """Something the user should know that does not stop the run (a skipped image, a fallback)."""
+    if _silent:
+        return
     if _json_mode:
         emit("warning", message=message)
         return
@@ -58,6 +74,8 @@ def warn(message: str) -> None:
 
 def notice(message: str) -> None:
     """One informative line (e.g. which optimizer or attention actually runs)."""
+    if _silent:
+        return
     if _json_mode:
         emit("notice", message=message)
         return
@@ -71,7 +89,7 @@ def progress(description: str, total: int, completed: int = 0) -> Iterator:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     state = {"done": completed, "started": time.perf_counter(), "start_done": completed}
-    show = not _json_mode and console.is_terminal
+    show = not _json_mode and not _silent and console.is_terminal
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
@@ -91,7 +109,8 @@ def progress(description: str, total: int, completed: int = 0) -> Iterator:
         info = "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
         bar.update(task, advance=n, rate=f"{rate:.2f} it/s", info=info)
         emit("progress", stage=description, done=state["done"], total=total, it_per_s=round(rate, 3), **fields)
-        if not _json_mode and not show and (state["done"] == total or state["done"] % max(1, total // 10) == 0):
+        plain = not _json_mode and not _silent and not show
+        if plain and (state["done"] == total or state["done"] % max(1, total // 10) == 0):
             # no terminal (docker logs, CI): a plain line every 10 % instead of a redrawn bar
             print(f"{description}: {state['done']}/{total} {rate:.2f} it/s {info}", file=sys.stderr, flush=True)
 

@@ -2,6 +2,8 @@
 
 Image i is drawn from seed + i, so an interrupted generation resumes where it stopped and gives the same
 images an uninterrupted one would; images already in the folder (the user's own, or from an earlier run) count.
+With several processes, batch k of the missing images is made by process k mod N: each image exactly once, and
+the same images one process would make.
 """
 
 import hashlib
@@ -47,40 +49,48 @@ def generate_class_images(
     device: torch.device,
     dtype: torch.dtype,
     should_stop: Callable[[], bool],
+    missing: dict[int, int] | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> int:
-    """Fill every concept's class folder up to --num-class-images. Returns how many images were made."""
-    missing = missing_class_images(cfg)
-    if not missing:
+    """Fill every concept's class folder up to --num-class-images; returns how many images this process made.
+
+    With several processes, all pass the same `missing` (counted before any of them writes) and their `rank`."""
+    missing = missing_class_images(cfg) if missing is None else missing
+    batches = [  # (concept, first image index, count) of every batch still to make, in a fixed order
+        (i, first, min(cfg.sample_batch_size, cfg.num_class_images - first))
+        for i, count in missing.items()
+        for first in range(cfg.num_class_images - count, cfg.num_class_images, cfg.sample_batch_size)
+    ]
+    mine = batches[rank::world]
+    if not mine:
         return 0
-    total = sum(missing.values())
+    total = sum(n for _, _, n in mine)
     pipe = load_pipeline(model_dir, vae_dir=cfg.vae, dtype=dtype).to(device)
     made = 0
     with events.progress("class images", total) as advance:
-        for i, count in missing.items():
+        for i, first, n in mine:
             concept: Concept = cfg.concepts[i]
             folder = concept.class_data_dir
             folder.mkdir(parents=True, exist_ok=True)
             tag = hashlib.sha1(concept.class_prompt.encode()).hexdigest()[:8]
-            start = cfg.num_class_images - count
-            for first in range(start, cfg.num_class_images, cfg.sample_batch_size):
-                if should_stop():
-                    raise KeyboardInterrupt
-                n = min(cfg.sample_batch_size, cfg.num_class_images - first)
-                images = generate(
-                    pipe,
-                    concept.class_prompt,
-                    n,
-                    seed + first,
-                    resolution=cfg.resolution,
-                    steps=cfg.class_inference_steps,
-                    batch_size=n,
-                )
-                for k, image in enumerate(images):
-                    dest = folder / f"class-{first + k:05d}-{tag}.png"
-                    tmp = dest.with_name(f".{dest.name}.tmp")
-                    image.save(tmp, format="PNG")
-                    os.replace(tmp, dest)  # a half-written PNG would later count as an image
-                made += n
-                advance(n, prompt=concept.class_prompt)
+            if should_stop():
+                raise KeyboardInterrupt
+            images = generate(
+                pipe,
+                concept.class_prompt,
+                n,
+                seed + first,
+                resolution=cfg.resolution,
+                steps=cfg.class_inference_steps,
+                batch_size=n,
+            )
+            for k, image in enumerate(images):
+                dest = folder / f"class-{first + k:05d}-{tag}.png"
+                tmp = dest.with_name(f".{dest.name}.tmp")
+                image.save(tmp, format="PNG")
+                os.replace(tmp, dest)  # a half-written PNG would later count as an image
+            made += n
+            advance(n, prompt=concept.class_prompt)
     del pipe
     return made

@@ -18,14 +18,14 @@ import shutil
 import signal
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreambooth import __version__, events
+from dreambooth import __version__, events, performance, trackers
 from dreambooth.checkpoint.convert import WEIGHT_FILES
 from dreambooth.config import TrainConfig
 from dreambooth.data import DataStream, Example, LatentSource, PromptEncoder, check_instance_dir, sample_latents
@@ -95,6 +95,51 @@ def resolve_model(cfg: TrainConfig) -> Path:
             convert(src, dest, ConvertOptions(overwrite=True))
     check_model_folder(dest, "--model")
     return dest
+
+
+def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
+    """--vae as a diffusers VAE folder: given as one (or a model folder with vae/), or a single file (e.g.
+    vae-ft-mse-840000-ema-pruned.safetensors) converted once into the cache. Checkpoints and exports carry it."""
+    src = cfg.vae
+    if src is None:
+        return None
+    if src.is_dir():
+        folder = src / "vae" if (src / "vae" / "config.json").is_file() else src
+        if not (folder / "config.json").is_file() or not any(folder.glob("diffusion_pytorch_model*")):
+            raise UserError(
+                f"--vae {src} is not a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)",
+                "pass e.g. MODEL/vae, or a single VAE file (.safetensors/.ckpt)",
+            )
+    elif not src.exists():
+        raise UserError(f"--vae {src} does not exist", "pass a diffusers VAE folder or a .safetensors/.ckpt file")
+    elif src.suffix.lower() not in (".ckpt", ".safetensors", ".pt"):
+        raise UserError(f"--vae {src} is neither a folder nor a .safetensors/.ckpt/.pt file", "pass a VAE file")
+    else:
+        import hashlib
+
+        from dreambooth.checkpoint.convert import component_config_file
+        from dreambooth.checkpoint.vae_file import load_vae
+
+        stat = src.stat()  # keyed like resolve_model's conversions: path, size, mtime
+        key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        folder = cfg.cache / "vae" / f"{src.stem}-{key}"
+        if not (folder / "config.json").is_file():
+            from safetensors.torch import save_file
+
+            with events.stage(f"converting the VAE {src.name} into {folder}"):
+                vae = load_vae(src, "sd1")  # SD 1.x and 2.x share the VAE's architecture and scaling factor
+                with atomic_dir(folder, overwrite=True) as tmp:
+                    save_file(vae.state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+                    write_json(tmp / "config.json", component_config_file("vae", vae.config))
+    vae_config = json.loads((folder / "config.json").read_text())
+    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+    if vae_config.get("latent_channels", 4) != unet_config.get("in_channels", 4):
+        raise UserError(
+            f"--vae {src} makes {vae_config.get('latent_channels')}-channel latents, and the model's UNet takes "
+            f"{unet_config.get('in_channels')}",
+            "pass a VAE of the model's family (Stable Diffusion 1.x/2.x VAEs make 4 channels)",
+        )
+    return folder
 
 
 def _folder_bytes(folder: Path, fp32: bool) -> int:
@@ -200,10 +245,12 @@ def _without_ema(extras: Path, dest: Path) -> None:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float, device: torch.device):
-    """8-bit AdamW (bitsandbytes) when asked and it really runs on this device; torch AdamW otherwise."""
+    """8-bit AdamW (bitsandbytes) when asked and it really runs on this device; torch AdamW otherwise.
+    With --fused-backward, one of them per weight, stepped inside backward (dreambooth/performance.py)."""
     kwargs = dict(
         lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
     )
+    make = None
     if cfg.use_8bit_adam:
         try:
             if device.type != "cuda":
@@ -213,10 +260,27 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
             from dreambooth.doctor import adamw8bit_step_runs
 
             adamw8bit_step_runs(device)  # importing is not enough: prove the kernel runs
-            return bnb.optim.AdamW8bit(params, **kwargs), "AdamW8bit (bitsandbytes)"
+            # paged: the states live in unified memory, which the driver moves to the CPU under memory pressure
+            eight_bit = bnb.optim.PagedAdamW8bit if cfg.paged_adam else bnb.optim.AdamW8bit
+
+            def make(group):
+                return eight_bit(group, **kwargs)
+
+            name = f"{eight_bit.__name__} (bitsandbytes)"
         except Exception as exc:
             events.notice(f"--use-8bit-adam: 8-bit AdamW cannot run here ({exc}); using torch AdamW")
-    return torch.optim.AdamW(params, **kwargs), "AdamW (torch)"
+    if make is None:
+        impl = performance.adamw_kwargs(cfg.adam_impl)
+
+        def make(group):
+            return torch.optim.AdamW(group, **kwargs, **impl)
+
+        name = "AdamW (torch)" if cfg.adam_impl == "auto" else f"AdamW (torch, {cfg.adam_impl})"
+    if cfg.fused_backward:
+        # fp16 gradients need loss scaling, done per weight inside backward; bf16 and fp32 need none
+        scale = performance.LossScale() if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
+        return performance.FusedBackwardOptimizer(params, make, scale), f"{name}, stepped inside backward"
+    return make(params), name
 
 
 def set_attention(unet, cfg: TrainConfig, device: torch.device) -> str:
@@ -232,6 +296,119 @@ def set_attention(unet, cfg: TrainConfig, device: torch.device) -> str:
             events.notice(f"--attention xformers: not usable here ({exc}); using PyTorch SDPA")
     unet.set_attn_processor(AttnProcessor2_0())
     return "sdpa"
+
+
+def check_deepspeed(cfg: TrainConfig) -> None:
+    """--distributed deepspeed-*: the library is there, and so are the GPUs accelerate runs it on."""
+    if not cfg.distributed.startswith("deepspeed"):
+        return
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as exc:
+        raise EnvironmentProblem(
+            f"--distributed {cfg.distributed} needs DeepSpeed, which cannot be imported here ({exc})",
+            "pip install deepspeed (it compiles its CPU Adam on first use: g++ and ninja), or use --distributed ddp",
+        ) from None
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem(
+            f"--distributed {cfg.distributed} needs CUDA GPUs: accelerate runs DeepSpeed on GPUs only",
+            "on this machine use --distributed ddp (several CPU processes work too, through gloo)",
+        )
+
+
+def make_accelerator(cfg: TrainConfig):
+    """This process's share of the run: alone, or one of N (launched by accelerate or torchrun); DDP or DeepSpeed.
+
+    Processes other than the first are silenced from here on: one progress bar and one report, not N."""
+    from accelerate import Accelerator
+
+    cpu = not torch.cuda.is_available()
+    mixed = cfg.mixed_precision
+    if cpu and mixed == "fp16":
+        mixed = "no"
+    plugin = None
+    if cfg.distributed.startswith("deepspeed"):
+        from accelerate.utils import DeepSpeedPlugin
+
+        check_deepspeed(cfg)
+        plugin = DeepSpeedPlugin(
+            zero_stage=int(cfg.distributed[-1]),
+            offload_optimizer_device=cfg.offload_optimizer,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_clipping=cfg.max_grad_norm,
+            zero3_init_flag=False,
+        )
+    accelerator = Accelerator(
+        mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        deepspeed_plugin=plugin, kwargs_handlers=accelerator_handlers(cfg), **trackers.accelerator_kwargs(cfg),
+    )  # fmt: skip
+    if plugin is not None:
+        # accelerate reads DeepSpeed's micro-batch size off a dataloader, and batches come from DataStream
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
+    if not accelerator.is_main_process:
+        events.silence(label=f"process {accelerator.process_index}")
+    if mixed != cfg.mixed_precision:
+        events.notice("--mixed-precision fp16 needs a GPU; training in fp32 on the CPU")
+    return accelerator, mixed
+
+
+def accelerator_handlers(cfg: TrainConfig) -> list:
+    """How autocast and the fp16 loss scaler behave, where our settings differ from accelerate's defaults."""
+    from accelerate.utils import AutocastKwargs, GradScalerKwargs
+
+    handlers = []
+    if cfg.gradient_checkpointing:
+        # autocast keeps a half-precision copy of every weight it casts until the forward pass ends (1.7 GB for
+        # SD 1.5's UNet) only to reuse it, and each weight is used once per pass: without the cache the casts
+        # are the same, and with checkpointing they are freed block by block
+        handlers.append(AutocastKwargs(cache_enabled=False))
+    if cfg.fused_backward:  # the loss scale lives with the per-weight updates (performance.LossScale)
+        handlers.append(GradScalerKwargs(enabled=False))
+    return handlers
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+@contextmanager
+def whole_weights(accelerator, model):
+    """DeepSpeed ZeRO-3 keeps each weight in pieces over the processes: gather them (all processes take part)
+    for as long as a checkpoint and its samples need them. Every other set-up holds whole weights anyway."""
+    if not is_deepspeed(accelerator) or accelerator.state.deepspeed_plugin.zero_stage != 3:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters())):
+        yield
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's rows of the global micro-batch: its instance rows, then (prior preservation) its class rows.
+
+    Every process draws the noise for the whole global batch from the same generator and keeps its own rows: the
+    generators stay in step, and N processes compute what one process with an N times larger batch would."""
+
+    rows: torch.Tensor
+    total: int
+
+    @classmethod
+    def of(cls, rank: int, world: int, batch_size: int, with_classes: bool) -> "Shard":
+        size = world * batch_size
+        mine = list(range(rank * batch_size, (rank + 1) * batch_size))
+        if with_classes:  # the global batch is all instance examples, then all class examples
+            mine += [size + row for row in mine]
+        return cls(torch.tensor(mine), size * (2 if with_classes else 1))
+
+    def randn(self, generator: torch.Generator, *shape: int) -> torch.Tensor:
+        return torch.randn((self.total, *shape), generator=generator)[self.rows]
+
+    def randint(self, generator: torch.Generator, high: int) -> torch.Tensor:
+        return torch.randint(0, high, (self.total,), generator=generator)[self.rows]
 
 
 def quiet_progress_bars() -> None:
@@ -309,19 +486,26 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
-    from accelerate import Accelerator
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    # first, so that with several processes only the first one converts, writes and speaks
+    accelerator, mixed = make_accelerator(cfg)
+
     # --- check everything the user gave before anything heavy -----------------------------------------
     instance_images = preflight(cfg)
-    model_dir = resolve_model(cfg)
-    vae_dir = cfg.vae
-    if vae_dir is not None:
-        vae_dir = vae_dir / "vae" if (vae_dir / "vae" / "config.json").is_file() else vae_dir
-        if not (vae_dir / "config.json").is_file():
-            raise UserError(f"--vae {cfg.vae} is not a diffusers VAE folder (no config.json)", "pass e.g. MODEL/vae")
+    with accelerator.main_process_first():  # a single file is converted once, into the shared cache
+        model_dir = resolve_model(cfg)
+    with accelerator.main_process_first():  # likewise a single VAE file
+        vae_dir = resolve_vae(cfg, model_dir)
+    if vae_dir is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
+        cfg = replace(cfg, vae=vae_dir)
+    if cfg.fused_backward and accelerator.num_processes > 1:
+        raise UserError(
+            f"--fused-backward updates each weight inside backward, and {accelerator.num_processes} processes run",
+            "launch one process, or pass --no-fused-backward",
+        )
     disk = check_disk(cfg, model_dir)
     resume_from = latest_checkpoint(cfg.output)
     if cfg.resume and resume_from is None:
@@ -329,18 +513,14 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
     state = torch.load(resume_from / STATE_FILE, weights_only=False) if resume_from else None
     if state is not None and state["step"] >= cfg.max_train_steps:
         events.notice(f"{resume_from} already reached step {state['step']} (--max-train-steps {cfg.max_train_steps})")
-        return _write_report(cfg, state["step"], History(**state["history"]), started, resume_from, {})
+        history = History(**state["history"])
+        return _write_report(cfg, state["step"], history, started, resume_from, {}, accelerator.is_main_process)
 
     quiet_progress_bars()
 
     # --- device, precision, seed -------------------------------------------------------------------------
-    cpu = not torch.cuda.is_available()
-    mixed = cfg.mixed_precision
-    if cpu and mixed == "fp16":
-        events.notice("--mixed-precision fp16 needs a GPU; training in fp32 on the CPU")
-        mixed = "no"
-    accelerator = Accelerator(mixed_precision=mixed, cpu=cpu)
     device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
     # frozen parts run in half precision; trained parameters stay fp32 ("master weights"): fp16 gradients
     # cannot be unscaled in place, which is the "Attempting to unscale FP16 gradients" failure
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
@@ -348,6 +528,10 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
         seed = state["seed"]
     else:
         seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    if world > 1:  # each process drew its own random seed: all take the first one's
+        from accelerate.utils import broadcast_object_list
+
+        seed = broadcast_object_list([seed])[0]
     if state is None:
         # the same seed gives the same run: the loop draws from its own generator, this covers the libraries
         random.seed(seed)
@@ -358,11 +542,14 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
     classes = None
     if cfg.with_prior_preservation:
         from dreambooth.data import scan_images
-        from dreambooth.prior import generate_class_images
+        from dreambooth.prior import generate_class_images, missing_class_images
 
-        made = generate_class_images(cfg, model_dir, seed, device, weight_dtype, should_stop)
-        if made:
-            events.notice(f"generated {made} class images")
+        missing = missing_class_images(cfg)
+        accelerator.wait_for_everyone()  # all processes counted the same missing images before any is written
+        generate_class_images(cfg, model_dir, seed, device, weight_dtype, should_stop, missing, rank, world)
+        accelerator.wait_for_everyone()  # each made its share; from here on every process sees them all
+        if missing:
+            events.notice(f"generated {sum(missing.values())} class images")
         classes = {}
         for i, concept in enumerate(cfg.concepts):
             paths = scan_images(concept.class_data_dir, cfg.resolution, "--class-data-dir")
@@ -396,6 +583,10 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
         if cfg.train_text_encoder:
             # transformers 5 renamed it; the old name warns
             getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
+    if cfg.channels_last:
+        performance.use_channels_last(unet)
+    if cfg.torch_compile:
+        events.notice(f"--torch-compile: {performance.compile_blocks(unet)} UNet blocks compile on first use")
 
     trained_models = [unet, text_encoder] if cfg.train_text_encoder else [unet]
     params = [p for m in trained_models for p in m.parameters() if p.requires_grad]
@@ -403,22 +594,27 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
     optimizer, optimizer_name = make_optimizer(params, cfg, lr, device)
-    if cfg.train_text_encoder and not train_text_encoder:
-        # resumed past --text-encoder-steps: it stays in the optimizer (so the saved state fits) but gets no grads
-        text_encoder.requires_grad_(False)
+    # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
+    fused = optimizer if isinstance(optimizer, performance.FusedBackwardOptimizer) else None
+    # counted in optimizer steps whatever the number of processes, and stepped by the loop itself (not handed to
+    # accelerate, which would step it once per process): so its saved state resumes with any number of processes
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=cfg.max_train_steps * accelerator.num_processes,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_train_steps,
         num_cycles=cfg.lr_num_cycles,
         power=cfg.lr_power,
     )
-    prepared = accelerator.prepare(*trained_models, optimizer, lr_scheduler)
+    prepared = accelerator.prepare(*trained_models, optimizer)
     unet = prepared[0]
     if cfg.train_text_encoder:
         text_encoder = prepared[1]
-    optimizer, lr_scheduler = prepared[-2], prepared[-1]
+    optimizer = prepared[-1]
+    if cfg.train_text_encoder and not train_text_encoder:
+        # resumed past --text-encoder-steps: it stays in the optimizer (so the saved state fits) but gets no grads
+        # (after prepare: DDP refuses to wrap a model of which nothing trains)
+        text_encoder.requires_grad_(False)
     vae.to(device)
     text_encoder.to(device)
 
@@ -440,16 +636,35 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
     generator = torch.Generator().manual_seed(seed)
     history = History()
     step = 0
+    samples_seen = 0  # stream positions consumed by all processes together: the data position, in any world size
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if is_deepspeed(accelerator) or state["optimizer"] is None:
+            # DeepSpeed holds the optimizer in per-process shards that only fit the same set-up again
+            events.notice("this run does not restore Adam's moments (DeepSpeed): they start afresh from here")
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+        # one param group per weight with --fused-backward, one in all without: the schedule fits either way
+        schedule = performance.fit_scheduler_state(state["lr_scheduler"], len(optimizer.param_groups))
+        lr_scheduler.load_state_dict(schedule)
+        # the learning rate of the step to come under *this* run's schedule: a run continued to more steps has a
+        # longer cosine/polynomial decay than the one that saved (whose last lr may have been 0); same length, same lr
+        for group, base, rate in zip(
+            optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * rate(lr_scheduler.last_epoch)
+        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
         if state.get("scaler") is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
         generator.set_state(state["generator"])
         set_rng_states(state["rng"])
         history = History(**state["history"])
         step = state["step"]
+        # checkpoints from before several processes existed: one process, the batch of their own settings
+        old = state["config"]
+        samples_seen = state.get("samples_seen", step * old["gradient_accumulation_steps"] * old["train_batch_size"])
         events.notice(f"resuming from {resume_from} (step {step})")
+        if state.get("world_size", 1) != world:
+            events.notice(f"it was written by {state.get('world_size', 1)} processes and continues with {world}")
 
     setup = {
         "device": str(device),
@@ -462,25 +677,42 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
         "instance_images": len(instances),
         "class_images": sum(len(v) for v in (classes or {}).values()),
         "disk": disk,
+        # how the batch is made up: global = per device × accumulation × processes; lr already --scale-lr'd
+        "world_size": world,
+        "distributed": "deepspeed" if is_deepspeed(accelerator) else ("ddp" if world > 1 else "none"),
+        "per_device_batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "global_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * world,
+        "learning_rate": lr,
+        "scale_lr": cfg.scale_lr,
     }
     events.emit("train_start", step=step, max_train_steps=cfg.max_train_steps, **setup)
 
     def save(step: int) -> Path:
-        return save_checkpoint(
-            cfg, step, model_dir, vae_dir, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler,
-            optimizer, lr_scheduler, generator, history, seed, weight_dtype, device,
-        )  # fmt: skip
+        with whole_weights(accelerator, unet):
+            if accelerator.is_main_process:  # one process writes checkpoints, samples and exports
+                save_checkpoint(
+                    cfg, step, model_dir, vae_dir, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler,
+                    optimizer, lr_scheduler, generator, history, seed, weight_dtype, device,
+                    extra_state={"samples_seen": samples_seen, "world_size": world},
+                )  # fmt: skip
+            accelerator.wait_for_everyone()  # the others wait: none runs ahead, or exits, before it is complete
+        return cfg.output / CHECKPOINTS / f"step-{step}"
 
     # --- the loop -----------------------------------------------------------------------------------------
     scaling = vae.config.scaling_factor
     num_timesteps = noise_scheduler.config.num_train_timesteps
     accum = cfg.gradient_accumulation_steps
     saves = set(save_steps(cfg))
+    shard = Shard.of(rank, world, cfg.train_batch_size, with_classes=classes is not None)
+    # DeepSpeed runs the UNet in the half precision it converted it to, where autocast would not cast its inputs
+    input_dtype = weight_dtype if is_deepspeed(accelerator) else None
     last_saved = resume_from
     loop_started, first_step = time.perf_counter(), step
     unet.train()
     text_encoder.train(train_text_encoder)
-    with events.progress("training", cfg.max_train_steps, completed=step) as advance:
+    progress = events.progress("training", cfg.max_train_steps, completed=step)
+    with trackers.session(accelerator, cfg), progress as advance:
         while step < cfg.max_train_steps:
             if train_text_encoder and cfg.text_encoder_steps is not None and step >= cfg.text_encoder_steps:
                 # the text encoder has learned the token; from here on it is frozen (its grads stay None, so the
@@ -491,20 +723,28 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
                 prompts.build_cache([e.prompt for e in all_examples])
 
             total, parts = 0.0, [0.0, 0.0]
-            for micro in range(accum):  # gradient accumulation: several micro-batches, one optimizer step
-                batch = stream.batch(step * accum + micro)
+            for _ in range(accum):  # gradient accumulation: several micro-batches, one optimizer step
+                # this process's slice of the global micro-batch
+                batch = stream.at(samples_seen + rank * cfg.train_batch_size)
+                samples_seen += world * cfg.train_batch_size
                 n = batch.num_instance
                 # latents from the VAE's distribution; noise and timesteps from the run's own generator
-                lat = sample_latents(latents.distributions(batch, stream), scaling, generator)
-                noise = torch.randn(lat.shape, generator=generator).to(device)
+                dist = latents.distributions(batch, stream)
+                lat = sample_latents(dist, scaling, shard.randn(generator, dist.shape[1] // 2, *dist.shape[2:]))
+                noise = shard.randn(generator, *lat.shape[1:]).to(device)
                 if cfg.offset_noise:  # lets the model learn overall brightness (very dark / very bright images)
-                    noise += cfg.offset_noise * torch.randn((*lat.shape[:2], 1, 1), generator=generator).to(device)
-                timesteps = torch.randint(0, num_timesteps, (lat.shape[0],), generator=generator).to(device)
+                    noise += cfg.offset_noise * shard.randn(generator, lat.shape[1], 1, 1).to(device)
+                timesteps = shard.randint(generator, num_timesteps).to(device)
                 noisy = noise_scheduler.add_noise(lat, noise, timesteps)
                 # v-models (SD 2.x 768-v) learn the velocity, not the noise
                 target = training_target(noise_scheduler, lat, noise, timesteps)
-                with accelerator.autocast():
+                # accumulate: DDP exchanges gradients after the last micro-batch only (and scales the loss by 1/accum)
+                with accelerator.autocast(), accelerator.accumulate(*trained_models):
                     hidden = prompts([e.prompt for e in batch.examples])
+                    if input_dtype is not None:
+                        noisy, hidden = noisy.to(input_dtype), hidden.to(input_dtype)
+                    if cfg.channels_last:
+                        noisy = noisy.contiguous(memory_format=torch.channels_last)
                     pred = unet(noisy, timesteps, hidden).sample
                 per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.snr_gamma is not None:  # min-SNR: easy (low-noise) timesteps stop dominating the loss
@@ -517,7 +757,8 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
                 instance_loss = per_example[:n].mean()
                 class_loss = per_example[n:].mean() if n < len(per_example) else torch.zeros((), device=device)
                 loss = instance_loss + cfg.prior_loss_weight * class_loss
-                accelerator.backward(loss / accum)
+                # divides by --gradient-accumulation-steps; with --fused-backward the weights update in here
+                accelerator.backward(fused.scale_loss(loss) if fused else loss)
                 total += loss.item() / accum
                 parts[0] += instance_loss.item() / accum
                 parts[1] += class_loss.item() / accum
@@ -525,9 +766,14 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
-            lr_scheduler.step()
+            skipped = fused.step_was_skipped if fused else optimizer.step_was_skipped
+            if not skipped:  # an fp16 overflow skips the step, and the schedule waits for it
+                lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            if world > 1:  # what is logged is the whole batch's loss, the mean over the processes' slices
+                stats = torch.tensor([total, *parts], dtype=torch.float64, device=device)
+                total, *parts = (accelerator.reduce(stats, "sum") / world).tolist()
 
             current_lr = lr_scheduler.get_last_lr()[0]
             history.losses.append(total)
@@ -541,23 +787,28 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
                 fields["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
             advance(1, **fields)
             events.emit("train_step", step=step, **fields)
+            trackers.log_step(accelerator, cfg, step, {**fields, "instance_loss": parts[0]})
 
             stopping = should_stop()
+            if world > 1:  # a signal reaches one process, or each at its own moment: all stop at the same step
+                asked = torch.tensor([float(stopping)], device=device)
+                stopping = accelerator.reduce(asked, "sum").item() > 0
             if step in saves or stopping:
                 history.seconds += time.perf_counter() - loop_started
                 loop_started = time.perf_counter()
                 last_saved = save(step)
+                trackers.log_samples(accelerator, cfg, step, last_saved / "samples")
             if stopping:
                 events.notice(f"stopped at step {step}; saved {last_saved}. Run the same command again to resume.")
                 raise KeyboardInterrupt
     history.seconds += time.perf_counter() - loop_started
     setup["steps_this_run"] = step - first_step
-    return _write_report(cfg, step, history, started, last_saved, setup)
+    return _write_report(cfg, step, history, started, last_saved, setup, accelerator.is_main_process)
 
 
 def save_checkpoint(
     cfg, step, model_dir, vae_dir, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler,
-    optimizer, lr_scheduler, generator, history, seed, weight_dtype, device,
+    optimizer, lr_scheduler, generator, history, seed, weight_dtype, device, extra_state=None,
 ) -> Path:  # fmt: skip
     """<output>/checkpoints/step-N/: a complete diffusers folder, the training state, and samples.
 
@@ -595,7 +846,8 @@ def save_checkpoint(
         training_state = {
             "step": step,
             "seed": seed,
-            "optimizer": optimizer.state_dict(),
+            # DeepSpeed's is in per-process shards: resuming restarts Adam's moments there
+            "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
             "lr_scheduler": lr_scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
             "generator": generator.get_state(),
@@ -603,6 +855,7 @@ def save_checkpoint(
             "history": history.__dict__,
             "config": cfg.to_dict(),
         }
+        training_state.update(extra_state or {})
         if master:
             training_state["master_weights"] = master
         torch.save(training_state, tmp / STATE_FILE)
@@ -660,7 +913,7 @@ def _peak_memory() -> dict:
     return out
 
 
-def _write_report(cfg, step, history: History, started, checkpoint, setup) -> dict:
+def _write_report(cfg, step, history: History, started, checkpoint, setup, write: bool = True) -> dict:
     report = {
         "steps": step,
         "seconds": round(time.perf_counter() - started, 2),
@@ -679,6 +932,8 @@ def _write_report(cfg, step, history: History, started, checkpoint, setup) -> di
             "lr": history.lrs,
         },
     }
+    if not write:  # another process writes it
+        return report
     write_json(cfg.output / REPORT_FILE, report)
     if history.losses:
         with atomic_path(cfg.output / "loss_curve.png") as tmp:

@@ -1,0 +1,143 @@
+"""Several processes for one training — the GPUs of a machine, or of several machines — through accelerate.
+
+`dreambooth train --num-processes N` (or `--accelerate-config FILE`) does not train in its own process: it checks
+the input once, writes the checked settings to a file, and starts the training processes with accelerate's
+launcher (torch's elastic launcher, torchrun, underneath). Each of them is one rank; dreambooth/train.py shares
+out the work. A process that a launcher started — torchrun, `accelerate launch`, DeepSpeed's — trains in itself,
+so `torchrun --nproc-per-node 4 -m dreambooth train ...` works as well.
+
+Several machines: run the same command on each, with its own --machine-rank; all of them must see the same
+--output (and the same data) on a shared filesystem: the first process writes, all of them read.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import tempfile
+import typing
+from dataclasses import fields
+from pathlib import Path
+
+from dreambooth import events
+from dreambooth.config import Concept, TrainConfig
+from dreambooth.errors import UserError
+
+# what torchrun, accelerate launch, DeepSpeed's launcher and mpirun set in the processes they start
+_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def launched() -> bool:
+    """Whether this process is one rank of a run a launcher started (then it trains, it does not launch)."""
+    return any(name in os.environ for name in _RANK_VARIABLES) or int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train here, or start the processes the settings ask for and wait for them. Returns the run's report."""
+    from dreambooth import train as training
+
+    if launched() or not cfg.launches_processes:
+        return training.train(cfg)
+    return launch(cfg)
+
+
+def launch(cfg: TrainConfig) -> dict:
+    from dreambooth import train as training
+
+    # one error message, here, rather than one per process; warnings come later from the first process
+    events.silence()
+    try:
+        training.preflight(cfg)
+    finally:
+        events.silence(False)
+    if cfg.accelerate_config is not None and not cfg.accelerate_config.is_file():
+        raise UserError(f"--accelerate-config {cfg.accelerate_config} does not exist", "make one: `accelerate config`")
+    training.check_deepspeed(cfg)
+    training.resolve_model(cfg)  # a single file is converted once, here, not by a process while the others wait
+
+    with tempfile.TemporaryDirectory(prefix="dreambooth-launch-") as tmp:
+        settings = Path(tmp) / "train.json"
+        settings.write_text(json.dumps(cfg.to_dict()))
+        code = run_launcher(launcher_args(cfg, settings))
+    if code == 130:
+        raise KeyboardInterrupt  # the first process said where it stopped and what it saved
+    if code:
+        # each process printed its own error; this one only passes on the exit status (2 input, 3 environment)
+        raise SystemExit(code)
+    report = cfg.output / training.REPORT_FILE
+    return json.loads(report.read_text()) if report.is_file() else {"report": None}
+
+
+def launcher_args(cfg: TrainConfig, settings: Path) -> list[str]:
+    """`accelerate launch` arguments that start this run's processes, each running `dreambooth train-worker`."""
+    args = []
+    if cfg.accelerate_config is not None:
+        args += ["--config_file", str(cfg.accelerate_config)]  # it says how; the flags given here still win
+    else:
+        args += ["--multi_gpu"]  # torchrun's launcher; on a machine without GPUs the processes talk over gloo
+    if cfg.num_processes > 1 or cfg.accelerate_config is None:
+        args += ["--num_processes", str(cfg.num_processes)]
+    if cfg.num_machines > 1 or cfg.accelerate_config is None:
+        args += ["--num_machines", str(cfg.num_machines), "--machine_rank", str(cfg.machine_rank)]
+    if cfg.main_process_ip:
+        args += ["--main_process_ip", cfg.main_process_ip]
+    if cfg.main_process_port is not None:
+        args += ["--main_process_port", str(cfg.main_process_port)]
+    elif cfg.num_machines == 1:
+        args += ["--main_process_port", "0"]  # any free port: two runs on one machine do not collide
+    # the cores shared out, not each process using all of them (torchrun's default would be one each)
+    per_machine = max(1, cfg.num_processes // cfg.num_machines)
+    threads = max(1, (os.cpu_count() or 1) // per_machine)
+    args += ["--num_cpu_threads_per_process", str(threads), "--mixed_precision", cfg.mixed_precision]
+    args += ["--dynamo_backend", "no", "--module", "dreambooth"]
+    if events._json_mode:
+        args += ["--log-format", "json"]
+    return [*args, "train-worker", str(settings)]
+
+
+def run_launcher(args: list[str]) -> int:
+    """Run accelerate's launcher in this process; the exit status of the first process that failed, or 0.
+
+    Signals: torch's launcher starts each process in a session of its own, so docker stop and Ctrl-C reach this
+    process alone. It passes them on, and keeps torch's own handler out: that one would kill the processes 30 s
+    later, and saving a large checkpoint can take longer (the image's stop grace period is 2 minutes)."""
+    import psutil
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    def pass_on(signum, frame):
+        for child in psutil.Process().children():
+            with contextlib.suppress(psutil.NoSuchProcess):  # it ended meanwhile
+                child.send_signal(signum)
+
+    parsed = launch_command_parser().parse_args(args)
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGTERM, signal.SIGINT)}
+    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGHUP,SIGQUIT"
+    # the launchers' own log lines (defaults filled in, "failed (exitcode: 2)") would repeat what the processes said
+    loggers = [logging.getLogger(name) for name in ("torch.distributed", "accelerate")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        launch_command(parsed)
+        return 0
+    except ChildFailedError as exc:
+        code = exc.get_first_failure()[1].exitcode
+        return 128 - code if code < 0 else code  # killed by a signal: the shell's convention
+    finally:
+        os.environ.pop("TORCHELASTIC_SIGNALS_TO_HANDLE", None)
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def read_settings(path: Path) -> TrainConfig:
+    """The settings the launching process checked and wrote (TrainConfig.to_dict() as JSON)."""
+    data = json.loads(Path(path).read_text())
+    concepts = tuple(Concept(**c) for c in data.pop("concepts"))
+    for f in fields(TrainConfig):  # JSON has no paths: give Path fields theirs back
+        if isinstance(data.get(f.name), str) and Path in (f.type, *typing.get_args(f.type)):
+            data[f.name] = Path(data[f.name])
+    return TrainConfig(concepts=concepts, **data)
