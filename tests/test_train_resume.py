@@ -1,6 +1,7 @@
 """Stopping and resuming: a run stopped at step k and resumed ends bit-identical to one that never stopped."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -102,3 +103,55 @@ def test_sigterm_saves_a_resumable_checkpoint_and_exits_130(model, photos, tmp_p
     assert done.returncode == 0, done.stderr
     assert f"resuming from {out / 'checkpoints' / f'step-{step}'}" in done.stderr
     assert json.loads((out / "train_report.json").read_text())["steps"] == step + 2
+
+
+# Installed into the training subprocess through PYTHONPATH: SIGKILL (no handler, no cleanup) at one instant of
+# writing checkpoint step-2, which is assembled in a hidden `.step-2.*.tmp` folder and renamed into place.
+KILLER = """
+import os, signal
+import safetensors.torch, torch
+point = os.environ["KILL_AT"]
+def killing(name, real, is_it):
+    def wrapper(*args, **kwargs):
+        if point == name and is_it(*args):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+    return wrapper
+safetensors.torch.save_file = killing("weights", safetensors.torch.save_file, lambda t, f, *a: ".step-2." in str(f))
+torch.save = killing("state", torch.save, lambda o, f, *a: ".step-2." in str(f))
+os.replace = killing("rename", os.replace, lambda s, d, *a: str(d).endswith("step-2") and ".step-2." in str(s))
+"""
+
+
+@pytest.mark.parametrize("point", ["weights", "state", "rename"])
+def test_a_kill_while_saving_never_spoils_the_last_finished_checkpoint(model, photos, tmp_path, point):
+    (tmp_path / "killer").mkdir()
+    (tmp_path / "killer" / "sitecustomize.py").write_text(KILLER)
+    run = [*base_args(model, photos, tmp_path / "out", "--max-train-steps", 3, "--save-interval", 1)]
+    command = [sys.executable, "-c", "from dreambooth.cli import main; main()", *map(str, run)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "killer"), os.getcwd()]), "KILL_AT": point}
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+
+    from dreambooth.train import latest_checkpoint
+
+    last = latest_checkpoint(tmp_path / "out")
+    assert last == tmp_path / "out" / "checkpoints" / "step-1"  # the half-written step-2 is not taken for one
+    assert not (tmp_path / "out" / "checkpoints" / "step-2").exists()
+    assert torch.load(last / "training_state.pt", weights_only=False)["step"] == 1
+    load_file(last / "unet" / "diffusion_pytorch_model.safetensors")
+
+    # the same command again resumes from step 1 and ends where an uninterrupted run ends
+    env.pop("KILL_AT")
+    resumed = subprocess.run(command, env={**env, "KILL_AT": "none"}, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from" in resumed.stderr and "step 1" in resumed.stderr
+    straight = tmp_path / "straight"
+    run = [*base_args(model, photos, straight, "--max-train-steps", 3, "--save-interval", 1)]
+    done = subprocess.run([*command[:3], *map(str, run)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (load_file(o / "checkpoints" / "step-3" / "unet" / "diffusion_pytorch_model.safetensors")
+            for o in (tmp_path / "out", straight))  # fmt: skip
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    leftovers = [p.name for p in (tmp_path / "out" / "checkpoints").iterdir() if not p.name.startswith("step-")]
+    assert leftovers == [] or all(name.endswith(".tmp") for name in leftovers)  # the killed run's scratch only
