@@ -8,6 +8,7 @@
 #                                             --output /output [--instance-prompt ...]
 #   nothing                               → dreambooth run --output /output   (no config: the built-in tiny demo)
 # Extra arguments are appended (e.g. `docker compose run --rm train --max-train-steps 400`).
+# GPUS=N (N > 1) trains with N processes, one per GPU (`--num-processes N`, DDP through accelerate).
 set -eu
 
 # ./models/x, models/x and /models/x all mean /models/x inside the container (same for data, output).
@@ -20,6 +21,15 @@ container_path() {
 }
 
 output="$(container_path "${OUTPUT:-/output}")"
+case "${GPUS:-}" in
+    "" | 0 | 1) ;;
+    *[!0-9]*)
+        printf 'error: GPUS=%s is not a number of GPUs\n' "$GPUS" >&2
+        printf 'hint: make train GPUS=2 (one training process per GPU)\n' >&2
+        exit 2
+        ;;
+    *) set -- --num-processes "$GPUS" "$@" ;;
+esac
 if [ -n "${CONFIG:-}" ]; then
     set -- run --config "$(container_path "$CONFIG")" "$@"
 elif [ -n "${MODEL:-}" ] || [ -n "${DATA:-}" ]; then

@@ -44,6 +44,10 @@ CONTINUABLE = frozenset({
     "max_train_steps", "save_interval", "save_min_steps", "save_fp16", "export_single_file", "keep_last",
     "save_sample_prompt", "save_sample_negative_prompt", "n_save_sample", "save_guidance_scale", "save_infer_steps",
     "resume", "output", "cache_dir", "model", "sample_batch_size", "class_inference_steps",
+    # where and how it runs: a checkpoint resumes with another number of processes (train.py), and logging or
+    # compiling does not change what a step computes
+    "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port", "accelerate_config",
+    "report_to", "torch_compile",
 })  # fmt: skip
 PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "safetensors", "numpy")
 
@@ -376,7 +380,8 @@ def _class_image_digests(train: TrainConfig, manifest: Manifest) -> dict[str, di
 def stage_train(
     cfg: RunConfig, manifest: Manifest, base_digest: dict, instance_images: dict[int, list[Path]], classes: dict
 ) -> dict:
-    from dreambooth.train import CHECKPOINTS, latest_checkpoint, train
+    from dreambooth.launch import train  # in this process, or in the processes --num-processes asks for
+    from dreambooth.train import CHECKPOINTS, latest_checkpoint
 
     base = Path(base_digest["path"])
     settings = {k: v for k, v in cfg.train.to_dict().items() if k not in ("model", "output", "cache_dir", "resume")}

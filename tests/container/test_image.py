@@ -40,8 +40,13 @@ def user() -> str:
     return "1000:0" if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
 
 
-def docker_run(volumes: dict[str, Path], *args: str, env: dict | None = None, detach: bool = False, name=None):
-    command = [DOCKER, "run", "--network", "none", "--user", user()]
+def docker_run(
+    volumes: dict[str, Path], *args: str, env: dict | None = None, detach: bool = False, name=None, entrypoint=None
+):
+    # --shm-size as compose.yaml sets it (several training processes exchange gradients through /dev/shm)
+    command = [DOCKER, "run", "--network", "none", "--user", user(), "--shm-size", "1g"]
+    if entrypoint:
+        command += ["--entrypoint", entrypoint]
     command += ["-d"] if detach else ["--rm"]
     if name:
         command += ["--name", name]
@@ -159,3 +164,17 @@ def test_bad_input_inside_the_container_exits_2_with_a_hint(volumes):
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("error:") == 1 and "hint:" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_gpus_2_trains_the_demo_with_two_processes_as_make_train_does(volumes):
+    """`make train GPUS=2`: the compose service's command (docker/train.sh) adds --num-processes 2; here on the CPU
+    (gloo), where the GPU service would use two GPUs (NCCL). Only the first process writes."""
+    out = volumes["output"]
+    done = docker_run(volumes, *QUICK, env={"GPUS": "2"}, entrypoint="/opt/dreambooth/train.sh")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert manifest(out)["status"] == "done"
+    report = json.loads((out / "train_report.json").read_text())
+    assert (report["world_size"], report["distributed"]) == (2, "ddp")
+    assert report["global_batch_size"] == 2 * report["per_device_batch_size"]
+    bad = docker_run(volumes, env={"GPUS": "two"}, entrypoint="/opt/dreambooth/train.sh")
+    assert bad.returncode == 2 and "GPUS=two" in bad.stderr
