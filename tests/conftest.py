@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.original_layouts import TINY_SD1, TINY_SD2, original_state_dict
+from tests.train_helpers import tiny_model, write_photos
 
 # Tests never touch a network: make any accidental hub access fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -60,3 +61,15 @@ def tiny_sd1(tmp_path) -> Path:
 @pytest.fixture
 def tiny_sd2(tmp_path) -> Path:
     return write_original(tmp_path / "tiny-sd2.safetensors", "sd2")
+
+
+@pytest.fixture(scope="session")
+def model(tmp_path_factory) -> Path:
+    """A tiny random diffusers model, built once: the base model of the training tests (none writes into it)."""
+    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory) -> Path:
+    """Three small subject photos (test_train_loop uses four of its own)."""
+    return write_photos(tmp_path_factory.mktemp("photos") / "sks", count=3)

@@ -19,7 +19,7 @@ from dreambooth.data import DataStream, Example
 from dreambooth.errors import UserError
 from dreambooth.launch import launched, launcher_args, read_settings
 from dreambooth.train import Shard
-from tests.train_helpers import base_args, tiny_model, write_photos
+from tests.train_helpers import base_args
 
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"
 # prior preservation (class rows in the batch, class images to make), flips, offset noise: every part of the batch
@@ -41,16 +41,6 @@ def replace(src, dst, *args, **kwargs):
         log.write(json.dumps({"rank": os.environ.get("RANK"), "dst": os.fspath(dst)}) + "\\n")
 os.replace = replace
 """
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_photos(tmp_path_factory.mktemp("photos") / "sks", count=3)
 
 
 def launch(tmp: Path, *args: object) -> list[dict]:

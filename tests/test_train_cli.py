@@ -87,11 +87,6 @@ def test_config_file_and_flags_merge_flags_win(cli, captured, tmp_path):
     assert cfg.model == tmp_path / "base" and cfg.concepts[0].instance_data_dir == tmp_path / "dog"
 
 
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
 def _bad(cli, *args):
     result = cli(*args)
     assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr)

@@ -11,7 +11,7 @@ from dreambooth import performance
 from dreambooth.config import build_train_config
 from dreambooth.errors import UserError
 from dreambooth.tiny_model import write_tiny_diffusers
-from tests.train_helpers import base_args, tiny_model, write_photos
+from tests.train_helpers import base_args, write_photos
 
 UNET = ("unet", "diffusion_pytorch_model.safetensors")
 # no clipping: the step inside backward cannot clip (it updates before all gradients exist)
@@ -19,16 +19,6 @@ RUN = (
     "--max-train-steps", 4, "--learning-rate", "1e-3", "--train-batch-size", 2, "--max-grad-norm", 0,
     "--lr-scheduler", "cosine", "--lr-warmup-steps", 1, "--random-flip", "--save-interval", 2,
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_photos(tmp_path_factory.mktemp("photos") / "sks", count=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,7 @@ from safetensors.torch import load_file
 from dreambooth.checkpoint.convert import write_diffusers_folder
 from dreambooth.data import DataStream, Example
 from dreambooth.tiny_model import tiny_components
-from tests.train_helpers import base_args, tiny_model, write_photos
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+from tests.train_helpers import base_args, write_photos
 
 
 @pytest.fixture(scope="module")

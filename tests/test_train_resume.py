@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth import events
-from tests.train_helpers import base_args, tiny_model, write_photos
+from tests.train_helpers import base_args
 
 # everything that draws random numbers or carries state across steps, all at once
 HARD = (
@@ -20,16 +20,6 @@ HARD = (
     "--train-text-encoder", "--random-flip", "--gradient-accumulation-steps", 2, "--lr-scheduler", "cosine",
     "--lr-warmup-steps", 2, "--offset-noise", 0.05, "--snr-gamma", 5, "--save-fp16", "--no-cache-latents",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return tiny_model(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    return write_photos(tmp_path_factory.mktemp("photos") / "sks", count=3)
 
 
 def _master_weights(out, step):
