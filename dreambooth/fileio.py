@@ -9,6 +9,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _default_mode(full: int) -> int:
+    """What a new file (0o666) or folder (0o777) gets under the current umask. mkstemp/mkdtemp make private scratch
+    (0600/0700); what lands under its final name gets the usual permissions instead (typically 0644/0755), so A1111
+    or another user of a shared volume can read the results."""
+    mask = os.umask(0)  # the only way to read it is to set it
+    os.umask(mask)
+    return full & ~mask
+
+
 @contextmanager
 def atomic_path(dest: Path) -> Iterator[Path]:
     """Yield a temporary path beside `dest`; on success move it onto `dest` with one rename.
@@ -22,6 +31,7 @@ def atomic_path(dest: Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o666))
         os.replace(tmp, dest)
     finally:
         tmp.unlink(missing_ok=True)
@@ -39,6 +49,7 @@ def atomic_dir(dest: Path, *, overwrite: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
     try:
         yield tmp
+        os.chmod(tmp, _default_mode(0o777))
         if dest.exists():
             if not overwrite:
                 raise FileExistsError(dest)
