@@ -1,7 +1,7 @@
-"""The built-in tiny model: SD 1.x architecture at toy sizes, made in code from a seed (no download).
+"""Random tiny models: SD 1.x architecture at toy sizes, made in code from a seed (no download).
 
-Used by `dreambooth demo` and by tests. Its weights are random until the pretrained tiny model lands, so it
-exercises every file format and code path of the real thing, in seconds, but draws noise.
+Used by the tests: they exercise every file format and code path of the real thing in seconds, but draw noise.
+The demo uses the pretrained tiny model instead (dreambooth/assets/tiny/, made by tools/pretrain_tiny.py).
 """
 
 from pathlib import Path

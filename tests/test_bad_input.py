@@ -163,3 +163,23 @@ def test_real_sd1_ckpt_structure_loads(tmp_path, cli):
     report = json.loads(result.stdout)
     assert report["family"] == "sd1" and report["other_entries"]["global_step"] == 470000
     assert "pytorch_lightning" not in sys.modules  # stood in for, never imported
+
+
+def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    """One safetensors file in 256 has a header length whose low byte is 0x80, a pickle's first byte."""
+    import torch
+    from safetensors.torch import save_file
+
+    from dreambooth.checkpoint.load import sniff_format
+
+    for pad in range(256):
+        path = tmp_path / f"m{pad}.safetensors"
+        save_file({"w": torch.zeros(2)}, path, metadata={"pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    else:
+        raise AssertionError("no padding gave a header length with low byte 0x80")
+    assert sniff_format(path) == "safetensors"
+    pickled = tmp_path / "m.ckpt"
+    torch.save({"w": torch.zeros(2)}, pickled, _use_new_zipfile_serialization=False)
+    assert sniff_format(pickled) == "pickle"

@@ -70,14 +70,16 @@ def sniff_format(path: Path) -> str:
     with path.open("rb") as f:
         head = f.read(16)
     size = path.stat().st_size
-    if head[:4] == b"PK\x03\x04":
-        return "pickle"  # torch's zip format (torch.save since 1.6)
-    if head[:1] == b"\x80":
-        return "pickle"  # torch's legacy format / raw pickle
+    # safetensors first: its header length is little-endian, so its first byte is 0x80 (a pickle's first byte) for
+    # one file in 256; a pickle's next 8 bytes are neither a length below the file's size nor followed by "{"
     if len(head) >= 9:
         (header_len,) = struct.unpack("<Q", head[:8])
         if 0 < header_len < size and head[8:9] == b"{":
             return "safetensors"
+    if head[:4] == b"PK\x03\x04":
+        return "pickle"  # torch's zip format (torch.save since 1.6)
+    if head[:1] == b"\x80":
+        return "pickle"  # torch's legacy format / raw pickle
     if head.lstrip()[:1] in (b"{", b"["):
         return "json"
     return "unknown"
