@@ -119,6 +119,9 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && pip install --require-hashes --no-deps -r /tmp/dev-lock.txt
 COPY pyproject.toml /src/pyproject.toml
 COPY tests /src/tests
+# bench/train.py's CPU smoke mode is part of the suite (the harness a GPU session runs; it reads the pins)
+COPY bench /src/bench
+COPY requirements/lock.txt /src/requirements/lock.txt
 RUN chown -R 1000:0 /src && chmod -R g+rwX /src
 WORKDIR /src
 USER 1000:0

@@ -643,7 +643,11 @@ def versions() -> dict:
             out[p] = version(p)
         except PackageNotFoundError:
             out[p] = None
-    out["dreambooth"] = re.search(r'__version__ = "(.+)"', (ROOT / "dreambooth" / "__init__.py").read_text())[1]
+    init = ROOT / "dreambooth" / "__init__.py"  # this tree's; in the test image the package is installed instead
+    if init.is_file():
+        out["dreambooth"] = re.search(r'__version__ = "(.+)"', init.read_text())[1]
+    else:
+        out["dreambooth"] = version("dreambooth")
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
