@@ -73,6 +73,16 @@ def check_output(output: Path) -> None:
         raise UserError(f"--output {output} is not writable", "choose a writable folder, or fix its permissions")
 
 
+def cache_entry(root: Path, src: Path) -> Path:
+    """Where a conversion of the file `src` lives under `root`: keyed on path, size and mtime, because hashing
+    gigabytes on every run would cost more than it saves."""
+    import hashlib
+
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / f"{src.stem}-{key}"
+
+
 def resolve_model(cfg: TrainConfig) -> Path:
     """The base model as a diffusers folder; a single file is converted once into the cache."""
     src = cfg.model
@@ -83,13 +93,9 @@ def resolve_model(cfg: TrainConfig) -> Path:
         raise UserError(f"--model {src} does not exist", "pass a diffusers folder or a .ckpt/.safetensors file")
     if src.suffix.lower() not in (".ckpt", ".safetensors"):
         raise UserError(f"--model {src} is neither a folder nor a .ckpt/.safetensors file", "convert it first")
-    import hashlib
-
     from dreambooth.checkpoint.convert import ConvertOptions, convert
 
-    stat = src.stat()  # keyed on path, size and mtime: hashing gigabytes on every run would cost more than it saves
-    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    dest = cfg.cache / "converted" / f"{src.stem}-{key}"
+    dest = cache_entry(cfg.cache / "converted", src)
     if not (dest / "model_index.json").is_file():
         with events.stage(f"converting {src.name} into {dest}"):
             convert(src, dest, ConvertOptions(overwrite=True))
@@ -115,14 +121,10 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
     elif src.suffix.lower() not in (".ckpt", ".safetensors", ".pt"):
         raise UserError(f"--vae {src} is neither a folder nor a .safetensors/.ckpt/.pt file", "pass a VAE file")
     else:
-        import hashlib
-
         from dreambooth.checkpoint.convert import component_config_file
         from dreambooth.checkpoint.vae_file import load_vae
 
-        stat = src.stat()  # keyed like resolve_model's conversions: path, size, mtime
-        key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-        folder = cfg.cache / "vae" / f"{src.stem}-{key}"
+        folder = cache_entry(cfg.cache / "vae", src)
         if not (folder / "config.json").is_file():
             from safetensors.torch import save_file
 
@@ -495,9 +497,8 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
 
     # --- check everything the user gave before anything heavy -----------------------------------------
     instance_images = preflight(cfg)
-    with accelerator.main_process_first():  # a single file is converted once, into the shared cache
+    with accelerator.main_process_first():  # a single model or VAE file is converted once, into the shared cache
         model_dir = resolve_model(cfg)
-    with accelerator.main_process_first():  # likewise a single VAE file
         vae_dir = resolve_vae(cfg, model_dir)
     if vae_dir is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
         cfg = replace(cfg, vae=vae_dir)
