@@ -6,7 +6,6 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, ClassVar
 
-import click
 import typer
 
 from dreambooth import __version__, events
@@ -227,7 +226,7 @@ class _TrainCommand(typer.core.TyperCommand):
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"]
     }
 
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+    def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
         known = {name for param in self.params for name in getattr(param, "opts", [])}
         rewritten: list[str] = []
         for arg in args:
@@ -508,12 +507,12 @@ def main(argv: list[str] | None = None) -> None:
             raise
         events.error(exc.message, exc.hint)
         sys.exit(exc.exit_code)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
+    except typer.TyperException as exc:  # usage errors (an unknown flag, a bad value): typer's own copy of click's
         exc.show()
-        sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.exit(getattr(exc, "exit_code", 2))
+    except (typer.Abort, KeyboardInterrupt):
         if not events.silenced():  # several processes: the first one says it
             events.error("interrupted", None)
         sys.exit(130)

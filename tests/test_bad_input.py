@@ -183,3 +183,22 @@ def test_safetensors_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
     pickled = tmp_path / "m.ckpt"
     torch.save({"w": torch.zeros(2)}, pickled, _use_new_zipfile_serialization=False)
     assert sniff_format(pickled) == "pickle"
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--no-such-flag"], "No such option: --no-such-flag"),
+        (["train", "--max-train-steps", "many"], "Invalid value for '--max-train-steps'"),
+        (["nonsense"], "No such command"),
+    ],
+)
+def test_usage_errors_are_one_message_and_exit_2_not_a_traceback(argv, message, capsys):
+    """What the console script does (not CliRunner, which catches these itself): typer's own click raises them."""
+    from dreambooth.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert message in err and "Traceback" not in err
