@@ -50,6 +50,14 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
     && /opt/venv/bin/pip install --require-hashes --no-deps -r /tmp/requirements/lock.txt
+# DeepSpeed is published as source only and its setup imports torch: built here, against the torch just installed
+# (no build isolation), pure Python — its kernels compile on first use where a compiler is (DeepSpeed's JIT)
+COPY requirements/deepspeed-lock.txt /tmp/requirements/deepspeed-lock.txt
+RUN --mount=type=cache,target=/root/.cache/pip \
+    --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca SSL_CERT_FILE=/run/secrets/ca; fi \
+    && DS_BUILD_OPS=0 /opt/venv/bin/pip install --require-hashes --no-deps --no-build-isolation \
+        -r /tmp/requirements/deepspeed-lock.txt
 
 # wheel: builds the dreambooth wheel with setuptools from requirements/dev-lock.txt (hash-checked, no build isolation)
 FROM builder AS wheel
@@ -88,10 +96,11 @@ ENV PATH=/opt/venv/bin:${PATH} \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     DREAMBOOTH_OUTPUT=/output
-COPY requirements/lock.txt /opt/dreambooth/requirements/lock.txt
+COPY requirements/lock.txt requirements/deepspeed-lock.txt /opt/dreambooth/requirements/
 COPY docker/assert_stack.py /opt/dreambooth/assert_stack.py
 # Build-time proof that the locked stack is what is installed and that it works here (the build fails otherwise).
-RUN python /opt/dreambooth/assert_stack.py /opt/dreambooth/requirements/lock.txt
+RUN python /opt/dreambooth/assert_stack.py /opt/dreambooth/requirements/lock.txt \
+    /opt/dreambooth/requirements/deepspeed-lock.txt
 # The project itself: a small layer on top of the big one, so code changes rebuild only this.
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     pip install --no-deps --no-index --no-cache-dir --disable-pip-version-check /wheels/dreambooth-*.whl \

@@ -1,12 +1,13 @@
 """Build-time proof that the image holds exactly the locked stack and that it works (the Docker build fails otherwise).
 
-    python docker/assert_stack.py requirements/lock.txt
+    python docker/assert_stack.py requirements/lock.txt requirements/deepspeed-lock.txt
 
-1. every package pinned in the lock file is installed at exactly that version, and nothing unlocked is installed;
-2. torch, diffusers, transformers, accelerate, bitsandbytes and xformers import and report the locked versions;
+1. every package pinned in the lock files is installed at exactly that version, and nothing unlocked is installed;
+2. torch, diffusers, transformers, accelerate, bitsandbytes, xformers and deepspeed import and report the locked
+   versions;
 3. tiny CPU ops run: a torch matmul + backward, a diffusers UNet and a CLIP text encoder forward pass, an accelerate
    Accelerator, bitsandbytes' blockwise quantization; xformers' compiled extension is loaded and was built for this
-   torch (the "xFormers can't load C++/CUDA extensions" failure mode).
+   torch (the "xFormers can't load C++/CUDA extensions" failure mode); DeepSpeed reads a ZeRO-2 offload config.
 GPU kernels cannot run at build time (no GPU in a build): `dreambooth doctor` proves those on the target machine.
 Exit status 1 with one line per problem.
 """
@@ -20,7 +21,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-CORE = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers")
+CORE = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed")
 # Installed by `python -m venv` itself, not by the lock; the project's own wheel is added after this check.
 ALLOWED_EXTRA = {"pip", "setuptools", "dreambooth"}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
@@ -175,10 +176,24 @@ def op_accelerate() -> str:
     return f"Accelerator on {accelerator.device}"
 
 
+def op_deepspeed() -> str:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    parsed = DeepSpeedConfig(config)  # no process group: one process
+    assert parsed.zero_optimization_stage == 2 and parsed.zero_config.offload_optimizer is not None
+    return "ZeRO-2 offload config"
+
+
 def main() -> int:
-    lock = Path(sys.argv[1] if len(sys.argv) > 1 else "requirements/lock.txt")
-    pins = parse_lock(lock)
-    print(f"assert_stack: {len(pins)} pinned packages in {lock}")
+    locks = [Path(arg) for arg in sys.argv[1:]] or [Path("requirements/lock.txt")]
+    # the lock files agree where they overlap (deepspeed-lock.txt is compiled against lock.txt)
+    pins = {name: version for lock in locks for name, version in parse_lock(lock).items()}
+    print(f"assert_stack: {len(pins)} pinned packages in {', '.join(map(str, locks))}")
     problems = check_installed(pins)
     problems += check_core(pins)
     for name, fn in (
@@ -188,6 +203,7 @@ def main() -> int:
         ("diffusers op", op_diffusers),
         ("transformers op", op_transformers),
         ("accelerate", op_accelerate),
+        ("deepspeed", op_deepspeed),
     ):
         run(name, fn, problems)
     if problems:

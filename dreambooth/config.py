@@ -321,8 +321,16 @@ class TrainConfig:
 
     @property
     def launches_processes(self) -> bool:
-        """Whether `dreambooth train` starts processes through accelerate rather than training in itself."""
-        return self.num_processes > 1 or self.num_machines > 1 or self.accelerate_config is not None
+        """Whether `dreambooth train` starts processes through accelerate rather than training in itself.
+
+        DeepSpeed always runs under the launcher, even as one process: it needs the rendezvous (RANK, MASTER_ADDR)
+        that the launcher sets up."""
+        return (
+            self.num_processes > 1
+            or self.num_machines > 1
+            or self.accelerate_config is not None
+            or self.distributed.startswith("deepspeed")
+        )
 
     @property
     def cache(self) -> Path:

@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "safetensors", "dreambooth")
+PACKAGES = (
+    "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed", "safetensors",
+    "dreambooth",
+)  # fmt: skip
 LOW_DISK_GB = 10.0  # one SD 1.x training run with a few fp16 checkpoints and exports
 
 

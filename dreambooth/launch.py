@@ -74,6 +74,11 @@ def launcher_args(cfg: TrainConfig, settings: Path) -> list[str]:
     args = []
     if cfg.accelerate_config is not None:
         args += ["--config_file", str(cfg.accelerate_config)]  # it says how; the flags given here still win
+    elif cfg.distributed.startswith("deepspeed"):
+        # torchrun's launcher too (also for one process: DeepSpeed needs its rendezvous); the ZeRO settings the
+        # processes use are the ones train.make_accelerator gives DeepSpeed, these only keep the launcher's agreeing
+        args += ["--use_deepspeed", "--zero_stage", cfg.distributed[-1]]
+        args += ["--offload_optimizer_device", cfg.offload_optimizer]
     else:
         args += ["--multi_gpu"]  # torchrun's launcher; on a machine without GPUs the processes talk over gloo
     if cfg.num_processes > 1 or cfg.accelerate_config is None:
@@ -122,6 +127,10 @@ def run_launcher(args: list[str]) -> int:
     try:
         launch_command(parsed)
         return 0
+    except ValueError as exc:  # accelerate checks the combination of settings before it starts anything
+        raise UserError(
+            f"accelerate cannot launch these settings: {exc}", "check --num-processes, --distributed and the config"
+        ) from None
     except ChildFailedError as exc:
         code = exc.get_first_failure()[1].exitcode
         return 128 - code if code < 0 else code  # killed by a signal: the shell's convention

@@ -49,7 +49,9 @@ CONTINUABLE = frozenset({
     "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port", "accelerate_config",
     "report_to", "torch_compile",
 })  # fmt: skip
-PACKAGES = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "safetensors", "numpy")
+PACKAGES = (
+    "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed", "safetensors", "numpy",
+)  # fmt: skip
 
 
 # ───────────────────────────── configuration ─────────────────────────────

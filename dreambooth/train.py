@@ -271,6 +271,20 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
             name = f"{eight_bit.__name__} (bitsandbytes)"
         except Exception as exc:
             events.notice(f"--use-8bit-adam: 8-bit AdamW cannot run here ({exc}); using torch AdamW")
+    if make is None and cfg.offload_optimizer == "cpu" and device.type == "cuda":
+        try:
+            # the optimizer's step runs on the CPU while the GPU waits: DeepSpeed's vectorised CPU Adam is several
+            # times faster there than torch's. It is compiled on first use (needs g++ and ninja), or prebuilt.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            DeepSpeedCPUAdam([torch.zeros(1, requires_grad=True)])  # builds or loads the kernel, or fails
+
+            def make(group):
+                return DeepSpeedCPUAdam(group, adamw_mode=True, **kwargs)
+
+            name = "DeepSpeedCPUAdam (offloaded)"
+        except Exception as exc:
+            events.notice(f"--offload-optimizer cpu: DeepSpeed's CPU Adam is not usable here ({exc}); torch AdamW")
     if make is None:
         impl = performance.adamw_kwargs(cfg.adam_impl)
 
@@ -278,6 +292,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
             return torch.optim.AdamW(group, **kwargs, **impl)
 
         name = "AdamW (torch)" if cfg.adam_impl == "auto" else f"AdamW (torch, {cfg.adam_impl})"
+    if cfg.offload_optimizer == "cpu" and "offloaded" not in name:
+        name += ", offloaded to the CPU"
     if cfg.fused_backward:
         # fp16 gradients need loss scaling, done per weight inside backward; bf16 and fp32 need none
         scale = performance.LossScale() if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
@@ -304,18 +320,16 @@ def check_deepspeed(cfg: TrainConfig) -> None:
     """--distributed deepspeed-*: the library is there, and so are the GPUs accelerate runs it on."""
     if not cfg.distributed.startswith("deepspeed"):
         return
+    if not torch.cuda.is_available():
+        # DeepSpeed would find no GPU, warn, and take its CPU accelerator: say so up front, quietly
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed  # noqa: F401
     except ImportError as exc:
         raise EnvironmentProblem(
             f"--distributed {cfg.distributed} needs DeepSpeed, which cannot be imported here ({exc})",
-            "pip install deepspeed (it compiles its CPU Adam on first use: g++ and ninja), or use --distributed ddp",
+            "use the image (it has DeepSpeed), `pip install deepspeed` here, or --distributed ddp",
         ) from None
-    if not torch.cuda.is_available():
-        raise EnvironmentProblem(
-            f"--distributed {cfg.distributed} needs CUDA GPUs: accelerate runs DeepSpeed on GPUs only",
-            "on this machine use --distributed ddp (several CPU processes work too, through gloo)",
-        )
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -329,8 +343,9 @@ def make_accelerator(cfg: TrainConfig):
     if cpu and mixed == "fp16":
         mixed = "no"
     plugin = None
+    handlers = accelerator_handlers(cfg)
     if cfg.distributed.startswith("deepspeed"):
-        from accelerate.utils import DeepSpeedPlugin
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
         check_deepspeed(cfg)
         plugin = DeepSpeedPlugin(
@@ -340,9 +355,22 @@ def make_accelerator(cfg: TrainConfig):
             gradient_clipping=cfg.max_grad_norm,
             zero3_init_flag=False,
         )
+        # offloaded, the optimizer steps on the CPU: DeepSpeed's compiled CPU Adam when it builds here, torch's
+        # AdamW otherwise (make_optimizer), which DeepSpeed refuses unless told that it is meant
+        plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
+        if cpu:
+            # accelerate's CPU mode leaves DeepSpeed out; as a "device" run over gloo it hands the model to
+            # DeepSpeed, whose CPU accelerator does the rest (how the tests run ZeRO on a machine without GPUs)
+            import deepspeed.ops
+
+            cpu = False
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+            # DeepSpeed would compile its shared-memory all-reduce on first use: a C++ compiler the image does not
+            # have, and a minute's build for nothing on a CPU run. Marked unbuildable, it falls back to gloo's.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     accelerator = Accelerator(
         mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        deepspeed_plugin=plugin, kwargs_handlers=accelerator_handlers(cfg), **trackers.accelerator_kwargs(cfg),
+        deepspeed_plugin=plugin, kwargs_handlers=handlers, **trackers.accelerator_kwargs(cfg),
     )  # fmt: skip
     if plugin is not None:
         # accelerate reads DeepSpeed's micro-batch size off a dataloader, and batches come from DataStream
@@ -386,6 +414,22 @@ def whole_weights(accelerator, model):
 
     with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters())):
         yield
+
+
+@contextmanager
+def whole_on_load(accelerator):
+    """Under ZeRO-3, transformers loads any model in pieces over the processes (it reads accelerate's DeepSpeed
+    config); the frozen text encoder is not DeepSpeed's to hold, and in pieces it cannot run: load it whole."""
+    if not is_deepspeed(accelerator) or accelerator.state.deepspeed_plugin.zero_stage != 3:
+        yield
+        return
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
 
 
 @dataclass(frozen=True)
@@ -562,7 +606,8 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
     weights_dir = resume_from or model_dir
     tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
     text_dtype = torch.float32 if cfg.train_text_encoder else weight_dtype
-    text_encoder = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", dtype=text_dtype)
+    with whole_on_load(accelerator):
+        text_encoder = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", dtype=text_dtype)
     unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet").float()
     vae = AutoencoderKL.from_pretrained(vae_dir or model_dir / "vae", dtype=weight_dtype)
     noise_scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
@@ -681,6 +726,8 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
         # how the batch is made up: global = per device × accumulation × processes; lr already --scale-lr'd
         "world_size": world,
         "distributed": "deepspeed" if is_deepspeed(accelerator) else ("ddp" if world > 1 else "none"),
+        "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None,
+        "offload_optimizer": cfg.offload_optimizer,
         "per_device_batch_size": cfg.train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "global_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * world,

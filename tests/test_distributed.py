@@ -229,15 +229,44 @@ def test_bad_scaling_settings_name_the_flag(tmp_path, flags, message):
         build_train_config(None, {**base, **flags})
 
 
-def test_deepspeed_that_cannot_run_here_is_an_environment_problem(cli, model, photos, tmp_path):
-    """DeepSpeed is not in the image's lock, and accelerate runs it on GPUs only: exit 3, naming the fix."""
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is here: DeepSpeed may well run")
-    result = cli(*base_args(model, photos, tmp_path / "o", "--distributed", "deepspeed-zero2",
-                            "--offload-optimizer", "cpu"))  # fmt: skip
+def test_deepspeed_that_is_not_installed_is_an_environment_problem(cli, model, photos, tmp_path, monkeypatch):
+    """Where DeepSpeed cannot be imported (a host without it): exit 3, naming the fix, before anything starts."""
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed → ImportError
+    result = cli(*base_args(model, photos, tmp_path / "o", "--distributed", "deepspeed-zero2"))
     assert result.exit_code == 3, result.stderr
     assert "deepspeed-zero2" in result.stderr and "--distributed ddp" in result.stderr
     assert not (tmp_path / "o" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("zero, offload", [("deepspeed-zero2", "cpu"), ("deepspeed-zero3", "none")])
+def test_deepspeed_zero_trains_like_one_process(runs, base, model, photos, tmp_path, zero, offload):
+    """ZeRO-2 with Adam's states in CPU memory, and ZeRO-3 (the UNet's weights in pieces over the processes), two
+    processes over gloo (DeepSpeed's CPU accelerator): the same training as one plain process with the same global
+    batch; the first process writes whole weights. A ZeRO-2 checkpoint resumes without DeepSpeed (the weights are
+    whole in it; Adam's moments, DeepSpeed's shards, start afresh)."""
+    one, _, _ = runs
+    out = tmp_path / "zero"
+    args = ("--class-data-dir", one / "class", "--distributed", zero, "--offload-optimizer", offload)
+    writes = launch(tmp_path, *base_args(model, photos, out, *RUN, *args, "--num-processes", 2))
+    report = json.loads((out / "train_report.json").read_text())
+    assert (report["distributed"], report["zero_stage"], report["offload_optimizer"]) == (
+        "deepspeed",
+        int(zero[-1]),
+        offload,
+    )
+    assert (report["world_size"], report["global_batch_size"]) == (2, 2)
+    # on the CPU torch's AdamW (DeepSpeed's compiled CPU Adam is tried with GPUs)
+    assert report["optimizer"] == "AdamW (torch)" + (", offloaded to the CPU" if offload == "cpu" else "")
+    assert_same_training(one, out, base)
+    assert {w["rank"] for w in writes} == {"0"}  # class images came from the one run: only checkpoints here
+    if zero != "deepspeed-zero2":
+        return
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoints" / "step-2", resumed / "checkpoints" / "step-2")
+    again = ("--class-data-dir", one / "class", "--train-batch-size", 2, "--resume")
+    launch(tmp_path, *base_args(model, photos, resumed, *RUN, *again))
+    state = torch.load(resumed / "checkpoints" / "step-4" / "training_state.pt", weights_only=False)
+    assert (state["step"], state["world_size"], state["samples_seen"]) == (4, 1, 8)
 
 
 def test_accelerate_config_file_must_exist(cli, model, photos, tmp_path):
