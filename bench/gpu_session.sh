@@ -3,7 +3,7 @@
 #
 #   Prepare here, once (see bench/README.md):
 #     .venv/bin/python bench/train.py --vendor --diffusers-git DIR    # the official script → bench/vendor/
-#     .venv/bin/python bench/train.py --pack                          # diffusers + bitsandbytes → bench/wheels/
+#     .venv/bin/python bench/train.py --pack                          # diffusers, bitsandbytes, deepspeed → bench/wheels/
 #   Then, through the device tool:
 #     run(command="bash bench/gpu_session.sh", carry=["bench/vendor", "bench/wheels"], timeout_s=570)
 #   Arguments go on to bench/train.py, e.g. `bash bench/gpu_session.sh --configs official-classic,ours-classic`.
@@ -13,7 +13,7 @@
 # BENCH_BUDGET_S (default 420 s) bounds the harness: it starts no run that would not fit, so the whole call ends
 # well inside one command's 10 minutes and a session's 15 device-minutes leave room to look at the result.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 
 OUT=${OUT:-bench/results}
 BUDGET_S=${BENCH_BUDGET_S:-420}
@@ -31,11 +31,16 @@ session() {
             bench/wheels/*.whl || { echo "error: installing bench/wheels/*.whl failed"; return 3; }
         export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     fi
+    # DeepSpeed is published as source only: built there against that machine's torch (pure Python, no kernels)
+    if compgen -G "bench/wheels/*.tar.gz" >/dev/null; then
+        DS_BUILD_OPS=0 "${PIP[@]}" install -q --no-index --no-deps --no-build-isolation --no-cache-dir --upgrade \
+            --target "$SITE" bench/wheels/*.tar.gz || echo "warning: building bench/wheels/*.tar.gz failed"
+    fi
     "$PY" - <<'EOF' || return 3
 import importlib.metadata as m, sys
 import torch
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, cuda {torch.version.cuda}, gpu {torch.cuda.is_available()}")
-for p in ("diffusers", "transformers", "accelerate", "bitsandbytes", "huggingface-hub"):
+for p in ("diffusers", "transformers", "accelerate", "bitsandbytes", "deepspeed", "huggingface-hub"):
     try:
         print(f"{p} {m.version(p)}")
     except m.PackageNotFoundError:

@@ -33,6 +33,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -46,7 +47,8 @@ BENCH = ROOT / "bench"
 VENDOR = BENCH / "vendor"
 WHEELS = BENCH / "wheels"
 RESULTS = BENCH / "results"
-LOCK = ROOT / "requirements" / "lock.txt"
+LOCKS = (ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "deepspeed-lock.txt")
+SOURCE_ONLY = {"deepspeed"}  # published without wheels: its source travels, built there against torch
 OFFICIAL_PATH = "examples/dreambooth/train_dreambooth.py"
 OFFICIAL_URL = "https://raw.githubusercontent.com/huggingface/diffusers/{ref}/" + OFFICIAL_PATH
 CARRY_LIMIT_MIB = 64  # what travels to the GPU machine: working tree + carried paths
@@ -78,6 +80,7 @@ class Config:
     gpu_only: bool = False  # needs CUDA (paging, xformers) or is pointless on a CPU (compile): not in --smoke
 
 
+ZERO2_OFFLOAD = ("--distributed", "deepspeed-zero2", "--offload-optimizer", "cpu")
 NO_CLIP = ("--max-grad-norm", "0")  # the step inside backward cannot clip (clipping needs every gradient first)
 
 # In priority order: a run with a time budget measures from the top and skips what no longer fits.
@@ -133,6 +136,16 @@ CONFIGS = [
         gpu_only=True,
     ),
     Config("ours-classic-cap12", "ours", "classic, capped at 12 GiB", memory_cap_gb=12, gpu_only=True),
+    # DeepSpeed ZeRO-2 with Adam's states in CPU memory: the diffusers docs' answer for cards under 8 GB
+    Config(
+        "ours-zero2-offload-cap8",
+        "ours",
+        "DeepSpeed ZeRO-2, optimizer offloaded to the CPU, capped at 8 GiB",
+        eight_bit_adam=False,
+        levers=ZERO2_OFFLOAD,
+        memory_cap_gb=8,
+        gpu_only=True,
+    ),
     Config(
         "ours-adamw-for-loop",
         "ours",
@@ -457,11 +470,12 @@ def prepare_inputs(work: Path, *, tiny: bool, resolution: int, steps: int, env: 
 
 
 def pinned_version(package: str) -> str:
-    """The version requirements/lock.txt pins."""
-    match = re.search(rf"^{re.escape(package)}==([^\s\\;]+)", LOCK.read_text(), re.MULTILINE | re.IGNORECASE)
-    if not match:
-        raise SystemExit(f"{package} is not pinned in {LOCK}")
-    return match.group(1)
+    """The version requirements/lock.txt (or deepspeed-lock.txt) pins."""
+    for lock in LOCKS:
+        match = re.search(rf"^{re.escape(package)}==([^\s\\;]+)", lock.read_text(), re.MULTILINE | re.IGNORECASE)
+        if match:
+            return match.group(1)
+    raise SystemExit(f"{package} is not pinned in {' or '.join(map(str, LOCKS))}")
 
 
 def official_script_path(version: str) -> Path:
@@ -547,11 +561,18 @@ def pack_wheels(packages: list[str], python_version: str) -> list[dict]:
     rows = []
     for package in packages:
         spec = f"{package}=={pinned_version(package)}"
-        cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version]
-        cmd += ["--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(WHEELS), spec]
+        if package in SOURCE_ONLY:
+            cmd = [*pip, "download", "--no-deps", "--no-binary=:all:", "-d", str(WHEELS), spec]
+        else:
+            cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version]
+            cmd += ["--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)]]
+            cmd += ["-d", str(WHEELS), spec]
         done = subprocess.run(cmd, capture_output=True, text=True)
         name = package.replace("-", "_").lower()
-        files = sorted(f for f in WHEELS.glob("*.whl") if f.name.lower().startswith(name + "-"))
+        files = sorted(
+            f for f in WHEELS.glob("*") if f.name.lower().replace("-", "_").startswith(name + "_") or
+            f.name.lower().startswith(name + "-")
+        )  # fmt: skip
         rows.append(
             {
                 "package": spec,
@@ -682,6 +703,15 @@ def child_env(smoke: bool, work: Path) -> dict:
     return env
 
 
+def one_rank_environment() -> dict[str, str]:
+    """What torchrun sets in the one process of a one-process run (a free port for its rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ranks = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    return {**ranks, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
 def run_config(
     cfg: Config, inputs: Inputs, plan: Plan, work: Path, env: dict, script: Path | None, timeout: float
 ) -> dict:
@@ -704,6 +734,10 @@ def run_config(
     wrapped += ["--", *target]
     row |= {"command": shlex.join(command), "wrapped_command": shlex.join(wrapped)}
     print(f"── {cfg.name}: {row['command']}", flush=True)
+    if "--distributed" in cfg.levers:
+        # `dreambooth train` would start DeepSpeed's process through accelerate's launcher, out of the measuring
+        # wrapper's reach; as rank 0 of a one-process world (what the launcher sets) it trains in the wrapper
+        env = {**env, **one_rank_environment()}
     started = time.perf_counter()
     with open(out / "log.txt", "wb") as log:
         proc = subprocess.Popen(wrapped, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -991,7 +1025,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diffusers-git", type=Path, help="for --vendor: a diffusers clone (bare is fine)")
     parser.add_argument("--allow-nearest", action="store_true", help="for --vendor: nearest older release if needed")
     parser.add_argument("--pack", action="store_true", help="download the GPU image's missing wheels, exit")
-    parser.add_argument("--pack-packages", default="diffusers,bitsandbytes")
+    parser.add_argument(
+        "--pack-packages",
+        default="diffusers,bitsandbytes,deepspeed,hjson,py-cpuinfo,msgpack,einops,ninja",
+    )
     parser.add_argument("--python-version", default=DEVICE_PYTHON, help="for --pack: the GPU machine's Python")
     parser.add_argument("--table", nargs="+", type=Path, help="print the tables of these result files, exit")
     parser.add_argument("--update-readme", action="store_true", help="with --table: put them into bench/README.md")
