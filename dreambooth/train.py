@@ -284,7 +284,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
 
             name = "DeepSpeedCPUAdam (offloaded)"
         except Exception as exc:
-            events.notice(f"--offload-optimizer cpu: DeepSpeed's CPU Adam is not usable here ({exc}); torch AdamW")
+            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # compiler errors run long
+            events.notice(f"--offload-optimizer cpu: DeepSpeed's CPU Adam is not usable here ({why}); torch AdamW")
     if make is None:
         impl = performance.adamw_kwargs(cfg.adam_impl)
 
