@@ -373,7 +373,7 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
         deepspeed_plugin=plugin, kwargs_handlers=handlers, **trackers.accelerator_kwargs(cfg),
     )  # fmt: skip
-    if plugin is not None:
+    if is_deepspeed(accelerator):  # ours, or one an --accelerate-config file asked for
         # accelerate reads DeepSpeed's micro-batch size off a dataloader, and batches come from DataStream
         accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
     if not accelerator.is_main_process:
