@@ -8,8 +8,9 @@
 #     run(command="bash bench/gpu_session.sh", carry=["bench/vendor", "bench/wheels"], timeout_s=570)
 #   Arguments go on to bench/train.py, e.g. `bash bench/gpu_session.sh --configs official-classic,ours-classic`.
 #
-# The GPU image has torch, transformers, accelerate, peft, typer, rich and safetensors, but neither diffusers nor
-# bitsandbytes, and no network: the carried wheels are installed with --no-deps into a folder put on PYTHONPATH.
+# The GPU image has torch, transformers, accelerate, peft, typer, rich and safetensors, but no diffusers,
+# bitsandbytes or DeepSpeed, and no network: the carried wheels are installed with --no-deps into a folder put on
+# PYTHONPATH.
 # BENCH_BUDGET_S (default 420 s) bounds the harness: it starts no run that would not fit, so the whole call ends
 # well inside one command's 10 minutes and a session's 15 device-minutes leave room to look at the result.
 set -uo pipefail

@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -48,11 +49,14 @@ VENDOR = BENCH / "vendor"
 WHEELS = BENCH / "wheels"
 RESULTS = BENCH / "results"
 LOCKS = (ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "deepspeed-lock.txt")
+# what a DeepSpeed measurement needs on the GPU machine besides diffusers
+DEEPSPEED_PACK = "deepspeed,hjson,py-cpuinfo,msgpack,einops,ninja"
 SOURCE_ONLY = {"deepspeed"}  # published without wheels: its source travels, built there against torch
 OFFICIAL_PATH = "examples/dreambooth/train_dreambooth.py"
 OFFICIAL_URL = "https://raw.githubusercontent.com/huggingface/diffusers/{ref}/" + OFFICIAL_PATH
 CARRY_LIMIT_MIB = 64  # what travels to the GPU machine: working tree + carried paths
 DEVICE_PYTHON = "3.12"  # the GPU image's python3 (/work/.library/device/KINDS.md)
+DEVICE_CUDA = "130"  # its torch's CUDA (2.11+cu130): the bitsandbytes kernels it loads
 README_BEGIN, README_END = "<!-- train-results:begin -->", "<!-- train-results:end -->"
 
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
@@ -553,26 +557,27 @@ def _git(git_dir: Path, *args: str) -> str:
 PLATFORMS = [f"manylinux_2_{n}_x86_64" for n in (17, 24, 27, 28, 31, 34, 35)] + ["manylinux2014_x86_64"]
 
 
-def pack_wheels(packages: list[str], python_version: str) -> list[dict]:
-    """`pip download --no-deps` the pinned wheels of `packages` for the GPU image's Python into bench/wheels/,
-    and say whether they fit in what travels there (64 MiB with the working tree and bench/vendor/)."""
-    WHEELS.mkdir(parents=True, exist_ok=True)
+def pack_wheels(packages: list[str], python_version: str, dest: Path = WHEELS) -> list[dict]:
+    """`pip download --no-deps` the pinned wheels of `packages` for the GPU image's Python into `dest`
+    (bench/wheels/), and say whether they fit in what travels there (64 MiB with the working tree and
+    bench/vendor/). bitsandbytes keeps only the kernels of the GPU machine's CUDA (see trim_bitsandbytes)."""
+    dest.mkdir(parents=True, exist_ok=True)
     pip = _pip()
     rows = []
     for package in packages:
         spec = f"{package}=={pinned_version(package)}"
         if package in SOURCE_ONLY:
-            cmd = [*pip, "download", "--no-deps", "--no-binary=:all:", "-d", str(WHEELS), spec]
+            cmd = [*pip, "download", "--no-deps", "--no-binary=:all:", "-d", str(dest), spec]
         else:
             cmd = [*pip, "download", "--no-deps", "--only-binary=:all:", "--python-version", python_version]
             cmd += ["--implementation", "cp", *[a for p in PLATFORMS for a in ("--platform", p)]]
-            cmd += ["-d", str(WHEELS), spec]
+            cmd += ["-d", str(dest), spec]
         done = subprocess.run(cmd, capture_output=True, text=True)
         name = package.replace("-", "_").lower()
-        files = sorted(
-            f for f in WHEELS.glob("*") if f.name.lower().replace("-", "_").startswith(name + "_") or
-            f.name.lower().startswith(name + "-")
-        )  # fmt: skip
+        files = sorted(f for f in dest.glob("*") if f.name.lower().replace("-", "_").startswith(name + "_"))
+        if package == "bitsandbytes" and done.returncode == 0:
+            for wheel in files:
+                trim_bitsandbytes(wheel, DEVICE_CUDA)
         rows.append(
             {
                 "package": spec,
@@ -592,6 +597,20 @@ def pack_wheels(packages: list[str], python_version: str) -> list[dict]:
         f"= {total:.1f} MiB of {CARRY_LIMIT_MIB}: {'fits' if total <= CARRY_LIMIT_MIB else 'TOO BIG'}"
     )
     return rows
+
+
+def trim_bitsandbytes(wheel: Path, cuda: str) -> None:
+    """Keep one CUDA build of bitsandbytes' kernels (and the CPU one) in its wheel: the wheel carries one library
+    per CUDA and ROCm version, 41 MiB, of which the GPU machine loads the one for its torch's CUDA (3.4 MiB in
+    all). pip installs the trimmed wheel as it is (it does not check RECORD's hashes)."""
+    keep = re.compile(rf"libbitsandbytes_(cuda{cuda}|cpu)\.so$")
+    trimmed = wheel.with_suffix(".trimmed")
+    with zipfile.ZipFile(wheel) as zin, zipfile.ZipFile(trimmed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for info in zin.infolist():
+            if re.search(r"libbitsandbytes_\w+\.(so|dll|dylib)$", info.filename) and not keep.search(info.filename):
+                continue
+            zout.writestr(info, zin.read(info.filename))
+    trimmed.replace(wheel)
 
 
 def _pip() -> list[str]:
@@ -1025,10 +1044,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--diffusers-git", type=Path, help="for --vendor: a diffusers clone (bare is fine)")
     parser.add_argument("--allow-nearest", action="store_true", help="for --vendor: nearest older release if needed")
     parser.add_argument("--pack", action="store_true", help="download the GPU image's missing wheels, exit")
-    parser.add_argument(
-        "--pack-packages",
-        default="diffusers,bitsandbytes,deepspeed,hjson,py-cpuinfo,msgpack,einops,ninja",
-    )
+    parser.add_argument("--pack-packages", default="diffusers,bitsandbytes," + DEEPSPEED_PACK)
     parser.add_argument("--python-version", default=DEVICE_PYTHON, help="for --pack: the GPU machine's Python")
     parser.add_argument("--table", nargs="+", type=Path, help="print the tables of these result files, exit")
     parser.add_argument("--update-readme", action="store_true", help="with --table: put them into bench/README.md")

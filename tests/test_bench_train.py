@@ -121,3 +121,24 @@ def test_every_gpu_configuration_is_a_command_dreambooth_train_accepts(tmp_path)
         else:
             assert settings.mixed_precision == cfg.mixed_precision and settings.use_8bit_adam == cfg.eight_bit_adam
         assert settings.fused_backward == any(lever in ("--fused-backward", "--low-vram") for lever in cfg.levers)
+
+
+def test_packed_bitsandbytes_keeps_the_gpu_machines_kernels_only(tmp_path):
+    """The 41 MiB wheel holds one library per CUDA/ROCm version; what travels keeps cu130's and the CPU one."""
+    import zipfile
+
+    bench = load_harness()
+    wheel = tmp_path / "bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl"
+    libs = ["cuda118", "cuda128", "cuda130", "cuda132", "rocm72", "cpu"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("bitsandbytes/__init__.py", "")
+        for lib in libs:
+            z.writestr(f"bitsandbytes/libbitsandbytes_{lib}.so", b"\0" * 10)
+        z.writestr("bitsandbytes-0.50.2.dist-info/RECORD", "")
+    bench.trim_bitsandbytes(wheel, "130")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {n for n in names if ".so" in n} == {
+        "bitsandbytes/libbitsandbytes_cuda130.so",
+        "bitsandbytes/libbitsandbytes_cpu.so",
+    }
+    assert {"bitsandbytes/__init__.py", "bitsandbytes-0.50.2.dist-info/RECORD"} <= names
