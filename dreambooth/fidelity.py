@@ -14,8 +14,9 @@ The scores, each in [0, 1]:
   absolute pixel difference, 0 = unchanged): the language drift DreamBooth's prior preservation is there to
   prevent. Beside it, prior subject likeness (the judge's mean probability that those samples show the subject)
   and prior diversity (normalised entropy of the objects they show: 1 = all five alike, 0 = one kind only).
-  On the tiny model the judge-based likeness rises about as much with prior preservation as without (its text
-  encoder tells "a sks shape" from "a shape" only weakly); the pixel measure separates the two clearly.
+  On the tiny model with the demo's settings both separate the two: likeness 0.04 → 0.23 with prior
+  preservation, → 0.80 without (diversity 0.91 against 0.43); drift 0.118 against 0.188. (On the previous
+  tiny model, whose text encoder told "a sks shape" from "a shape" only weakly, only the pixel measure did.)
 """
 
 import argparse

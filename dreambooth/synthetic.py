@@ -66,8 +66,13 @@ def subject_scene(rng: random.Random, background: str | None = None) -> Scene:
 
 
 def _placement(rng: random.Random) -> tuple[float, float, float]:
-    size = rng.uniform(11, 20)
-    return rng.uniform(11, 21), rng.uniform(11, 21), size
+    """Centre and size: 14–24 px across, so that a shape spans 4–6 of the 8×8 latent pixels the model draws in.
+
+    (11–20 px, 3–5 latent pixels, left the tiny model barely above chance at telling shapes apart.) Centres
+    stay within 12–20 px, so even the largest shape stays on the 32 px canvas.
+    """
+    size = rng.uniform(14, 24)
+    return rng.uniform(12, 20), rng.uniform(12, 20), size
 
 
 def render(scene: Scene, resolution: int = RESOLUTION) -> Image.Image:

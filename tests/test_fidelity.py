@@ -31,21 +31,23 @@ def test_the_judge_tells_the_subject_from_the_shapes_and_reads_backgrounds():
     assert fidelity.background_score(green, "green") > 0.9
 
 
-def test_the_pretrained_model_follows_prompted_colours_far_above_chance(base):
-    """Measured on these 24 prompts: colour 0.46, background 0.54 (chance 0.125 each); shape 0.33 (chance 0.25)
-    is only a little above chance on this model (see dreambooth/assets/tiny/README.md), so it is not asserted."""
+def test_the_pretrained_model_follows_prompted_shapes_and_colours_far_above_chance(base):
+    """Measured on these 24 prompts: shape 1.0 (chance 0.25), colour 1.0, background 0.96 (chance 0.125 each);
+    on 64 prompts 1.0, 0.98, 0.95 (see dreambooth/assets/tiny/README.md). The thresholds leave a wide margin for
+    other CPUs' arithmetic, and still fail a model that follows only colours (the previous one: shape 0.33)."""
     result = fidelity.prompt_following(base, count=24)
     accuracy = result["accuracy"]
-    assert accuracy["colour"] >= 0.3, result
-    assert accuracy["background"] >= 0.35, result
+    assert accuracy["shape"] >= 0.7, result
+    assert accuracy["colour"] >= 0.7, result
+    assert accuracy["background"] >= 0.7, result
 
 
 def test_fine_tuning_learns_the_subject_and_prior_preservation_limits_drift(base, work):
-    """The demo's settings (UNet, lr 1e-3, 150 steps, batch 4) with and without prior preservation.
+    """The demo's settings (UNet, lr 3e-4, 150 steps, batch 4) with and without prior preservation.
 
-    Measured on this model: subject fidelity 0.12 → 0.43 with the prior (0.31 without); prior drift 0.136 with
-    the prior against 0.192 without. A trainer that does not update fails the first assertion; one whose prior
-    loss has no effect drifts as far as without it and fails the last.
+    Measured on this model: subject fidelity 0.07 → 0.95 with the prior (0.72 without), prompt fidelity 0.99
+    (0.94 without); prior drift 0.118 with the prior against 0.188 without. A trainer that does not update fails
+    the first assertion; one whose prior loss has no effect drifts as far as without it and fails the last.
     """
     with_prior = fidelity.fine_tune(base, work / "prior", work, with_prior_preservation=True)
     without_prior = fidelity.fine_tune(base, work / "no-prior", work, with_prior_preservation=False)
@@ -53,7 +55,9 @@ def test_fine_tuning_learns_the_subject_and_prior_preservation_limits_drift(base
     _, (drifted, _) = fidelity.score_before_after(base, without_prior["final_checkpoint"])
 
     assert before.subject_fidelity < 0.2  # the base model has never seen the glyph
-    assert kept.subject_fidelity > before.subject_fidelity + 0.2, (before, kept)
-    assert drifted.subject_fidelity > before.subject_fidelity + 0.1, (before, drifted)
-    # the class images hold "a shape" where the base model had it; without them it moves ~40 % further
+    assert kept.subject_fidelity > before.subject_fidelity + 0.5, (before, kept)
+    assert drifted.subject_fidelity > before.subject_fidelity + 0.3, (before, drifted)
+    # the new word combines with what the model knew: the subject on a background no instance picture has
+    assert kept.prompt_fidelity > 0.7, kept
+    # the class images hold "a shape" where the base model had it; without them it moves ~60 % further
     assert kept.prior_drift < 0.85 * drifted.prior_drift, (kept, drifted)
