@@ -302,12 +302,11 @@ class TrainConfig:
             raise UserError(f"--distributed {self.distributed!r} is unknown", f"use {' | '.join(DISTRIBUTED)}")
         if self.offload_optimizer not in OFFLOAD:
             raise UserError(f"--offload-optimizer {self.offload_optimizer!r} is unknown", "use none | cpu")
-        deepspeed = self.distributed.startswith("deepspeed")
-        if self.offload_optimizer != "none" and not deepspeed:
+        if self.offload_optimizer != "none" and not self.deepspeed:
             raise UserError(
                 "--offload-optimizer cpu needs DeepSpeed", "add --distributed deepspeed-zero2 (or deepspeed-zero3)"
             )
-        if deepspeed and self.train_text_encoder:
+        if self.deepspeed and self.train_text_encoder:
             # accelerate hands DeepSpeed one model per engine; the text encoder would be a second one
             raise UserError(
                 f"--distributed {self.distributed} trains the UNet only, and --train-text-encoder is set",
@@ -325,12 +324,12 @@ class TrainConfig:
 
         DeepSpeed always runs under the launcher, even as one process: it needs the rendezvous (RANK, MASTER_ADDR)
         that the launcher sets up."""
-        return (
-            self.num_processes > 1
-            or self.num_machines > 1
-            or self.accelerate_config is not None
-            or self.distributed.startswith("deepspeed")
-        )
+        return self.num_processes > 1 or self.num_machines > 1 or self.accelerate_config is not None or self.deepspeed
+
+    @property
+    def deepspeed(self) -> bool:
+        """--distributed deepspeed-zero2 or deepspeed-zero3."""
+        return self.distributed.startswith("deepspeed")
 
     @property
     def cache(self) -> Path:

@@ -74,7 +74,7 @@ def launcher_args(cfg: TrainConfig, settings: Path) -> list[str]:
     args = []
     if cfg.accelerate_config is not None:
         args += ["--config_file", str(cfg.accelerate_config)]  # it says how; the flags given here still win
-    elif cfg.distributed.startswith("deepspeed"):
+    elif cfg.deepspeed:
         # torchrun's launcher too (also for one process: DeepSpeed needs its rendezvous); the ZeRO settings the
         # processes use are the ones train.make_accelerator gives DeepSpeed, these only keep the launcher's agreeing
         args += ["--use_deepspeed", "--zero_stage", cfg.distributed[-1]]

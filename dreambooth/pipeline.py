@@ -32,6 +32,7 @@ from pathlib import Path
 from dreambooth import __version__, events
 from dreambooth.checkpoint.convert import ConvertOptions
 from dreambooth.config import TrainConfig, build_train_config
+from dreambooth.doctor import STACK
 from dreambooth.errors import UserError
 from dreambooth.fileio import sha256_file, write_json
 
@@ -49,9 +50,7 @@ CONTINUABLE = frozenset({
     "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port", "accelerate_config",
     "report_to", "torch_compile",
 })  # fmt: skip
-PACKAGES = (
-    "torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed", "safetensors", "numpy",
-)  # fmt: skip
+PACKAGES = (*STACK, "numpy")
 
 
 # ───────────────────────────── configuration ─────────────────────────────

@@ -282,7 +282,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
             def make(group):
                 return DeepSpeedCPUAdam(group, adamw_mode=True, **kwargs)
 
-            name = "DeepSpeedCPUAdam (offloaded)"
+            name = "DeepSpeedCPUAdam"
         except Exception as exc:
             why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # compiler errors run long
             events.notice(f"--offload-optimizer cpu: DeepSpeed's CPU Adam is not usable here ({why}); torch AdamW")
@@ -293,7 +293,7 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
             return torch.optim.AdamW(group, **kwargs, **impl)
 
         name = "AdamW (torch)" if cfg.adam_impl == "auto" else f"AdamW (torch, {cfg.adam_impl})"
-    if cfg.offload_optimizer == "cpu" and "offloaded" not in name:
+    if cfg.offload_optimizer == "cpu":
         name += ", offloaded to the CPU"
     if cfg.fused_backward:
         # fp16 gradients need loss scaling, done per weight inside backward; bf16 and fp32 need none
@@ -318,11 +318,11 @@ def set_attention(unet, cfg: TrainConfig, device: torch.device) -> str:
 
 
 def check_deepspeed(cfg: TrainConfig) -> None:
-    """--distributed deepspeed-*: the library is there, and so are the GPUs accelerate runs it on."""
-    if not cfg.distributed.startswith("deepspeed"):
+    """--distributed deepspeed-*: the library imports (on a machine without CUDA, as DeepSpeed's CPU accelerator,
+    which is chosen here, before the import, so that DeepSpeed does not warn that it found no GPU)."""
+    if not cfg.deepspeed:
         return
     if not torch.cuda.is_available():
-        # DeepSpeed would find no GPU, warn, and take its CPU accelerator: say so up front, quietly
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed  # noqa: F401
@@ -345,7 +345,7 @@ def make_accelerator(cfg: TrainConfig):
         mixed = "no"
     plugin = None
     handlers = accelerator_handlers(cfg)
-    if cfg.distributed.startswith("deepspeed"):
+    if cfg.deepspeed:
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
         check_deepspeed(cfg)
@@ -404,11 +404,15 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def is_zero3(accelerator) -> bool:
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
 @contextmanager
 def whole_weights(accelerator, model):
     """DeepSpeed ZeRO-3 keeps each weight in pieces over the processes: gather them (all processes take part)
     for as long as a checkpoint and its samples need them. Every other set-up holds whole weights anyway."""
-    if not is_deepspeed(accelerator) or accelerator.state.deepspeed_plugin.zero_stage != 3:
+    if not is_zero3(accelerator):
         yield
         return
     import deepspeed
@@ -421,7 +425,7 @@ def whole_weights(accelerator, model):
 def whole_on_load(accelerator):
     """Under ZeRO-3, transformers loads any model in pieces over the processes (it reads accelerate's DeepSpeed
     config); the frozen text encoder is not DeepSpeed's to hold, and in pieces it cannot run: load it whole."""
-    if not is_deepspeed(accelerator) or accelerator.state.deepspeed_plugin.zero_stage != 3:
+    if not is_zero3(accelerator):
         yield
         return
     from transformers.integrations import unset_hf_deepspeed_config
