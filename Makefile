@@ -10,11 +10,11 @@ export SSL_CERT_FILE ?= $(wildcard /etc/ssl/certs/ca-certificates.crt)
 $(VENV)/.installed: requirements/lock.txt requirements/dev-lock.txt requirements/deepspeed-lock.txt pyproject.toml
 	$(PYTHON) -m pip install -q --disable-pip-version-check "uv==0.13.9"
 	$(PYTHON) -m uv venv -q --allow-existing --python $(PYTHON) $(VENV)
-	$(PYTHON) -m uv pip sync -q -p $(VENV)/bin/python --require-hashes --index-url https://pypi.org/simple \
+	$(PYTHON) -m uv pip sync -q -p $(VENV)/bin/python --require-hashes \
 		requirements/lock.txt requirements/dev-lock.txt
 	# DeepSpeed (source only) builds against the torch installed above
 	DS_BUILD_OPS=0 $(PYTHON) -m uv pip install -q -p $(VENV)/bin/python --require-hashes --no-deps \
-		--no-build-isolation --index-url https://pypi.org/simple -r requirements/deepspeed-lock.txt
+		--no-build-isolation -r requirements/deepspeed-lock.txt
 	$(PYTHON) -m uv pip install -q -p $(VENV)/bin/python --no-deps --no-build-isolation -e .
 	touch $@
 
@@ -50,11 +50,11 @@ lint: $(TOOLS)/.installed ## ruff (Python); lint-docker checks the Dockerfiles, 
 .PHONY: lock
 lock: ## Re-generate requirements/*.txt (hashes) from requirements/*.in
 	$(PYTHON) -m uv pip compile -q requirements/main.in --generate-hashes --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple -o requirements/lock.txt
+		--python-platform x86_64-manylinux_2_28 -o requirements/lock.txt
 	$(PYTHON) -m uv pip compile -q requirements/dev.in --generate-hashes --python-version 3.11 \
-		--python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple -o requirements/dev-lock.txt
+		--python-platform x86_64-manylinux_2_28 -o requirements/dev-lock.txt
 	$(PYTHON) -m uv pip compile -q requirements/deepspeed.in -c requirements/lock.txt --generate-hashes \
-		--python-version 3.11 --python-platform x86_64-manylinux_2_28 --index-url https://pypi.org/simple \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 \
 		--no-build-isolation-package deepspeed -p $(VENV)/bin/python -o requirements/deepspeed-lock.txt
 
 .PHONY: help

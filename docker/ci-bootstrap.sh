@@ -37,7 +37,7 @@ if [ -s /etc/ssl/certs/ca-certificates.crt ]; then
     export PIP_CERT="${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
 fi
 
-# The Debian mirror apt uses here (deb822 .sources or one-line .list), e.g. http://deb.debian.org/debian
+# The Debian mirror apt uses here (deb822 .sources or one-line .list); never a built-in host name
 apt_mirror() {
     for f in /etc/apt/sources.list.d/*.sources /etc/apt/sources.list /etc/apt/sources.list.d/*.list; do
         [ -r "$f" ] || continue
@@ -47,7 +47,8 @@ apt_mirror() {
         ' "$f")"
         if [ -n "$url" ]; then echo "$url"; return; fi
     done
-    echo http://deb.debian.org/debian
+    die "no Debian mirror in apt's sources (/etc/apt/sources.list, /etc/apt/sources.list.d/)" \
+        "add the mirror this machine uses to apt's sources, then rerun"
 }
 
 # 1. packages -----------------------------------------------------------------------------------------------------
