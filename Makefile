@@ -98,7 +98,7 @@ if [ -z "$${BASE_IMAGE:-}" ] && ! $(DOCKER) image inspect $(PINNED_BASE) >/dev/n
 	&& $(DOCKER) image inspect $(LOCAL_BASE) >/dev/null 2>&1; then \
 	export BASE_IMAGE=$(LOCAL_BASE); echo "notice: building from $(LOCAL_BASE) ($(PINNED_BASE) is not here to pull)" >&2; fi
 endef
-export MODEL DATA CONFIG PROMPT GPUS
+export MODEL DATA CONFIG PROMPT GPUS ADAPTER
 
 # `compose run --rm`, but with the container's exit status (docker/compose-run.sh says why)
 COMPOSE_RUN = COMPOSE="$(COMPOSE)" DOCKER="$(DOCKER)" docker/compose-run.sh
@@ -136,7 +136,7 @@ dirs:
 	@mkdir -p models data output cache
 
 .PHONY: train
-train: build dirs ## Train in the image: MODEL=./models/x.safetensors DATA=./data/alice [PROMPT=] | CONFIG=./data/run.toml | neither: tiny demo; [GPUS=2]
+train: build dirs ## Train in the image: MODEL=./models/x.safetensors DATA=./data/alice [PROMPT=] | CONFIG=./data/run.toml | neither: tiny demo; [GPUS=2] [ADAPTER=lora]
 	@$(call pick_service,train,train-gpu); set -x; $(COMPOSE_RUN) $$svc $(ARGS)
 
 .PHONY: demo-image

@@ -9,6 +9,7 @@
 #   nothing                               → dreambooth run --output /output   (no config: the built-in tiny demo)
 # Extra arguments are appended (e.g. `docker compose run --rm train --max-train-steps 400`).
 # GPUS=N (N > 1) trains with N processes, one per GPU (`--num-processes N`, DDP through accelerate).
+# ADAPTER=lora trains a LoRA (`--adapter lora`, exported as the kohya/A1111 LoRA file); ADAPTER=full is the default.
 set -eu
 
 # ./models/x, models/x and /models/x all mean /models/x inside the container (same for data, output).
@@ -29,6 +30,15 @@ case "${GPUS:-}" in
         exit 2
         ;;
     *) set -- --num-processes "$GPUS" "$@" ;;
+esac
+case "${ADAPTER:-}" in
+    "") ;;
+    full | lora) set -- --adapter "$ADAPTER" "$@" ;;
+    *)
+        printf 'error: ADAPTER=%s is unknown\n' "$ADAPTER" >&2
+        printf 'hint: make train ADAPTER=lora (a LoRA file) or ADAPTER=full (the whole model, the default)\n' >&2
+        exit 2
+        ;;
 esac
 if [ -n "${CONFIG:-}" ]; then
     set -- run --config "$(container_path "$CONFIG")" "$@"

@@ -24,6 +24,7 @@ _debug = False
 class ModelType(StrEnum):
     auto = "auto"
     sd1 = "sd1"
+    sd1_v = "sd1-v"  # an SD 1.x fine-tune trained for v-prediction
     sd2 = "sd2"
     sd2_v = "sd2-v"
 
@@ -88,20 +89,51 @@ def convert(
     _report(summary, f"wrote {dest}")
 
 
+class LoraFormat(StrEnum):
+    kohya = "kohya"
+    diffusers = "diffusers"
+
+
 @app.command()
 def export(
-    src: Annotated[Path, typer.Argument(help="Diffusers model folder (from convert or training).")],
-    dest: Annotated[Path, typer.Argument(help="Output file: .safetensors, or .ckpt for old tools.")],
-    half: Annotated[bool, typer.Option("--half", help="Store floating-point weights as fp16 (half the size).")] = (
-        False
-    ),
+    src: Annotated[Path, typer.Argument(help="Model folder from convert or training, or a LoRA checkpoint.")],
+    dest: Annotated[Path, typer.Argument(help="Output file (.safetensors, .ckpt); a folder for --format diffusers.")],
+    half: Annotated[
+        bool | None, typer.Option("--half/--no-half", help="fp16 weights (default: on for a LoRA, off otherwise).")
+    ] = None,
+    format: Annotated[
+        LoraFormat | None,
+        typer.Option("--format", help="LoRA checkpoints: kohya (A1111/ComfyUI, default) or diffusers."),
+    ] = None,
+    merge: Annotated[
+        bool, typer.Option("--merge", help="LoRA checkpoints: bake the LoRA into the base, write a full file.")
+    ] = False,
+    base: Annotated[
+        Path | None,
+        typer.Option("--base", help="LoRA checkpoints: the base model folder (default: the one trained on)."),
+    ] = None,
 ) -> None:
-    """Export a diffusers folder as one A1111/ComfyUI-loadable file in the original SD layout."""
-    from dreambooth.checkpoint.export import ExportOptions
-    from dreambooth.checkpoint.export import export as export_model
+    """Export a model as one A1111/ComfyUI-loadable file: a full checkpoint in the original SD layout, or a
+    LoRA checkpoint as the kohya LoRA file (or merged into its base)."""
+    from dreambooth.checkpoint.lora import export_lora, is_lora_checkpoint
 
-    with events.stage(f"exporting {src}"):
-        summary = export_model(src, dest, ExportOptions(half=half))
+    if is_lora_checkpoint(src):
+        with events.stage(f"exporting the LoRA {src}"):
+            summary = export_lora(
+                src, dest, fmt=(format or LoraFormat.kohya).value, merge=merge, half=half is not False, base=base
+            )
+    else:
+        from dreambooth.checkpoint.export import ExportOptions
+        from dreambooth.checkpoint.export import export as export_model
+
+        for given, name in ((format, "--format"), (merge, "--merge"), (base, "--base")):
+            if given:
+                raise UserError(
+                    f"{name} applies to LoRA checkpoints, and {src} is a full model folder",
+                    f"drop {name}, or pass a checkpoint of a `--adapter lora` run (checkpoints/step-N)",
+                )
+        with events.stage(f"exporting {src}"):
+            summary = export_model(src, dest, ExportOptions(half=bool(half)))
     events.emit("exported", **summary)
     _report(summary, f"wrote {dest}")
 
@@ -176,7 +208,9 @@ def run(
 @app.command(context_settings=_EXTRA_ARGS)
 def demo(
     ctx: typer.Context,
-    output: Annotated[Path, typer.Option("--output", help="Where the demo writes its files.")] = Path("output/demo"),
+    output: Annotated[
+        Path, typer.Option("--output", "--output-dir", "--output_dir", help="Where the demo writes all its files.")
+    ] = Path("output/demo"),
 ) -> None:
     """The built-in tiny model through convert → class images → train → export, offline, on a CPU.
 
@@ -186,8 +220,11 @@ def demo(
 
 
 def _run_demo(output: Path, flags: dict) -> None:
-    from dreambooth.demo import run_demo
+    """The demo with every file under one folder: an output folder among the train flags is that folder."""
+    from dreambooth.demo.run import run_demo
 
+    flags = dict(flags)
+    output = flags.pop("output", None) or output
     _finished(run_demo(output, flags))
 
 
@@ -282,6 +319,11 @@ class Distributed(StrEnum):
     deepspeed_zero3 = "deepspeed-zero3"
 
 
+class AdapterKind(StrEnum):
+    full = "full"
+    lora = "lora"
+
+
 class Offload(StrEnum):
     none = "none"
     cpu = "cpu"
@@ -293,6 +335,7 @@ _OPT = "Optimisation"
 _SAVE = "Saving"
 _SPEED = "Speed and memory"
 _SCALE = "Scaling out (several GPUs or machines)"
+_ADAPTER = "What trains: the whole model or a LoRA"
 
 
 @app.command(cls=_TrainCommand, epilog="The classic script's snake_case flags (--max_train_steps, …) also work.")
@@ -330,7 +373,39 @@ def train(
     seed: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
     train_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
     max_train_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    learning_rate: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    learning_rate: Annotated[
+        float | None, typer.Option(help="Default 5e-6 (full), 1e-4 (LoRA).", rich_help_panel=_OPT)
+    ] = None,
+    text_encoder_lr: Annotated[
+        float | None, typer.Option(help="The text encoder's own rate (default: --learning-rate).", rich_help_panel=_OPT)
+    ] = None,
+    adapter: Annotated[
+        AdapterKind | None,
+        typer.Option(
+            help="full: fine-tune the whole UNet; lora: train LoRA layers (kohya/A1111 file).", rich_help_panel=_ADAPTER
+        ),
+    ] = None,
+    lora_rank: Annotated[
+        int | None, typer.Option(help="LoRA rank (network dim), default 16.", rich_help_panel=_ADAPTER)
+    ] = None,
+    lora_alpha: Annotated[
+        float | None,
+        typer.Option(help="LoRA alpha; scale = alpha / rank (default: the rank).", rich_help_panel=_ADAPTER),
+    ] = None,
+    lora_dropout: Annotated[float | None, typer.Option(rich_help_panel=_ADAPTER)] = None,
+    lora_targets: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated: attention (default), feed-forward, projections, or module names.",
+            rich_help_panel=_ADAPTER,
+        ),
+    ] = None,
+    lora_conv_rank: Annotated[
+        int | None, typer.Option(help="> 0: LoCon, the 3×3 convolutions at this rank.", rich_help_panel=_ADAPTER)
+    ] = None,
+    lora_conv_alpha: Annotated[
+        float | None, typer.Option(help="Default: --lora-conv-rank.", rich_help_panel=_ADAPTER)
+    ] = None,
     scale_lr: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
     lr_scheduler: Annotated[LrScheduler | None, typer.Option(rich_help_panel=_OPT)] = None,
     lr_warmup_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,

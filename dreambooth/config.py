@@ -32,6 +32,16 @@ LOW_VRAM = {
     "fused_backward": True,
     "max_grad_norm": 0.0,
 }
+ADAPTERS = ("full", "lora")
+# --lora-targets: groups of the UNet's transformer-block modules, or the modules' own names
+LORA_TARGET_GROUPS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "feed-forward": ("ff.net.0.proj", "ff.net.2"),
+    "projections": ("proj_in", "proj_out"),
+}
+LORA_TARGET_NAMES = tuple(name for group in LORA_TARGET_GROUPS.values() for name in group)
+# what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
+DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
 
@@ -122,7 +132,8 @@ class TrainConfig:
     seed: int | None = None
     train_batch_size: int = 1
     max_train_steps: int = 800
-    learning_rate: float = 5e-6
+    learning_rate: float | None = None  # DEFAULT_LEARNING_RATE of the adapter when not given
+    text_encoder_lr: float | None = None  # --learning-rate when not given
     scale_lr: bool = False
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 0
@@ -143,6 +154,14 @@ class TrainConfig:
     cache_latents: bool = True
     offset_noise: float = 0.0
     snr_gamma: float | None = None
+    # what trains (dreambooth/adapters.py): the whole model, or LoRA layers beside the frozen base
+    adapter: str = "full"
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # = --lora-rank when not given (scale 1)
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] = LORA_TARGET_GROUPS["attention"]
+    lora_conv_rank: int = 0  # > 0: LoCon, the ResNet and resampling 3×3 convolutions too
+    lora_conv_alpha: float | None = None  # = --lora-conv-rank when not given
     # speed and memory (dreambooth/performance.py); all off unless asked, --low-vram turns on the memory ones
     low_vram: bool = False
     paged_adam: bool = False
@@ -202,8 +221,11 @@ class TrainConfig:
                      "offset_noise", "adam_weight_decay"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise UserError(f"{flag(name)} must not be negative (got {getattr(self, name)})", "pass 0 or more")
-        if not self.learning_rate > 0:
-            raise UserError(f"--learning-rate must be positive (got {self.learning_rate})", "e.g. --learning-rate 1e-6")
+        self._check_adapter()
+        for name in ("learning_rate", "text_encoder_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise UserError(f"{flag(name)} must be positive (got {value})", "e.g. --learning-rate 1e-6")
         if self.mixed_precision not in MIXED_PRECISION:
             raise UserError(
                 f"--mixed-precision {self.mixed_precision!r} is unknown", f"use {' | '.join(MIXED_PRECISION)}"
@@ -240,6 +262,45 @@ class TrainConfig:
                     )
         self._check_speed_levers()
         self._check_scaling()
+
+    def _check_adapter(self) -> None:
+        if self.adapter not in ADAPTERS:
+            raise UserError(f"--adapter {self.adapter!r} is unknown", f"use {' | '.join(ADAPTERS)}")
+        if isinstance(self.lora_targets, str):
+            object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split(",") if t.strip()))
+        targets = []
+        for name in (t.strip() for t in self.lora_targets):
+            if name not in LORA_TARGET_GROUPS and name not in LORA_TARGET_NAMES:
+                raise UserError(
+                    f"--lora-targets: unknown target {name!r}",
+                    f"use groups ({', '.join(LORA_TARGET_GROUPS)}) or modules ({', '.join(LORA_TARGET_NAMES)}), "
+                    "comma-separated",
+                )
+            targets += LORA_TARGET_GROUPS.get(name, (name,))
+        if not targets:
+            raise UserError("--lora-targets is empty", f"e.g. --lora-targets {','.join(LORA_TARGET_GROUPS)}")
+        object.__setattr__(self, "lora_targets", tuple(dict.fromkeys(targets)))
+        if self.lora_rank < 1:
+            raise UserError(f"--lora-rank must be at least 1 (got {self.lora_rank})", "e.g. --lora-rank 16")
+        if self.lora_conv_rank < 0:
+            raise UserError(f"--lora-conv-rank must not be negative (got {self.lora_conv_rank})", "0 turns it off")
+        if self.lora_alpha is None:
+            object.__setattr__(self, "lora_alpha", float(self.lora_rank))
+        if self.lora_conv_alpha is None:
+            object.__setattr__(self, "lora_conv_alpha", float(self.lora_conv_rank))
+        for name in ("lora_alpha", "lora_conv_alpha"):
+            if getattr(self, name) <= 0 and (name == "lora_alpha" or self.lora_conv_rank):
+                raise UserError(
+                    f"{flag(name)} must be positive (got {getattr(self, name)})",
+                    "the LoRA's scale is alpha / rank; omit it for alpha = rank",
+                )
+        if not 0 <= self.lora_dropout < 1:
+            raise UserError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})", "e.g. 0.1, or 0 for none")
+        if self.adapter == "lora" and self.distributed == "deepspeed-zero3":
+            raise UserError(
+                "--adapter lora with --distributed deepspeed-zero3 is not supported (ZeRO-3 shards the frozen base)",
+                "use --distributed deepspeed-zero2 or ddp: a LoRA's optimizer state is small anyway",
+            )
 
     def _check_speed_levers(self) -> None:
         if self.report_to not in REPORT_TO:
@@ -334,6 +395,15 @@ class TrainConfig:
     @property
     def cache(self) -> Path:
         return self.cache_dir if self.cache_dir is not None else self.output / "cache"
+
+    @property
+    def lr(self) -> float:
+        """--learning-rate, or the adapter's default when it is not given (the report says which)."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.adapter]
+
+    @property
+    def lr_source(self) -> str:
+        return "--learning-rate" if self.learning_rate is not None else f"the default for --adapter {self.adapter}"
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -217,32 +217,25 @@ def sample_latents(params: torch.Tensor, scaling_factor: float, eps: torch.Tenso
     return (mean + std * eps.to(mean.device)) * scaling_factor
 
 
-def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
-    return tokenizer(
-        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
+class PromptCache:
+    """Each prompt's conditioning (a dict of tensors, whatever the family makes of it): computed once per prompt
+    while the text encoders are frozen, and computed afresh (with grad) while they train."""
 
+    def __init__(self, encode) -> None:
+        self.encode = encode  # prompts → {name: tensor [B, …]}
+        self.cache: dict[str, dict[str, torch.Tensor]] | None = None
 
-class PromptEncoder:
-    """Text embeddings: cached per prompt while the text encoder is frozen, computed with grad while it trains."""
-
-    def __init__(self, tokenizer, text_encoder, device: torch.device) -> None:
-        self.tokenizer = tokenizer
-        self.text_encoder = text_encoder
-        self.device = device
-        self.cache: dict[str, torch.Tensor] | None = None
-
-    def build_cache(self, prompts: list[str]) -> None:
+    def build(self, prompts: list[str]) -> None:
         self.cache = {}
         with torch.no_grad():
             for prompt in sorted(set(prompts)):
-                ids = tokenize(self.tokenizer, [prompt]).to(self.device)
-                self.cache[prompt] = self.text_encoder(ids)[0][0].float()
+                self.cache[prompt] = {k: v[0].float() for k, v in self.encode([prompt]).items()}
 
-    def drop_cache(self) -> None:
+    def drop(self) -> None:
         self.cache = None
 
-    def __call__(self, prompts: list[str]) -> torch.Tensor:
-        if self.cache is not None:
-            return torch.stack([self.cache[p] for p in prompts])
-        return self.text_encoder(tokenize(self.tokenizer, prompts).to(self.device))[0]
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self.cache is None:
+            return self.encode(prompts)
+        names = self.cache[prompts[0]]
+        return {k: torch.stack([self.cache[p][k] for p in prompts]) for k in names}

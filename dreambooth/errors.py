@@ -16,3 +16,7 @@ class EnvironmentProblem(UserError):
     """The machine, not the input: GPU, driver, disk, a missing library. Exit code 3."""
 
     exit_code = 3
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite numbers: nothing past the last good checkpoint is saved."""

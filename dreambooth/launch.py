@@ -21,8 +21,11 @@ from dataclasses import fields
 from pathlib import Path
 
 from dreambooth import events
+from dreambooth.checkpoints import REPORT_FILE
 from dreambooth.config import Concept, TrainConfig
+from dreambooth.distributed import check_deepspeed
 from dreambooth.errors import UserError
+from dreambooth.preflight import preflight, resolve_model
 
 # what torchrun, accelerate launch, DeepSpeed's launcher and mpirun set in the processes they start
 _RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -43,18 +46,17 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def launch(cfg: TrainConfig) -> dict:
-    from dreambooth import train as training
 
     # one error message, here, rather than one per process; warnings come later from the first process
     events.silence()
     try:
-        training.preflight(cfg)
+        preflight(cfg)
     finally:
         events.silence(False)
     if cfg.accelerate_config is not None and not cfg.accelerate_config.is_file():
         raise UserError(f"--accelerate-config {cfg.accelerate_config} does not exist", "make one: `accelerate config`")
-    training.check_deepspeed(cfg)
-    training.resolve_model(cfg)  # a single file is converted once, here, not by a process while the others wait
+    check_deepspeed(cfg)
+    resolve_model(cfg)  # a single file is converted once, here, not by a process while the others wait
 
     with tempfile.TemporaryDirectory(prefix="dreambooth-launch-") as tmp:
         settings = Path(tmp) / "train.json"
@@ -65,7 +67,7 @@ def launch(cfg: TrainConfig) -> dict:
     if code:
         # each process printed its own error; this one only passes on the exit status (2 input, 3 environment)
         raise SystemExit(code)
-    report = cfg.output / training.REPORT_FILE
+    report = cfg.output / REPORT_FILE
     return json.loads(report.read_text()) if report.is_file() else {"report": None}
 
 

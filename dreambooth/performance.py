@@ -74,12 +74,15 @@ class FusedBackwardOptimizer(torch.optim.Optimizer):
 
     def __init__(
         self,
-        params: list[torch.nn.Parameter],
-        make_one: Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer],
+        groups: list[dict],
+        make_one: Callable[[list[dict]], torch.optim.Optimizer],
         loss_scale: LossScale | None = None,
     ) -> None:
-        params = list(params)
-        self.inner = [make_one([p]) for p in params]
+        """`groups`: torch param groups ({"params": [...], "lr": ...}); each weight keeps its group's settings."""
+        groups = [g if isinstance(g, dict) else {"params": [g]} for g in groups]  # or plain weights
+        settings = [(p, {k: v for k, v in g.items() if k != "params"}) for g in groups for p in g["params"]]
+        params = [p for p, _ in settings]
+        self.inner = [make_one([{"params": [p], **extra}]) for p, extra in settings]
         self.loss_scale = loss_scale
         self.step_was_skipped = False
         super().__init__(params, {})

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from dreambooth import __version__, events
+from dreambooth import __version__, events, runlock
 from dreambooth.checkpoint.convert import ConvertOptions
 from dreambooth.config import TrainConfig, build_train_config
 from dreambooth.doctor import STACK
@@ -64,6 +64,7 @@ class ExportSettings:
     half: bool = True  # fp16, like the classic `convert_diffusers_to_original_stable_diffusion.py --half`
     format: str = "safetensors"
     name: str | None = None  # default: the base model's name + "-dreambooth"
+    merge: bool = False  # a LoRA run: bake the LoRA into the base and write a full file instead of the LoRA file
 
     def __post_init__(self) -> None:
         if self.format not in EXPORT_FORMATS:
@@ -307,7 +308,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def stage_convert(cfg: RunConfig, manifest: Manifest) -> Path:
     """A single file becomes OUTPUT/base; a diffusers folder is used where it is."""
     from dreambooth.checkpoint.convert import convert
-    from dreambooth.train import check_model_folder
+    from dreambooth.preflight import check_model_folder
 
     model = cfg.train.model
     if model.is_dir():
@@ -381,8 +382,8 @@ def _class_image_digests(train: TrainConfig, manifest: Manifest) -> dict[str, di
 def stage_train(
     cfg: RunConfig, manifest: Manifest, base_digest: dict, instance_images: dict[int, list[Path]], classes: dict
 ) -> dict:
+    from dreambooth.checkpoints import CHECKPOINTS, latest_checkpoint
     from dreambooth.launch import train  # in this process, or in the processes --num-processes asks for
-    from dreambooth.train import CHECKPOINTS, latest_checkpoint
 
     base = Path(base_digest["path"])
     settings = {k: v for k, v in cfg.train.to_dict().items() if k not in ("model", "output", "cache_dir", "resume")}
@@ -422,21 +423,28 @@ def stage_train(
 
 def stage_export(cfg: RunConfig, manifest: Manifest, trained: dict) -> dict:
     from dreambooth.checkpoint.export import ExportOptions, export
-    from dreambooth.train import STATE_FILE
+    from dreambooth.checkpoint.lora import export_lora, is_lora_checkpoint
+    from dreambooth.checkpoints import STATE_FILE
 
     if not cfg.export.enabled:
         manifest.set_stage("export", {"status": "not needed", "reason": "[export] enabled = false"})
         return {}
     checkpoint = Path(trained["final_checkpoint"])
-    dest = cfg.output / "export" / f"{cfg.export_name}-step-{trained['steps']}.{cfg.export.format}"
+    lora = is_lora_checkpoint(checkpoint)
+    kind = "lora-" if lora and not cfg.export.merge else ""  # export/<name>-lora-step-N.safetensors
+    dest = cfg.output / "export" / f"{cfg.export_name}-{kind}step-{trained['steps']}.{cfg.export.format}"
     weights = manifest.hasher.folder(checkpoint, skip=lambda rel: rel.name == STATE_FILE or rel.parts[0] == "samples")
-    inputs = {"checkpoint": {"path": str(checkpoint), "files": weights}, "half": cfg.export.half, "file": str(dest)}
+    inputs = {"checkpoint": {"path": str(checkpoint), "files": weights}, "half": cfg.export.half, "file": str(dest),
+              "merge": cfg.export.merge}  # fmt: skip
 
     def body() -> dict:
         report = json.loads(Path(trained["report"]).read_text()) if Path(trained["report"]).is_file() else {}
         training = {k: report[k] for k in ("steps", "final_loss", "seed") if k in report}
         with events.stage(f"export {checkpoint.name} → {dest}"):
-            export(checkpoint, dest, ExportOptions(half=cfg.export.half, training=training))
+            if lora:
+                export_lora(checkpoint, dest, merge=cfg.export.merge, half=cfg.export.half)
+            else:
+                export(checkpoint, dest, ExportOptions(half=cfg.export.half, training=training))
         return {"file": str(dest), "sha256": manifest.hasher.file(dest), "bytes": dest.stat().st_size}
 
     def still_there(outputs: dict) -> bool:
@@ -450,11 +458,18 @@ def stage_export(cfg: RunConfig, manifest: Manifest, trained: dict) -> dict:
 
 def run_pipeline(cfg: RunConfig) -> dict:
     """The four stages in order; returns the manifest (also at OUTPUT/manifest.json)."""
-    from dreambooth.train import check_output, preflight
+    from dreambooth.preflight import check_output
+
+    check_output(cfg.output)
+    # before anything is written: a second run on this folder is refused and changes nothing
+    with runlock.hold(cfg.output, runlock.this_command()):
+        return _run_stages(cfg)
+
+
+def _run_stages(cfg: RunConfig) -> dict:
+    from dreambooth.preflight import preflight
 
     started = time.perf_counter()
-    check_output(cfg.output)
-    cfg.output.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(cfg.output, cfg)
     manifest.save()
     with sigterm_as_interrupt():

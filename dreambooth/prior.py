@@ -15,31 +15,8 @@ import torch
 
 from dreambooth import events
 from dreambooth.config import Concept, TrainConfig
-from dreambooth.data import scan_images
-from dreambooth.errors import UserError
+from dreambooth.preflight import missing_class_images
 from dreambooth.sample import generate, load_pipeline
-
-
-def missing_class_images(cfg: TrainConfig) -> dict[int, int]:
-    """Concept index → how many class images still have to be made."""
-    missing = {}
-    for i, concept in enumerate(cfg.concepts):
-        folder = concept.class_data_dir
-        have = len(scan_images(folder, cfg.resolution, "--class-data-dir", warn=False)) if folder.is_dir() else 0
-        if have < cfg.num_class_images:
-            missing[i] = cfg.num_class_images - have
-    return missing
-
-
-def check_class_dirs_writable(cfg: TrainConfig, missing: dict[int, int]) -> None:
-    for i in missing:
-        folder = cfg.concepts[i].class_data_dir
-        parent = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
-        if (folder.exists() and not folder.is_dir()) or not os.access(parent, os.W_OK):
-            raise UserError(
-                f"--class-data-dir {folder} needs {missing[i]} more class images but cannot be written",
-                "make it writable, point --class-data-dir elsewhere, or lower --num-class-images",
-            )
 
 
 def generate_class_images(

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from dreambooth.fileio import atomic_path
+from dreambooth.preflight import check_model_folder
 
 
 def load_pipeline(model_dir: Path, *, vae_dir: Path | None = None, dtype: torch.dtype = torch.float32):
@@ -18,24 +19,6 @@ def load_pipeline(model_dir: Path, *, vae_dir: Path | None = None, dtype: torch.
     extra = {"vae": AutoencoderKL.from_pretrained(vae_dir, dtype=dtype)} if vae_dir else {}
     pipe = StableDiffusionPipeline.from_pretrained(
         model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True, **extra
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def pipeline_from_modules(unet, text_encoder, vae, tokenizer, scheduler_config: dict):
-    """A pipeline over the models being trained (no copies), sampling with DDIM like the classic script."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -99,8 +82,6 @@ def sample_model(
     model_dir: Path, prompt: str, dest: Path, num_images: int, seed: int, steps: int, guidance_scale: float
 ) -> list[Path]:
     """`dreambooth sample`: images from a trained (or any) diffusers folder."""
-    from dreambooth.train import check_model_folder
-
     check_model_folder(Path(model_dir), "MODEL_DIR")
     pipe = load_pipeline(model_dir)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor

@@ -1,19 +1,18 @@
 """`dreambooth train`: DreamBooth fine-tuning on accelerate. Read it top to bottom:
 
-    set-up (check inputs → model → class images → models, optimizer, caches → resume)
-    loop: batch → noise → predict → loss → step → maybe save / sample / log
+    setup   check inputs → model → class images → family + adapter → optimizer, caches → resume
+    fit     batch → noise → family.predict → loss → step → maybe save / sample / log
     report
 
-The loop does not know which parameters train: it optimises whatever has requires_grad (UNet, and the text
-encoder when asked; LoRA adapters later). All randomness of the loop comes from one CPU generator and from
-(seed, position) for the data, both saved in each checkpoint, which is what makes a resumed run bit-identical.
+The loop knows no model family and no adapter: the family (dreambooth/families/) encodes prompts, calls the
+denoiser and says what it learns; the adapter (dreambooth/adapters.py: full fine-tune or LoRA) says what trains and
+what a checkpoint holds. All randomness of the loop comes from one CPU generator and from (seed, position) for the
+data, both saved in each checkpoint, which is what makes a resumed run bit-identical.
 """
 
-import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import time
@@ -25,157 +24,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreambooth import __version__, events, performance, trackers
-from dreambooth.checkpoint.convert import WEIGHT_FILES
+from dreambooth import adapters, events, families, performance, trackers
+from dreambooth.checkpoint.families import model_type_of
+from dreambooth.checkpoints import CHECKPOINTS, REPORT_FILE, STATE_FILE, checkpoint_dir, latest_checkpoint, prune
 from dreambooth.config import TrainConfig
-from dreambooth.data import DataStream, Example, LatentSource, PromptEncoder, check_instance_dir, sample_latents
-from dreambooth.errors import EnvironmentProblem, UserError
+from dreambooth.data import DataStream, Example, LatentSource, PromptCache, sample_latents, scan_images
+from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
+from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.fileio import atomic_dir, atomic_path, write_json
+from dreambooth.preflight import preflight, resolve_model, resolve_vae
 
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "training_state.pt"
-REPORT_FILE = "train_report.json"
-
-
-# ───────────────────────────── checks that run before any heavy work ─────────────────────────────
+__all__ = ["CHECKPOINTS", "REPORT_FILE", "STATE_FILE", "latest_checkpoint", "train"]
 
 
-def check_model_folder(folder: Path, flag: str) -> None:
-    """A diffusers folder with everything training needs; the message names what is missing."""
-    if not folder.is_dir():
-        raise UserError(f"{flag} {folder} is not a folder", "pass a diffusers folder or a .ckpt/.safetensors file")
-    missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    for name, weights in WEIGHT_FILES.items():
-        if not (folder / name / "config.json").is_file():
-            missing.append(f"{name}/config.json")
-        if not any(
-            p.name.startswith(weights) for p in (folder / name).glob("*") if p.suffix in (".safetensors", ".bin")
-        ):
-            missing.append(f"{name}/{weights}.safetensors")
-    tokenizer = folder / "tokenizer"
-    if not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()):
-        missing.append("tokenizer/vocab.json + merges.txt")
-    if not (folder / "scheduler" / "scheduler_config.json").is_file():
-        missing.append("scheduler/scheduler_config.json")
-    if missing:
-        raise UserError(
-            f"{flag} {folder} is an incomplete diffusers folder: missing {', '.join(missing)}",
-            "point it at the folder's top (the one with model_index.json), or re-run `dreambooth convert`",
-        )
+def save_steps(cfg: TrainConfig) -> list[int]:
+    steps = [s for s in range(cfg.save_interval, cfg.max_train_steps, cfg.save_interval) if s >= cfg.save_min_steps]
+    return [*steps, cfg.max_train_steps]
 
 
-def check_output(output: Path) -> None:
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"--output {output} cannot be created ({exc.strerror})", "choose a writable folder") from None
-    if not output.is_dir() or not os.access(output, os.W_OK | os.X_OK):
-        raise UserError(f"--output {output} is not writable", "choose a writable folder, or fix its permissions")
-
-
-def cache_entry(root: Path, src: Path) -> Path:
-    """Where a conversion of the file `src` lives under `root`: keyed on path, size and mtime, because hashing
-    gigabytes on every run would cost more than it saves."""
-    import hashlib
-
-    stat = src.stat()
-    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    return root / f"{src.stem}-{key}"
-
-
-def resolve_model(cfg: TrainConfig) -> Path:
-    """The base model as a diffusers folder; a single file is converted once into the cache."""
-    src = cfg.model
-    if src.is_dir():
-        check_model_folder(src, "--model")
-        return src
-    if not src.exists():
-        raise UserError(f"--model {src} does not exist", "pass a diffusers folder or a .ckpt/.safetensors file")
-    if src.suffix.lower() not in (".ckpt", ".safetensors"):
-        raise UserError(f"--model {src} is neither a folder nor a .ckpt/.safetensors file", "convert it first")
-    from dreambooth.checkpoint.convert import ConvertOptions, convert
-
-    dest = cache_entry(cfg.cache / "converted", src)
-    if not (dest / "model_index.json").is_file():
-        with events.stage(f"converting {src.name} into {dest}"):
-            convert(src, dest, ConvertOptions(overwrite=True))
-    check_model_folder(dest, "--model")
-    return dest
-
-
-def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
-    """--vae as a diffusers VAE folder: given as one (or a model folder with vae/), or a single file (e.g.
-    vae-ft-mse-840000-ema-pruned.safetensors) converted once into the cache. Checkpoints and exports carry it."""
-    src = cfg.vae
-    if src is None:
-        return None
-    if src.is_dir():
-        folder = src / "vae" if (src / "vae" / "config.json").is_file() else src
-        if not (folder / "config.json").is_file() or not any(folder.glob("diffusion_pytorch_model*")):
-            raise UserError(
-                f"--vae {src} is not a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)",
-                "pass e.g. MODEL/vae, or a single VAE file (.safetensors/.ckpt)",
-            )
-    elif not src.exists():
-        raise UserError(f"--vae {src} does not exist", "pass a diffusers VAE folder or a .safetensors/.ckpt file")
-    elif src.suffix.lower() not in (".ckpt", ".safetensors", ".pt"):
-        raise UserError(f"--vae {src} is neither a folder nor a .safetensors/.ckpt/.pt file", "pass a VAE file")
-    else:
-        from dreambooth.checkpoint.convert import component_config_file
-        from dreambooth.checkpoint.vae_file import load_vae
-
-        folder = cache_entry(cfg.cache / "vae", src)
-        if not (folder / "config.json").is_file():
-            from safetensors.torch import save_file
-
-            with events.stage(f"converting the VAE {src.name} into {folder}"):
-                vae = load_vae(src, "sd1")  # SD 1.x and 2.x share the VAE's architecture and scaling factor
-                with atomic_dir(folder, overwrite=True) as tmp:
-                    save_file(vae.state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
-                    write_json(tmp / "config.json", component_config_file("vae", vae.config))
-    vae_config = json.loads((folder / "config.json").read_text())
-    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
-    if vae_config.get("latent_channels", 4) != unet_config.get("in_channels", 4):
-        raise UserError(
-            f"--vae {src} makes {vae_config.get('latent_channels')}-channel latents, and the model's UNet takes "
-            f"{unet_config.get('in_channels')}",
-            "pass a VAE of the model's family (Stable Diffusion 1.x/2.x VAEs make 4 channels)",
-        )
-    return folder
-
-
-def _folder_bytes(folder: Path, fp32: bool) -> int:
-    """What a component costs on disk when saved in fp32 (or as stored)."""
-    from safetensors import safe_open
-
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        size = path.stat().st_size
-        if fp32:
-            with safe_open(path, "pt") as f:
-                keys = list(f.keys())
-                dtype = f.get_slice(keys[0]).get_dtype() if keys else "F32"
-            size = size * 4 // {"F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
-        total += size
-    return total
-
-
-def check_disk(cfg: TrainConfig, model_dir: Path) -> dict:
-    """Estimate what the planned checkpoints need and refuse up front if the disk cannot hold them."""
-    per_weight = 0.5 if cfg.save_fp16 else 1.0
-    unet = _folder_bytes(model_dir / "unet", fp32=True)
-    text = _folder_bytes(model_dir / "text_encoder", fp32=True)
-    trained = unet + (text if cfg.train_text_encoder else 0)
-    # weights we write (frozen parts are hard-linked when the filesystem allows, else copied: count them)
-    checkpoint = (
-        int(trained * per_weight) + (0 if cfg.train_text_encoder else text) + _folder_bytes(model_dir / "vae", True)
-    )
-    checkpoint += trained * (0.5 if cfg.use_8bit_adam else 2)  # optimizer moments
-    checkpoint += trained if cfg.save_fp16 else 0  # fp32 master weights, for an exact resume
+def check_disk(cfg: TrainConfig, adapter, c, trained: dict) -> dict:
+    """Estimate what the planned checkpoints and exports need and refuse up front if the disk cannot hold them."""
     saves = len(save_steps(cfg))
     kept = min(saves, cfg.keep_last + 1) if cfg.keep_last else saves  # +1: the new one exists before pruning
-    export = (unet + text + _folder_bytes(model_dir / "vae", True)) // 2 if cfg.export_single_file else 0
-    need = int(kept * checkpoint + saves * export)
+    export = adapter.export_bytes(c, trained) if cfg.export_single_file else 0
+    need = int(kept * adapter.checkpoint_bytes(c, trained, cfg) + saves * export)
     free = shutil.disk_usage(cfg.output).free
     if need > free:
         raise EnvironmentProblem(
@@ -186,72 +58,11 @@ def check_disk(cfg: TrainConfig, model_dir: Path) -> dict:
     return {"estimated_bytes": need, "free_bytes": free, "checkpoints_planned": saves}
 
 
-def save_steps(cfg: TrainConfig) -> list[int]:
-    steps = [s for s in range(cfg.save_interval, cfg.max_train_steps, cfg.save_interval) if s >= cfg.save_min_steps]
-    return [*steps, cfg.max_train_steps]
-
-
-def preflight(cfg: TrainConfig) -> dict[int, list[Path]]:
-    """Inputs the user gave, checked cheaply: instance folders and their images, class folders, output."""
-    check_output(cfg.output)
-    images = {}
-    for i, concept in enumerate(cfg.concepts):
-        flag = "--instance-data-dir" if len(cfg.concepts) == 1 else f"--concepts-list entry {i} instance_data_dir"
-        images[i] = check_instance_dir(concept.instance_data_dir, cfg.resolution, flag)
-    if cfg.with_prior_preservation:
-        from dreambooth.prior import check_class_dirs_writable, missing_class_images
-
-        check_class_dirs_writable(cfg, missing_class_images(cfg))
-    return images
-
-
-# ───────────────────────────── checkpoints on disk ─────────────────────────────
-
-
-def latest_checkpoint(output: Path) -> Path | None:
-    """The newest complete checkpoint (atomic writes: a folder under its final name is complete)."""
-    found = []
-    for path in (output / CHECKPOINTS).glob("step-*"):
-        match = re.fullmatch(r"step-(\d+)", path.name)
-        if match and (path / STATE_FILE).is_file():
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
-def _link_or_copy(src: str, dst: str) -> None:
-    """Frozen parts are identical in every checkpoint: hard-link them where the filesystem allows."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
-def _halve_weights(folder: Path) -> None:
-    from safetensors.torch import load_file, save_file
-
-    for path in folder.glob("*.safetensors"):
-        state = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(path).items()}
-        save_file(state, path, metadata={"format": "pt"})
-
-
-def _without_ema(extras: Path, dest: Path) -> None:
-    """The original file's EMA copy describes the untrained UNet: a trained checkpoint must not carry it."""
-    from safetensors.torch import load_file, save_file
-
-    state = {k: v for k, v in load_file(extras).items() if not k.startswith("model_ema.")}
-    if state:
-        save_file(state, dest, metadata={"format": "pt"})
-
-
-# ───────────────────────────── the pieces of set-up ─────────────────────────────
-
-
-def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float, device: torch.device):
+def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device):
     """8-bit AdamW (bitsandbytes) when asked and it really runs on this device; torch AdamW otherwise.
-    With --fused-backward, one of them per weight, stepped inside backward (dreambooth/performance.py)."""
-    kwargs = dict(
-        lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon
-    )
+    With --fused-backward, one of them per weight, stepped inside backward (dreambooth/performance.py).
+    `groups`: torch param groups, each {"params": [...], "lr": ...}."""
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     make = None
     if cfg.use_8bit_adam:
         try:
@@ -298,8 +109,8 @@ def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig, lr: float
     if cfg.fused_backward:
         # fp16 gradients need loss scaling, done per weight inside backward; bf16 and fp32 need none
         scale = performance.LossScale() if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
-        return performance.FusedBackwardOptimizer(params, make, scale), f"{name}, stepped inside backward"
-    return make(params), name
+        return performance.FusedBackwardOptimizer(groups, make, scale), f"{name}, stepped inside backward"
+    return make(groups), name
 
 
 def set_attention(unet, cfg: TrainConfig, device: torch.device) -> str:
@@ -317,149 +128,13 @@ def set_attention(unet, cfg: TrainConfig, device: torch.device) -> str:
     return "sdpa"
 
 
-def check_deepspeed(cfg: TrainConfig) -> None:
-    """--distributed deepspeed-*: the library imports (on a machine without CUDA, as DeepSpeed's CPU accelerator,
-    which is chosen here, before the import, so that DeepSpeed does not warn that it found no GPU)."""
-    if not cfg.deepspeed:
-        return
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError as exc:
-        raise EnvironmentProblem(
-            f"--distributed {cfg.distributed} needs DeepSpeed, which cannot be imported here ({exc})",
-            "use the image (it has DeepSpeed), `pip install deepspeed` here, or --distributed ddp",
-        ) from None
-
-
-def make_accelerator(cfg: TrainConfig):
-    """This process's share of the run: alone, or one of N (launched by accelerate or torchrun); DDP or DeepSpeed.
-
-    Processes other than the first are silenced from here on: one progress bar and one report, not N."""
-    from accelerate import Accelerator
-
-    cpu = not torch.cuda.is_available()
-    mixed = cfg.mixed_precision
-    if cpu and mixed == "fp16":
-        mixed = "no"
-    plugin = None
-    handlers = accelerator_handlers(cfg)
-    if cfg.deepspeed:
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-        check_deepspeed(cfg)
-        plugin = DeepSpeedPlugin(
-            zero_stage=int(cfg.distributed[-1]),
-            offload_optimizer_device=cfg.offload_optimizer,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            gradient_clipping=cfg.max_grad_norm,
-            zero3_init_flag=False,
-        )
-        # offloaded, the optimizer steps on the CPU: DeepSpeed's compiled CPU Adam when it builds here, torch's
-        # AdamW otherwise (make_optimizer), which DeepSpeed refuses unless told that it is meant
-        plugin.deepspeed_config["zero_force_ds_cpu_optimizer"] = False
-        if cpu:
-            # accelerate's CPU mode leaves DeepSpeed out; as a "device" run over gloo it hands the model to
-            # DeepSpeed, whose CPU accelerator does the rest (how the tests run ZeRO on a machine without GPUs)
-            import deepspeed.ops
-
-            cpu = False
-            handlers.append(InitProcessGroupKwargs(backend="gloo"))
-            # DeepSpeed would compile its shared-memory all-reduce on first use: a C++ compiler the image does not
-            # have, and a minute's build for nothing on a CPU run. Marked unbuildable, it falls back to gloo's.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    accelerator = Accelerator(
-        mixed_precision=mixed, cpu=cpu, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        deepspeed_plugin=plugin, kwargs_handlers=handlers, **trackers.accelerator_kwargs(cfg),
-    )  # fmt: skip
-    if is_deepspeed(accelerator):  # ours, or one an --accelerate-config file asked for
-        # accelerate reads DeepSpeed's micro-batch size off a dataloader, and batches come from DataStream
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.train_batch_size
-    if not accelerator.is_main_process:
-        events.silence(label=f"process {accelerator.process_index}")
-    if mixed != cfg.mixed_precision:
-        events.notice("--mixed-precision fp16 needs a GPU; training in fp32 on the CPU")
-    return accelerator, mixed
-
-
-def accelerator_handlers(cfg: TrainConfig) -> list:
-    """How autocast and the fp16 loss scaler behave, where our settings differ from accelerate's defaults."""
-    from accelerate.utils import AutocastKwargs, GradScalerKwargs
-
-    handlers = []
-    if cfg.gradient_checkpointing:
-        # autocast keeps a half-precision copy of every weight it casts until the forward pass ends (1.7 GB for
-        # SD 1.5's UNet) only to reuse it, and each weight is used once per pass: without the cache the casts
-        # are the same, and with checkpointing they are freed block by block
-        handlers.append(AutocastKwargs(cache_enabled=False))
-    if cfg.fused_backward:  # the loss scale lives with the per-weight updates (performance.LossScale)
-        handlers.append(GradScalerKwargs(enabled=False))
-    return handlers
-
-
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def is_zero3(accelerator) -> bool:
-    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
-@contextmanager
-def whole_weights(accelerator, model):
-    """DeepSpeed ZeRO-3 keeps each weight in pieces over the processes: gather them (all processes take part)
-    for as long as a checkpoint and its samples need them. Every other set-up holds whole weights anyway."""
-    if not is_zero3(accelerator):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(accelerator.unwrap_model(model).parameters())):
-        yield
-
-
-@contextmanager
-def whole_on_load(accelerator):
-    """Under ZeRO-3, transformers loads any model in pieces over the processes (it reads accelerate's DeepSpeed
-    config); the frozen text encoder is not DeepSpeed's to hold, and in pieces it cannot run: load it whole."""
-    if not is_zero3(accelerator):
-        yield
-        return
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's rows of the global micro-batch: its instance rows, then (prior preservation) its class rows.
-
-    Every process draws the noise for the whole global batch from the same generator and keeps its own rows: the
-    generators stay in step, and N processes compute what one process with an N times larger batch would."""
-
-    rows: torch.Tensor
-    total: int
-
-    @classmethod
-    def of(cls, rank: int, world: int, batch_size: int, with_classes: bool) -> "Shard":
-        size = world * batch_size
-        mine = list(range(rank * batch_size, (rank + 1) * batch_size))
-        if with_classes:  # the global batch is all instance examples, then all class examples
-            mine += [size + row for row in mine]
-        return cls(torch.tensor(mine), size * (2 if with_classes else 1))
-
-    def randn(self, generator: torch.Generator, *shape: int) -> torch.Tensor:
-        return torch.randn((self.total, *shape), generator=generator)[self.rows]
-
-    def randint(self, generator: torch.Generator, high: int) -> torch.Tensor:
-        return torch.randint(0, high, (self.total,), generator=generator)[self.rows]
+def enable_gradient_checkpointing(name: str, model) -> None:
+    """Recompute activations in backward: far less memory for ~25 % more time."""
+    if name == "unet":
+        model.enable_gradient_checkpointing()
+    else:
+        # non-reentrant: with a frozen embedding (LoRA) the reentrant form would give the layers' LoRA no gradient
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
 
 def quiet_progress_bars() -> None:
@@ -469,18 +144,6 @@ def quiet_progress_bars() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
-
-
-def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (SD 1.x, SD 2.x base) or the velocity (SD 2.x 768-v)."""
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return noise
-    raise UserError(
-        f"the model's scheduler has prediction_type {noise_scheduler.config.prediction_type!r}",
-        "only epsilon and v_prediction models can be trained",
-    )
 
 
 def rng_states() -> dict:
@@ -527,20 +190,60 @@ class History:
     seconds: float = 0.0
 
 
+@dataclass
+class Run:
+    """Everything set-up hands the loop: the models, what trains, the optimizer, the data, and where it stands."""
+
+    cfg: TrainConfig
+    accelerator: object
+    family: families.Family
+    adapter: object
+    c: families.Components
+    trained: dict[str, torch.nn.Module]  # as prepared by accelerate (DDP / DeepSpeed wrappers)
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    fused: performance.FusedBackwardOptimizer | None
+    lr_scheduler: object
+    stream: DataStream
+    latents: LatentSource
+    prompts: PromptCache
+    all_examples: list[Example]
+    with_classes: bool
+    generator: torch.Generator
+    history: History
+    seed: int
+    setup: dict
+    weight_dtype: torch.dtype
+    step: int = 0
+    samples_seen: int = 0  # stream positions consumed by all processes together: the data position, any world size
+    last_saved: Path | None = None
+    text_encoders_train: bool = False
+
+
 # ───────────────────────────── train ─────────────────────────────
 
 
 def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     with stop_on_signals() as should_stop:
-        return _train(cfg, started, should_stop)
+        run = setup(cfg, should_stop)
+        if isinstance(run, dict):  # nothing left to train: the report of the finished run
+            return run
+        try:
+            fit(run, should_stop)
+        except TrainingDiverged as exc:
+            run.setup["stopped"] = {"reason": "diverged", "step": run.step, "message": exc.message}
+            run.setup["steps_this_run"] = run.step - run.setup["first_step"]
+            _write_report(run.cfg, run.step, run.history, started, run.last_saved, run.setup,
+                          run.accelerator.is_main_process)  # fmt: skip
+            raise
+        run.setup["steps_this_run"] = run.step - run.setup["first_step"]
+        return _write_report(run.cfg, run.step, run.history, started, run.last_saved, run.setup,
+                             run.accelerator.is_main_process)  # fmt: skip
 
 
-def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from diffusers.optimization import get_scheduler
-    from transformers import CLIPTextModel, CLIPTokenizer
-
+def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
+    started = time.perf_counter()
     # first, so that with several processes only the first one converts, writes and speaks
     accelerator, mixed = make_accelerator(cfg)
 
@@ -556,23 +259,25 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
             f"--fused-backward updates each weight inside backward, and {accelerator.num_processes} processes run",
             "launch one process, or pass --no-fused-backward",
         )
-    disk = check_disk(cfg, model_dir)
     resume_from = latest_checkpoint(cfg.output)
     if cfg.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint in {cfg.output / CHECKPOINTS}", "drop --resume to start afresh")
     state = torch.load(resume_from / STATE_FILE, weights_only=False) if resume_from else None
     if state is not None and state["step"] >= cfg.max_train_steps:
         events.notice(f"{resume_from} already reached step {state['step']} (--max-train-steps {cfg.max_train_steps})")
-        history = History(**state["history"])
-        return _write_report(cfg, state["step"], history, started, resume_from, {}, accelerator.is_main_process)
-
+        return _write_report(cfg, state["step"], History(**state["history"]), started, resume_from, {},
+                             accelerator.is_main_process)  # fmt: skip
+    if state is not None and state["config"].get("adapter", "full") != cfg.adapter:
+        raise UserError(
+            f"{resume_from} was trained with --adapter {state['config'].get('adapter', 'full')}, "
+            f"and this run asks for --adapter {cfg.adapter}",
+            "use another --output for the other adapter, or the same --adapter to continue",
+        )
     quiet_progress_bars()
 
     # --- device, precision, seed -------------------------------------------------------------------------
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    # frozen parts run in half precision; trained parameters stay fp32 ("master weights"): fp16 gradients
-    # cannot be unscaled in place, which is the "Attempting to unscale FP16 gradients" failure
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     if state is not None:
         seed = state["seed"]
@@ -591,8 +296,8 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
     # --- class images for prior preservation (the base model, before its weights change) --------------
     classes = None
     if cfg.with_prior_preservation:
-        from dreambooth.data import scan_images
-        from dreambooth.prior import generate_class_images, missing_class_images
+        from dreambooth.preflight import missing_class_images
+        from dreambooth.prior import generate_class_images
 
         missing = missing_class_images(cfg)
         accelerator.wait_for_everyone()  # all processes counted the same missing images before any is written
@@ -607,126 +312,101 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
             classes[i] = [Example(p, concept.class_prompt, i) for p in paths[: cfg.num_class_images]]
     instances = [Example(p, cfg.concepts[i].instance_prompt, i) for i, paths in instance_images.items() for p in paths]
 
-    # --- models: a resumed run takes its weights from the checkpoint -------------------------------------
-    weights_dir = resume_from or model_dir
-    tokenizer = CLIPTokenizer.from_pretrained(model_dir / "tokenizer")
-    text_dtype = torch.float32 if cfg.train_text_encoder else weight_dtype
+    # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
+    family = families.of_folder(model_dir)
+    adapter = adapters.get(cfg.adapter)
     with whole_on_load(accelerator):
-        text_encoder = CLIPTextModel.from_pretrained(weights_dir / "text_encoder", dtype=text_dtype)
-    unet = UNet2DConditionModel.from_pretrained(weights_dir / "unet").float()
-    vae = AutoencoderKL.from_pretrained(vae_dir or model_dir / "vae", dtype=weight_dtype)
-    noise_scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
-    prediction_type = noise_scheduler.config.prediction_type
-    if state is not None and "master_weights" in state:  # the checkpoint's files were fp16: restore exact fp32
-        unet.load_state_dict(state["master_weights"]["unet"])
-        if "text_encoder" in state["master_weights"]:
-            text_encoder.load_state_dict(state["master_weights"]["text_encoder"])
-
-    train_text_encoder = cfg.train_text_encoder and (
+        c = family.load(model_dir, vae_dir, adapter.dtypes(cfg, weight_dtype))
+    c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
+    attention = set_attention(c.unet, cfg, device)
+    trained = adapter.prepare(c, cfg)
+    if state is not None:
+        adapter.restore(c, resume_from, state)
+    if cfg.gradient_checkpointing:
+        for name, model in trained.items():
+            enable_gradient_checkpointing(name, model)
+    if cfg.channels_last:
+        performance.use_channels_last(c.unet)
+    if cfg.torch_compile:
+        events.notice(f"--torch-compile: {performance.compile_blocks(c.unet)} UNet blocks compile on first use")
+    disk = check_disk(cfg, adapter, c, trained)
+    text_encoders_train = cfg.train_text_encoder and (
         cfg.text_encoder_steps is None or (state["step"] if state else 0) < cfg.text_encoder_steps
     )
-    vae.requires_grad_(False)
-    unet.requires_grad_(True)
-    text_encoder.requires_grad_(cfg.train_text_encoder)
-    attention = set_attention(unet, cfg, device)
-    if cfg.gradient_checkpointing:  # recompute activations in backward: far less memory for ~25 % more time
-        unet.enable_gradient_checkpointing()
-        if cfg.train_text_encoder:
-            # transformers 5 renamed it; the old name warns
-            getattr(text_encoder, "activation_checkpointing_enable", text_encoder.gradient_checkpointing_enable)()
-    if cfg.channels_last:
-        performance.use_channels_last(unet)
-    if cfg.torch_compile:
-        events.notice(f"--torch-compile: {performance.compile_blocks(unet)} UNet blocks compile on first use")
 
-    trained_models = [unet, text_encoder] if cfg.train_text_encoder else [unet]
-    params = [p for m in trained_models for p in m.parameters() if p.requires_grad]
-    lr = cfg.learning_rate
+    # --- optimizer and schedule: the text encoders may have their own learning rate ----------------------
+    lr = cfg.lr
     if cfg.scale_lr:
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    optimizer, optimizer_name = make_optimizer(params, cfg, lr, device)
+    text_lr = lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
+    text = {n: m for n, m in trained.items() if n != "unet"}
+    if text and text_lr != lr:
+        groups = [{"params": adapters.trainable({"unet": trained["unet"]}), "lr": lr},
+                  {"params": adapters.trainable(text), "lr": text_lr}]  # fmt: skip
+    else:  # one group: the layout of the optimizer state that checkpoints have always had
+        groups = [{"params": adapters.trainable(trained), "lr": lr}]
+    params = [p for g in groups for p in g["params"]]
+    optimizer, optimizer_name = make_optimizer(groups, cfg, device)
     # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
     fused = optimizer if isinstance(optimizer, performance.FusedBackwardOptimizer) else None
     # counted in optimizer steps whatever the number of processes, and stepped by the loop itself (not handed to
     # accelerate, which would step it once per process): so its saved state resumes with any number of processes
+    from diffusers.optimization import get_scheduler
+
     lr_scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=cfg.max_train_steps,
-        num_cycles=cfg.lr_num_cycles,
-        power=cfg.lr_power,
-    )
-    prepared = accelerator.prepare(*trained_models, optimizer)
-    unet = prepared[0]
-    if cfg.train_text_encoder:
-        text_encoder = prepared[1]
-    optimizer = prepared[-1]
-    if cfg.train_text_encoder and not train_text_encoder:
-        # resumed past --text-encoder-steps: it stays in the optimizer (so the saved state fits) but gets no grads
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+    )  # fmt: skip
+    names = list(trained)
+    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
+    trained = dict(zip(names, prepared, strict=True))
+    c.unet = trained["unet"]
+    c.text_encoders.update({n: m for n, m in trained.items() if n != "unet"})
+    if cfg.train_text_encoder and not text_encoders_train:
+        # resumed past --text-encoder-steps: they stay in the optimizer (so the saved state fits) but get no grads
         # (after prepare: DDP refuses to wrap a model of which nothing trains)
-        text_encoder.requires_grad_(False)
-    vae.to(device)
-    text_encoder.to(device)
+        for name in text:
+            trained[name].requires_grad_(False)
+    c.vae.to(device)
+    for encoder in c.text_encoders.values():
+        encoder.to(device)
 
     # --- caches: a frozen VAE / text encoder gives the same output every epoch, so compute it once -------
     stream = DataStream(instances, classes, seed, cfg.train_batch_size, cfg.random_flip)
-    latents = LatentSource(vae, cfg.resolution, cfg.center_crop, device, weight_dtype)
-    prompts = PromptEncoder(tokenizer, text_encoder, device)
+    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, weight_dtype)
+    prompts = PromptCache(lambda batch: family.encode(c, batch))
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
     if cfg.cache_latents:
         with events.stage("caching VAE latents", images=len(all_examples)):
             latents.build_cache(sorted({e.path for e in all_examples}), cfg.random_flip, seed)
-        vae.to("cpu")  # not needed on the GPU again until samples are drawn
-    if not train_text_encoder:
-        prompts.build_cache([e.prompt for e in all_examples])
+        c.vae.to("cpu")  # not needed on the GPU again until samples are drawn
+    if not text_encoders_train:
+        prompts.build([e.prompt for e in all_examples])
         if not cfg.train_text_encoder:
-            text_encoder.to("cpu")
+            for encoder in c.text_encoders.values():
+                encoder.to("cpu")
 
-    # --- resume: optimizer, schedule, generator, RNGs, history; the data order follows from the step ------
-    generator = torch.Generator().manual_seed(seed)
-    history = History()
-    step = 0
-    samples_seen = 0  # stream positions consumed by all processes together: the data position, in any world size
+    run = Run(
+        cfg=cfg, accelerator=accelerator, family=family, adapter=adapter, c=c, trained=trained, params=params,
+        optimizer=optimizer, fused=fused, lr_scheduler=lr_scheduler, stream=stream, latents=latents, prompts=prompts,
+        all_examples=all_examples, with_classes=classes is not None, generator=torch.Generator().manual_seed(seed),
+        history=History(), seed=seed, setup={}, weight_dtype=weight_dtype, text_encoders_train=text_encoders_train,
+    )  # fmt: skip
     if state is not None:
-        if is_deepspeed(accelerator) or state["optimizer"] is None:
-            # DeepSpeed holds the optimizer in per-process shards that only fit the same set-up again
-            events.notice("this run does not restore Adam's moments (DeepSpeed): they start afresh from here")
-        else:
-            optimizer.load_state_dict(state["optimizer"])
-        # one param group per weight with --fused-backward, one in all without: the schedule fits either way
-        schedule = performance.fit_scheduler_state(state["lr_scheduler"], len(optimizer.param_groups))
-        lr_scheduler.load_state_dict(schedule)
-        # the learning rate of the step to come under *this* run's schedule: a run continued to more steps has a
-        # longer cosine/polynomial decay than the one that saved (whose last lr may have been 0); same length, same lr
-        for group, base, rate in zip(
-            optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True
-        ):
-            group["lr"] = base * rate(lr_scheduler.last_epoch)
-        lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
-        if state.get("scaler") is not None and accelerator.scaler is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        generator.set_state(state["generator"])
-        set_rng_states(state["rng"])
-        history = History(**state["history"])
-        step = state["step"]
-        # checkpoints from before several processes existed: one process, the batch of their own settings
-        old = state["config"]
-        samples_seen = state.get("samples_seen", step * old["gradient_accumulation_steps"] * old["train_batch_size"])
-        events.notice(f"resuming from {resume_from} (step {step})")
-        if state.get("world_size", 1) != world:
-            events.notice(f"it was written by {state.get('world_size', 1)} processes and continues with {world}")
-
-    setup = {
+        resume(run, state, resume_from)
+    run.setup = {
         "device": str(device),
+        "family": family.name,
+        **adapter.describe(cfg),
         "mixed_precision": mixed,
         "optimizer": optimizer_name,
         "attention": attention,
-        "prediction_type": prediction_type,
+        "prediction_type": c.prediction_type,
         "seed": seed,
         "model_dir": str(model_dir),
         "instance_images": len(instances),
         "class_images": sum(len(v) for v in (classes or {}).values()),
+        "trainable_parameters": sum(p.numel() for p in params),
         "disk": disk,
         # how the batch is made up: global = per device × accumulation × processes; lr already --scale-lr'd
         "world_size": world,
@@ -737,215 +417,269 @@ def _train(cfg: TrainConfig, started: float, should_stop) -> dict:
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "global_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * world,
         "learning_rate": lr,
+        "learning_rate_from": cfg.lr_source,
+        "text_encoder_lr": text_lr if text else None,
         "scale_lr": cfg.scale_lr,
+        "first_step": run.step,
     }
-    events.emit("train_start", step=step, max_train_steps=cfg.max_train_steps, **setup)
+    run.last_saved = resume_from
+    events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
+    return run
 
-    def save(step: int) -> Path:
-        with whole_weights(accelerator, unet):
-            if accelerator.is_main_process:  # one process writes checkpoints, samples and exports
-                save_checkpoint(
-                    cfg, step, model_dir, vae_dir, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler,
-                    optimizer, lr_scheduler, generator, history, seed, weight_dtype, device,
-                    extra_state={"samples_seen": samples_seen, "world_size": world},
-                )  # fmt: skip
-            accelerator.wait_for_everyone()  # the others wait: none runs ahead, or exits, before it is complete
-        return cfg.output / CHECKPOINTS / f"step-{step}"
 
-    # --- the loop -----------------------------------------------------------------------------------------
-    scaling = vae.config.scaling_factor
-    num_timesteps = noise_scheduler.config.num_train_timesteps
+def resume(run: Run, state: dict, checkpoint: Path) -> None:
+    """Optimizer, schedule, generator, RNGs, history and data position from a checkpoint (the adapter restored the
+    weights); the data order follows from the position."""
+    optimizer, lr_scheduler = run.optimizer, run.lr_scheduler
+    if is_deepspeed(run.accelerator) or state["optimizer"] is None:
+        # DeepSpeed holds the optimizer in per-process shards that only fit the same set-up again
+        events.notice("this run does not restore Adam's moments (DeepSpeed): they start afresh from here")
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+    # one param group per weight with --fused-backward, one in all without: the schedule fits either way
+    lr_scheduler.load_state_dict(performance.fit_scheduler_state(state["lr_scheduler"], len(optimizer.param_groups)))
+    # the learning rate of the step to come under *this* run's schedule: a run continued to more steps has a
+    # longer cosine/polynomial decay than the one that saved (whose last lr may have been 0); same length, same lr
+    for group, base, rate in zip(optimizer.param_groups, lr_scheduler.base_lrs, lr_scheduler.lr_lambdas, strict=True):
+        group["lr"] = base * rate(lr_scheduler.last_epoch)
+    lr_scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+    scaler = run.accelerator.scaler
+    if state.get("scaler") is not None and scaler is not None:
+        scaler.load_state_dict(state["scaler"])
+    run.generator.set_state(state["generator"])
+    set_rng_states(state["rng"])
+    run.history = History(**state["history"])
+    run.step = state["step"]
+    # checkpoints from before several processes existed: one process, the batch of their own settings
+    old = state["config"]
+    default_seen = run.step * old["gradient_accumulation_steps"] * old["train_batch_size"]
+    run.samples_seen = state.get("samples_seen", default_seen)
+    events.notice(f"resuming from {checkpoint} (step {run.step})")
+    if state.get("world_size", 1) != run.accelerator.num_processes:
+        events.notice(f"it was written by {state.get('world_size', 1)} processes and continues with "
+                      f"{run.accelerator.num_processes}")  # fmt: skip
+
+
+def fit(run: Run, should_stop) -> None:
+    """The loop: batch → noise → predict → loss → step → maybe save / sample / log, until --max-train-steps."""
+    cfg, accelerator, family, c = run.cfg, run.accelerator, run.family, run.c
+    device = accelerator.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    scaling = c.vae.config.scaling_factor
+    num_timesteps = c.scheduler.config.num_train_timesteps
     accum = cfg.gradient_accumulation_steps
     saves = set(save_steps(cfg))
-    shard = Shard.of(rank, world, cfg.train_batch_size, with_classes=classes is not None)
+    shard = Shard.of(rank, world, cfg.train_batch_size, with_classes=run.with_classes)
     # DeepSpeed runs the UNet in the half precision it converted it to, where autocast would not cast its inputs
-    input_dtype = weight_dtype if is_deepspeed(accelerator) else None
-    last_saved = resume_from
-    loop_started, first_step = time.perf_counter(), step
-    unet.train()
-    text_encoder.train(train_text_encoder)
-    progress = events.progress("training", cfg.max_train_steps, completed=step)
+    input_dtype = run.weight_dtype if is_deepspeed(accelerator) else None
+    loop_started = time.perf_counter()
+    skipped_in_a_row = 0  # fp16 steps the gradient scaler threw away because of inf/NaN gradients
+    for model in run.trained.values():
+        model.train()
+    progress = events.progress("training", cfg.max_train_steps, completed=run.step)
     with trackers.session(accelerator, cfg), progress as advance:
-        while step < cfg.max_train_steps:
-            if train_text_encoder and cfg.text_encoder_steps is not None and step >= cfg.text_encoder_steps:
-                # the text encoder has learned the token; from here on it is frozen (its grads stay None, so the
-                # optimizer skips it) and its embeddings can be cached like a frozen one's
-                train_text_encoder = False
-                text_encoder.requires_grad_(False)
-                text_encoder.eval()
-                prompts.build_cache([e.prompt for e in all_examples])
+        while run.step < cfg.max_train_steps:
+            if run.text_encoders_train and cfg.text_encoder_steps is not None and run.step >= cfg.text_encoder_steps:
+                # the text encoders have learned the token; from here on they are frozen (their grads stay None, so
+                # the optimizer skips them) and their embeddings can be cached like frozen ones'
+                run.text_encoders_train = False
+                for name in (n for n in run.trained if n != "unet"):
+                    run.trained[name].requires_grad_(False)
+                    run.trained[name].eval()
+                run.prompts.build([e.prompt for e in run.all_examples])
 
-            total, parts = 0.0, [0.0, 0.0]
+            total, instance_total, class_total = 0.0, 0.0, 0.0
             for _ in range(accum):  # gradient accumulation: several micro-batches, one optimizer step
-                # this process's slice of the global micro-batch
-                batch = stream.at(samples_seen + rank * cfg.train_batch_size)
-                samples_seen += world * cfg.train_batch_size
-                n = batch.num_instance
+                batch = run.stream.at(run.samples_seen + rank * cfg.train_batch_size)  # this process's slice
+                run.samples_seen += world * cfg.train_batch_size
                 # latents from the VAE's distribution; noise and timesteps from the run's own generator
-                dist = latents.distributions(batch, stream)
-                lat = sample_latents(dist, scaling, shard.randn(generator, dist.shape[1] // 2, *dist.shape[2:]))
-                noise = shard.randn(generator, *lat.shape[1:]).to(device)
+                dist = run.latents.distributions(batch, run.stream)
+                generator = run.generator
+                latents = sample_latents(dist, scaling, shard.randn(generator, dist.shape[1] // 2, *dist.shape[2:]))
+                noise = shard.randn(generator, *latents.shape[1:]).to(device)
                 if cfg.offset_noise:  # lets the model learn overall brightness (very dark / very bright images)
-                    noise += cfg.offset_noise * shard.randn(generator, lat.shape[1], 1, 1).to(device)
+                    noise += cfg.offset_noise * shard.randn(generator, latents.shape[1], 1, 1).to(device)
                 timesteps = shard.randint(generator, num_timesteps).to(device)
-                noisy = noise_scheduler.add_noise(lat, noise, timesteps)
-                # v-models (SD 2.x 768-v) learn the velocity, not the noise
-                target = training_target(noise_scheduler, lat, noise, timesteps)
+                noisy = c.scheduler.add_noise(latents, noise, timesteps)
+                target = family.target(c, latents, noise, timesteps)
                 # accumulate: DDP exchanges gradients after the last micro-batch only (and scales the loss by 1/accum)
-                with accelerator.autocast(), accelerator.accumulate(*trained_models):
-                    hidden = prompts([e.prompt for e in batch.examples])
+                with accelerator.autocast(), accelerator.accumulate(*run.trained.values()):
+                    cond = run.prompts([e.prompt for e in batch.examples])
                     if input_dtype is not None:
-                        noisy, hidden = noisy.to(input_dtype), hidden.to(input_dtype)
+                        noisy, cond = noisy.to(input_dtype), {k: v.to(input_dtype) for k, v in cond.items()}
                     if cfg.channels_last:
                         noisy = noisy.contiguous(memory_format=torch.channels_last)
-                    pred = unet(noisy, timesteps, hidden).sample
-                per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if cfg.snr_gamma is not None:  # min-SNR: easy (low-noise) timesteps stop dominating the loss
-                    from diffusers.training_utils import compute_snr
-
-                    snr = compute_snr(noise_scheduler, timesteps)
-                    clipped = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma))
-                    per_example = per_example * (clipped / (snr + 1 if prediction_type == "v_prediction" else snr))
-                # prior preservation: the class half of the batch keeps the model's idea of the class
-                instance_loss = per_example[:n].mean()
-                class_loss = per_example[n:].mean() if n < len(per_example) else torch.zeros((), device=device)
+                    pred = family.predict(c, noisy, timesteps, cond)
+                instance_loss, class_loss = prior_preserving_loss(pred, target, timesteps, batch.num_instance, c, cfg)
                 loss = instance_loss + cfg.prior_loss_weight * class_loss
                 # divides by --gradient-accumulation-steps; with --fused-backward the weights update in here
-                accelerator.backward(fused.scale_loss(loss) if fused else loss)
+                accelerator.backward(run.fused.scale_loss(loss) if run.fused else loss)
                 total += loss.item() / accum
-                parts[0] += instance_loss.item() / accum
-                parts[1] += class_loss.item() / accum
+                instance_total += instance_loss.item() / accum
+                class_total += class_loss.item() / accum
 
             if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            skipped = fused.step_was_skipped if fused else optimizer.step_was_skipped
+                accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
+            run.optimizer.step()
+            skipped = run.fused.step_was_skipped if run.fused else run.optimizer.step_was_skipped
             if not skipped:  # an fp16 overflow skips the step, and the schedule waits for it
-                lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
+                run.lr_scheduler.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            run.step += 1
             if world > 1:  # what is logged is the whole batch's loss, the mean over the processes' slices
-                stats = torch.tensor([total, *parts], dtype=torch.float64, device=device)
-                total, *parts = (accelerator.reduce(stats, "sum") / world).tolist()
-
-            current_lr = lr_scheduler.get_last_lr()[0]
-            history.losses.append(total)
-            history.instance_losses.append(parts[0])
-            history.class_losses.append(parts[1])
-            history.lrs.append(current_lr)
-            fields = {"loss": round(total, 5), "lr": current_lr}
-            if cfg.with_prior_preservation:
-                fields["class_loss"] = round(parts[1], 5)
-            if device.type == "cuda":
-                fields["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
-            advance(1, **fields)
-            events.emit("train_step", step=step, **fields)
-            trackers.log_step(accelerator, cfg, step, {**fields, "instance_loss": parts[0]})
+                stats = torch.tensor([total, instance_total, class_total], dtype=torch.float64, device=device)
+                total, instance_total, class_total = (accelerator.reduce(stats, "sum") / world).tolist()
+            log_step(run, total, instance_total, class_total, advance)
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            check_diverged(run, total, skipped_in_a_row)
 
             stopping = should_stop()
             if world > 1:  # a signal reaches one process, or each at its own moment: all stop at the same step
                 asked = torch.tensor([float(stopping)], device=device)
                 stopping = accelerator.reduce(asked, "sum").item() > 0
-            if step in saves or stopping:
-                history.seconds += time.perf_counter() - loop_started
+            if run.step in saves or stopping:
+                run.history.seconds += time.perf_counter() - loop_started
                 loop_started = time.perf_counter()
-                last_saved = save(step)
-                trackers.log_samples(accelerator, cfg, step, last_saved / "samples")
+                run.last_saved = save(run)
+                trackers.log_samples(accelerator, cfg, run.step, run.last_saved / "samples")
             if stopping:
-                events.notice(f"stopped at step {step}; saved {last_saved}. Run the same command again to resume.")
+                events.notice(f"stopped at step {run.step}; saved {run.last_saved}. Run the same command again to "
+                              "resume.")  # fmt: skip
                 raise KeyboardInterrupt
-    history.seconds += time.perf_counter() - loop_started
-    setup["steps_this_run"] = step - first_step
-    return _write_report(cfg, step, history, started, last_saved, setup, accelerator.is_main_process)
+    run.history.seconds += time.perf_counter() - loop_started
 
 
-def save_checkpoint(
-    cfg, step, model_dir, vae_dir, accelerator, unet, text_encoder, vae, tokenizer, noise_scheduler,
-    optimizer, lr_scheduler, generator, history, seed, weight_dtype, device, extra_state=None,
-) -> Path:  # fmt: skip
-    """<output>/checkpoints/step-N/: a complete diffusers folder, the training state, and samples.
+def prior_preserving_loss(pred, target, timesteps, num_instance: int, c, cfg: TrainConfig):
+    """(instance loss, class loss): the batch's instance rows, then its class rows (prior preservation: the class
+    half keeps the model's idea of the class). min-SNR reweights each example when asked."""
+    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+    if cfg.snr_gamma is not None:  # min-SNR: easy (low-noise) timesteps stop dominating the loss
+        from diffusers.training_utils import compute_snr
 
-    Written into a temporary folder and renamed: a kill at any instant leaves the previous checkpoint intact.
-    """
-    from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE
+        snr = compute_snr(c.scheduler, timesteps)
+        clipped = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma))
+        per_example = per_example * (clipped / (snr + 1 if c.prediction_type == "v_prediction" else snr))
+    instance_loss = per_example[:num_instance].mean()
+    class_loss = per_example[num_instance:].mean() if num_instance < len(per_example) else per_example.new_zeros(())
+    return instance_loss, class_loss
 
-    dest = cfg.output / CHECKPOINTS / f"step-{step}"
-    unet_m = accelerator.unwrap_model(unet)
-    text_m = accelerator.unwrap_model(text_encoder)
-    with events.stage(f"saving checkpoint step-{step}"), atomic_dir(dest, overwrite=True) as tmp:
-        unet_m.save_pretrained(tmp / "unet", safe_serialization=True)
-        if cfg.train_text_encoder:
-            text_m.save_pretrained(tmp / "text_encoder", safe_serialization=True)
-        else:
-            shutil.copytree(model_dir / "text_encoder", tmp / "text_encoder", copy_function=_link_or_copy)
-        shutil.copytree(vae_dir or model_dir / "vae", tmp / "vae", copy_function=_link_or_copy)
-        for name in ("tokenizer", "scheduler"):
-            shutil.copytree(model_dir / name, tmp / name, copy_function=_link_or_copy)
-        shutil.copy2(model_dir / "model_index.json", tmp / "model_index.json")
-        if (model_dir / EXTRAS_FILE).is_file():
-            _without_ema(model_dir / EXTRAS_FILE, tmp / EXTRAS_FILE)
-        provenance = {}
-        if (model_dir / PROVENANCE_FILE).is_file():
-            provenance = json.loads((model_dir / PROVENANCE_FILE).read_text())
-        provenance["trained"] = {"by": f"dreambooth {__version__}", "step": step, "base": str(model_dir), "seed": seed}
-        write_json(tmp / PROVENANCE_FILE, provenance)
-        master = {}
-        if cfg.save_fp16:
-            _halve_weights(tmp / "unet")
-            master["unet"] = unet_m.state_dict()
-            if cfg.train_text_encoder:
-                _halve_weights(tmp / "text_encoder")
-                master["text_encoder"] = text_m.state_dict()
+
+MAX_SKIPPED_IN_A_ROW = 20  # a scaler halves its scale at each: 2**-20 of the start means it will not recover
+
+
+def check_diverged(run: Run, loss: float, skipped_in_a_row: int) -> None:
+    """A loss that is no longer a finite number, or an fp16 scaler that keeps throwing steps away, stops the run
+    here: every later step would train on garbage, and its checkpoints would give black images."""
+    where = run.last_saved or "no checkpoint yet"
+    hint = (
+        f"lower --learning-rate (now {run.setup.get('learning_rate', run.cfg.lr):g}), try --mixed-precision bf16 or "
+        f"no, or a VAE that is finite in fp16 (--vae); the last good checkpoint is kept ({where})"
+    )
+    if not math.isfinite(loss):
+        raise TrainingDiverged(f"training diverged at step {run.step}: the loss is {loss}", hint)
+    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+        raise TrainingDiverged(
+            f"training diverged at step {run.step}: the fp16 gradient scaler skipped {skipped_in_a_row} steps in a "
+            "row (inf/NaN gradients)",
+            hint,
+        )
+
+
+def check_finite_weights(run: Run, trained: dict) -> None:
+    """Before a checkpoint is written: a weight that is inf/NaN means the run broke (with a finite loss, e.g. a
+    loss that under-flowed); such a checkpoint is never written, so --keep-last never prunes the last good one."""
+    for name, model in trained.items():
+        for key, p in model.named_parameters():
+            if p.requires_grad and not torch.isfinite(p).all():
+                raise TrainingDiverged(
+                    f"training diverged by step {run.step}: {name} weight {key} is not finite; nothing was saved",
+                    f"lower --learning-rate (now {run.cfg.lr:g}) or try --mixed-precision bf16; the last good "
+                    f"checkpoint is kept ({run.last_saved or 'none yet'})",
+                )
+
+
+def log_step(run: Run, total: float, instance_loss: float, class_loss: float, advance) -> None:
+    current_lr = run.lr_scheduler.get_last_lr()[0]
+    run.history.losses.append(total)
+    run.history.instance_losses.append(instance_loss)
+    run.history.class_losses.append(class_loss)
+    run.history.lrs.append(current_lr)
+    fields = {"loss": round(total, 5), "lr": current_lr}
+    if run.with_classes:
+        fields["class_loss"] = round(class_loss, 5)
+    if run.accelerator.device.type == "cuda":
+        fields["mem"] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G"
+    advance(1, **fields)
+    events.emit("train_step", step=run.step, **fields)
+    trackers.log_step(run.accelerator, run.cfg, run.step, {**fields, "instance_loss": instance_loss})
+
+
+# ───────────────────────────── checkpoints ─────────────────────────────
+
+
+def save(run: Run) -> Path:
+    """Every process takes part (ZeRO-3 gathers the weights); the first one writes, the others wait for it."""
+    with whole_weights(run.accelerator, run.trained["unet"]):
+        if run.accelerator.is_main_process:
+            save_checkpoint(run)
+        run.accelerator.wait_for_everyone()  # none runs ahead, or exits, before it is complete
+    return checkpoint_dir(run.cfg.output, run.step)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """<output>/checkpoints/step-N/: what the adapter stores (a full diffusers folder, or the LoRA layers), the
+    training state, and samples. Written into a temporary folder and renamed: a kill at any instant leaves the
+    previous checkpoint intact."""
+    cfg, accelerator = run.cfg, run.accelerator
+    dest = checkpoint_dir(cfg.output, run.step)
+    trained = {name: accelerator.unwrap_model(model) for name, model in run.trained.items()}
+    check_finite_weights(run, trained)
+    with events.stage(f"saving checkpoint step-{run.step}"), atomic_dir(dest, overwrite=True) as tmp:
+        extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed)
         training_state = {
-            "step": step,
-            "seed": seed,
+            "step": run.step,
+            "seed": run.seed,
             # DeepSpeed's is in per-process shards: resuming restarts Adam's moments there
-            "optimizer": None if is_deepspeed(accelerator) else optimizer.state_dict(),
-            "lr_scheduler": lr_scheduler.state_dict(),
+            "optimizer": None if is_deepspeed(accelerator) else run.optimizer.state_dict(),
+            "lr_scheduler": run.lr_scheduler.state_dict(),
             "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-            "generator": generator.get_state(),
+            "generator": run.generator.get_state(),
             "rng": rng_states(),
-            "history": history.__dict__,
+            "history": run.history.__dict__,
             "config": cfg.to_dict(),
+            "samples_seen": run.samples_seen,
+            "world_size": accelerator.num_processes,
+            **extra,
         }
-        training_state.update(extra_state or {})
-        if master:
-            training_state["master_weights"] = master
         torch.save(training_state, tmp / STATE_FILE)
         if cfg.save_sample_prompt:
-            draw_samples(cfg, tmp / "samples", unet_m, text_m, vae, tokenizer, noise_scheduler, seed, accelerator)
+            draw_samples(run, tmp / "samples", trained)
     if cfg.keep_last:
-        done = sorted(
-            (int(p.name.split("-")[1]), p)
-            for p in (cfg.output / CHECKPOINTS).glob("step-*")
-            if (p / STATE_FILE).is_file()
-        )
-        for _, old in done[: -cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune(cfg.output, cfg.keep_last)
     if cfg.export_single_file:
-        from dreambooth.checkpoint.export import ExportOptions, export
-
         name = cfg.output.resolve().name or "dreambooth"
-        with events.stage(f"exporting step-{step} as one file"):
-            export(dest, cfg.output / "export" / f"{name}-step-{step}.safetensors", ExportOptions(half=True))
-    events.emit("checkpoint_saved", step=step, path=str(dest))
+        with events.stage(f"exporting step-{run.step}"):
+            run.adapter.export(dest, cfg.output / "export", name, run.step)
+    events.emit("checkpoint_saved", step=run.step, path=str(dest))
     return dest
 
 
-def draw_samples(cfg, folder, unet, text_encoder, vae, tokenizer, noise_scheduler, seed, accelerator) -> None:
+def draw_samples(run: Run, folder: Path, trained: dict) -> None:
     """Samples with a fixed seed, so the same prompt at successive checkpoints shows what training changed."""
-    from dreambooth.sample import generate, pipeline_from_modules, save_images
+    from dreambooth.sample import generate, save_images
 
-    device = accelerator.device
-    places = {m: (next(m.parameters()).device, m.training) for m in (unet, text_encoder, vae)}
+    cfg, c, device = run.cfg, run.c, run.accelerator.device
+    unet = trained["unet"]
+    text_encoders = {n: trained.get(n, m) for n, m in c.text_encoders.items()}
+    places = {m: (next(m.parameters()).device, m.training) for m in (unet, c.vae, *text_encoders.values())}
     # the loop's random streams must not move because samples were drawn (a resumed run draws none here)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), accelerator.autocast():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.accelerator.autocast():
         for m in places:
             m.to(device).eval()
-        pipe = pipeline_from_modules(unet, text_encoder, vae, tokenizer, dict(noise_scheduler.config))
+        pipe = run.family.sampling_pipeline(c, unet, text_encoders, c.vae)
         for i, prompt in enumerate(cfg.save_sample_prompt):
             images = generate(
-                pipe, prompt, cfg.n_save_sample, seed, resolution=cfg.resolution, steps=cfg.save_infer_steps,
+                pipe, prompt, cfg.n_save_sample, run.seed, resolution=cfg.resolution, steps=cfg.save_infer_steps,
                 guidance_scale=cfg.save_guidance_scale, negative_prompt=cfg.save_sample_negative_prompt,
             )  # fmt: skip
             save_images(images, folder, f"prompt{i}")

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 
 from dreambooth.config import TrainConfig, build_train_config
 from dreambooth.data import DataStream, Example
+from dreambooth.distributed import Shard
 from dreambooth.errors import UserError
 from dreambooth.launch import launched, launcher_args, read_settings
-from dreambooth.train import Shard
 from tests.train_helpers import base_args
 
 UNET = Path("unet") / "diffusion_pytorch_model.safetensors"

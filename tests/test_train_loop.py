@@ -100,7 +100,7 @@ def test_text_encoder_trains_only_when_asked(cli, model, photos, tmp_path):
 def test_v_prediction_models_learn_the_velocity(cli, photos, tmp_path):
     from diffusers import DDPMScheduler
 
-    from dreambooth.train import training_target
+    from dreambooth.families.sd import training_target
 
     folder = tmp_path / "tiny-v"
     write_diffusers_folder(folder, tiny_components(0, "sd2-v"), "sd2", "sd2-v")

@@ -123,7 +123,7 @@ def test_a_kill_while_saving_never_spoils_the_last_finished_checkpoint(model, ph
     killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
 
-    from dreambooth.train import latest_checkpoint
+    from dreambooth.checkpoints import latest_checkpoint
 
     last = latest_checkpoint(tmp_path / "out")
     assert last == tmp_path / "out" / "checkpoints" / "step-1"  # the half-written step-2 is not taken for one

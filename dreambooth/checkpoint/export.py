@@ -7,14 +7,14 @@ from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from dreambooth import __version__
 from dreambooth.checkpoint.components import COMPONENTS
 from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
-from dreambooth.checkpoint.families import FAMILIES
+from dreambooth.checkpoint.families import FAMILIES, model_type_of
 from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, TEXT_SOURCES, build_original, unet_sources, vae_sources
-from dreambooth.checkpoint.load import read_json_file
+from dreambooth.checkpoint.load import load_safetensors_file, read_json_file
 from dreambooth.errors import UserError
 from dreambooth.fileio import atomic_path
 
@@ -22,6 +22,7 @@ SUFFIXES = (".safetensors", ".ckpt")
 # Stability's model-spec names, which A1111/ComfyUI tooling reads from safetensors metadata
 MODELSPEC_ARCHITECTURE = {
     "sd1": "stable-diffusion-v1",
+    "sd1-v": "stable-diffusion-v1",  # model spec has no v1 v-prediction name: modelspec.prediction_type says it
     "sd2": "stable-diffusion-v2-512",
     "sd2-v": "stable-diffusion-v2-768-v",
 }
@@ -45,7 +46,7 @@ class DiffusersModel:
 
     @property
     def model_type(self) -> str:
-        return "sd2-v" if self.family == "sd2" and self.prediction_type == "v_prediction" else self.family
+        return model_type_of(self.family, self.prediction_type)
 
 
 def read_diffusers_folder(folder: Path) -> DiffusersModel:
@@ -65,7 +66,7 @@ def read_diffusers_folder(folder: Path) -> DiffusersModel:
                 "re-run the conversion or training step that wrote it",
             )
         configs[name] = read_json_file(cfg_path, f"{name} config")
-        states[name] = load_file(weights)
+        states[name] = load_safetensors_file(weights, f"{name} weights")
     provenance = read_json_file(folder / PROVENANCE_FILE, "provenance") if (folder / PROVENANCE_FILE).is_file() else {}
     family = provenance.get("family") or _family_from_text_config(configs["text_encoder"])
     if family not in FAMILIES:
@@ -94,7 +95,7 @@ def to_original(model: DiffusersModel) -> dict[str, torch.Tensor]:
         out[CLIP_POSITION_IDS] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
     extras = model.folder / EXTRAS_FILE
     if extras.is_file():
-        out = load_file(extras) | out  # our component weights win over anything kept aside
+        out = load_safetensors_file(extras) | out  # our component weights win over anything kept aside
     return out
 
 
@@ -105,7 +106,17 @@ def export(src: Path, dest: Path, options: ExportOptions = ExportOptions()) -> d
         raise UserError(f"{dest}: unknown file type {dest.suffix!r}", "name it .safetensors (or .ckpt for old tools)")
     if dest.exists() and not options.overwrite:
         raise UserError(f"{dest} exists", "pass --overwrite or choose another name")
-    model = read_diffusers_folder(src)
+    return export_model(read_diffusers_folder(src), dest, options, started=started)
+
+
+def export_model(model: DiffusersModel, dest: Path, options: ExportOptions, *, started: float | None = None) -> dict:
+    """Write one in-memory diffusers model (e.g. a base with a LoRA merged in) as a single file."""
+    started = time.perf_counter() if started is None else started
+    dest = Path(dest)
+    if dest.suffix not in SUFFIXES:
+        raise UserError(f"{dest}: unknown file type {dest.suffix!r}", "name it .safetensors (or .ckpt for old tools)")
+    if dest.exists() and not options.overwrite:
+        raise UserError(f"{dest} exists", "pass --overwrite or choose another name")
     state = to_original(model)
     if options.half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
@@ -118,7 +129,7 @@ def export(src: Path, dest: Path, options: ExportOptions = ExportOptions()) -> d
         else:
             torch.save({"state_dict": state}, tmp)
     if model.prediction_type == "v_prediction":
-        write_sidecar_yaml(dest)
+        write_sidecar_yaml(dest, model.family)
     return {
         "file": str(dest),
         "size_bytes": dest.stat().st_size,
@@ -152,8 +163,12 @@ def export_metadata(model: DiffusersModel, options: ExportOptions) -> dict[str, 
     return meta
 
 
-def write_sidecar_yaml(dest: Path) -> None:
-    """A1111 picks a model's config from `<name>.yaml` beside it; SD 2.x-v needs `parameterization: v`."""
-    text = (resources.files("dreambooth") / "assets" / "ldm" / "v2-inference-v.yaml").read_text()
+SIDECAR_YAML = {"sd1": "v1-inference-v.yaml", "sd2": "v2-inference-v.yaml"}
+
+
+def write_sidecar_yaml(dest: Path, family: str) -> None:
+    """A1111 picks a model's config from `<name>.yaml` beside it; a v-prediction model needs `parameterization: v`
+    (an epsilon model needs no yaml: the WebUI's defaults are epsilon)."""
+    text = (resources.files("dreambooth") / "assets" / "ldm" / SIDECAR_YAML[family]).read_text()
     with atomic_path(dest.with_suffix(".yaml")) as tmp:
         tmp.write_text(text)

@@ -1,0 +1,250 @@
+"""Adapters: what trains, what a checkpoint stores and restores, and what export writes.
+
+`Full` fine-tunes the UNet (and the text encoder with --train-text-encoder) and saves complete diffusers folders;
+`Lora` freezes the base model, injects peft LoRA layers and saves only them (megabytes, not gigabytes), exported as
+the kohya/A1111 file the WebUI and ComfyUI load. The training loop asks the adapter; it never tests which one it has.
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from dreambooth import __version__
+from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
+from dreambooth.checkpoints import link_or_copy
+from dreambooth.config import LORA_TARGET_GROUPS, TrainConfig
+from dreambooth.errors import UserError
+from dreambooth.families import Components
+from dreambooth.fileio import write_json
+
+COPIED = ("tokenizer", "scheduler")  # frozen folders a full checkpoint carries as they are
+
+
+def trainable(models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
+    return [p for m in models.values() for p in m.parameters() if p.requires_grad]
+
+
+def _bytes(models: dict[str, torch.nn.Module], only_trainable: bool) -> int:
+    return sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters()
+               if p.requires_grad or not only_trainable)  # fmt: skip
+
+
+def _provenance(c: Components, step: int, seed: int, **extra) -> dict:
+    provenance = {}
+    if (c.model_dir / PROVENANCE_FILE).is_file():
+        provenance = json.loads((c.model_dir / PROVENANCE_FILE).read_text())
+    provenance["trained"] = {"by": f"dreambooth {__version__}", "step": step, "base": str(c.model_dir), "seed": seed,
+                             **extra}  # fmt: skip
+    return provenance
+
+
+class Full:
+    """The whole UNet (and text encoder) trains; a checkpoint is a complete diffusers folder."""
+
+    name = "full"
+
+    def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+        # what trains stays fp32 ("master weights"): fp16 gradients cannot be unscaled in place, which is the
+        # "Attempting to unscale FP16 gradients" failure; the frozen parts run in half precision
+        text = torch.float32 if cfg.train_text_encoder else weight_dtype
+        return {"unet": torch.float32, "text_encoder": text, "text_encoder_2": text, "vae": weight_dtype}
+
+    def prepare(self, c: Components, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+        c.vae.requires_grad_(False)
+        c.unet.requires_grad_(True)
+        for encoder in c.text_encoders.values():
+            encoder.requires_grad_(cfg.train_text_encoder)
+        return {"unet": c.unet, **(c.text_encoders if cfg.train_text_encoder else {})}
+
+    def restore(self, c: Components, checkpoint: Path, state: dict) -> None:
+        from safetensors.torch import load_file
+
+        master = state.get("master_weights", {})  # the checkpoint's files are fp16: the exact fp32 weights
+        for name, model in c.models.items():
+            if name in master:
+                model.load_state_dict(master[name])
+            elif name == "unet" or state["config"].get("train_text_encoder"):
+                model.load_state_dict(load_file(checkpoint / name / f"{WEIGHT_FILES[name]}.safetensors"))
+
+    def checkpoint_bytes(self, c: Components, trained: dict, cfg: TrainConfig) -> int:
+        """What one checkpoint costs on disk: trained weights (fp32, or fp16 + fp32 master copies), Adam's moments,
+        and the frozen parts (hard links where the filesystem allows; counted anyway)."""
+        weights = _bytes(trained, only_trainable=True)
+        frozen = _bytes({n: m for n, m in c.models.items() if n not in trained}, False) + _bytes({"vae": c.vae}, False)
+        moments = weights * (0.5 if cfg.use_8bit_adam else 2)
+        return int(weights * (1.5 if cfg.save_fp16 else 1.0) + moments + frozen)
+
+    def export_bytes(self, c: Components, trained: dict) -> int:
+        return (_bytes(c.models, False) + _bytes({"vae": c.vae}, False)) // 2  # fp16
+
+    def save(self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int) -> dict:
+        """A complete diffusers folder; returns what the training state must add (fp32 master weights)."""
+        from safetensors.torch import load_file, save_file
+
+        for name in c.models:
+            if name in trained:
+                trained[name].save_pretrained(tmp / name, safe_serialization=True)
+            else:
+                shutil.copytree(c.model_dir / name, tmp / name, copy_function=link_or_copy)
+        shutil.copytree(c.vae_dir or c.model_dir / "vae", tmp / "vae", copy_function=link_or_copy)
+        for folder in (f for f in c.model_dir.iterdir() if f.name.startswith(COPIED)):
+            shutil.copytree(folder, tmp / folder.name, copy_function=link_or_copy)
+        shutil.copy2(c.model_dir / "model_index.json", tmp / "model_index.json")
+        extras = c.model_dir / EXTRAS_FILE
+        if extras.is_file():
+            # the original file's EMA copy describes the untrained UNet: a trained checkpoint must not carry it
+            kept = {k: v for k, v in load_file(extras).items() if not k.startswith("model_ema.")}
+            if kept:
+                save_file(kept, tmp / EXTRAS_FILE, metadata={"format": "pt"})
+        write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed))
+        if not cfg.save_fp16:
+            return {}
+        for name in trained:
+            for path in (tmp / name).glob("*.safetensors"):
+                half = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(path).items()}
+                save_file(half, path, metadata={"format": "pt"})
+        return {"master_weights": {name: model.state_dict() for name, model in trained.items()}}
+
+    def export(self, checkpoint: Path, export_dir: Path, name: str, step: int) -> dict:
+        from dreambooth.checkpoint.export import ExportOptions, export
+
+        return export(checkpoint, export_dir / f"{name}-step-{step}.safetensors", ExportOptions(half=True))
+
+    def describe(self, cfg: TrainConfig) -> dict:
+        return {"adapter": "full"}
+
+
+class Lora:
+    """The base model stays frozen (in half precision on a GPU); LoRA layers (peft) train in fp32 beside it."""
+
+    name = "lora"
+
+    def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+        return {"unet": weight_dtype, "text_encoder": weight_dtype, "text_encoder_2": weight_dtype, "vae": weight_dtype}
+
+    def prepare(self, c: Components, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+        from peft import LoraConfig, inject_adapter_in_model
+
+        c.vae.requires_grad_(False)
+        trained = {"unet": c.unet, **(c.text_encoders if cfg.train_text_encoder else {})}
+        for name, model in c.models.items():
+            model.requires_grad_(False)
+            if name not in trained:
+                continue
+            linear, convs = lora_modules(model, cfg, text=name != "unet")
+            # exact module names (escaped: peft reads pattern keys as regular expressions); convs at their own rank
+            config = LoraConfig(
+                r=cfg.lora_rank,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=linear + convs,
+                rank_pattern={re.escape(m): cfg.lora_conv_rank for m in convs},
+                alpha_pattern={re.escape(m): cfg.lora_conv_alpha for m in convs},
+                init_lora_weights=True,  # B = 0: training starts from the base model exactly
+            )
+            inject_adapter_in_model(config, model)
+            for p in model.parameters():
+                if p.requires_grad:  # only the LoRA weights: fp32 for the optimizer, whatever the base runs in
+                    p.data = p.data.float()
+        return trained
+
+    def restore(self, c: Components, checkpoint: Path, state: dict) -> None:
+        from dreambooth.checkpoint.lora import load_adapter
+
+        load_adapter(checkpoint, {n: m for n, m in c.models.items() if n == "unet" or state["config"].get(
+            "train_text_encoder")})  # fmt: skip
+
+    def checkpoint_bytes(self, c: Components, trained: dict, cfg: TrainConfig) -> int:
+        weights = _bytes(trained, only_trainable=True)
+        return int(weights * (1 + (0.5 if cfg.use_8bit_adam else 2)))
+
+    def export_bytes(self, c: Components, trained: dict) -> int:
+        return _bytes(trained, only_trainable=True) // 2
+
+    def save(self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int) -> dict:
+        from dreambooth.checkpoint.lora import save_adapter
+
+        concept = cfg.concepts[0]
+        info = {
+            "family": c.extra["family"],
+            "model_type": c.extra["model_type"],
+            "prediction_type": c.prediction_type,
+            "base": str(c.model_dir),
+            "base_sha256": _provenance(c, step, seed).get("sha256"),
+            "step": step,
+            "seed": seed,
+            "resolution": cfg.resolution,
+            "trigger": concept.instance_prompt,
+            "output_name": cfg.output.resolve().name or "dreambooth",
+            "rank": cfg.lora_rank,
+            "alpha": cfg.lora_alpha,
+            "dropout": cfg.lora_dropout,
+            "conv_rank": cfg.lora_conv_rank,
+            "conv_alpha": cfg.lora_conv_alpha,
+            "targets": list(cfg.lora_targets),
+            "text_encoder_targets": text_encoder_targets(cfg) if cfg.train_text_encoder else [],
+        }
+        save_adapter(tmp, trained, info)
+        write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter="lora"))
+        return {}
+
+    def export(self, checkpoint: Path, export_dir: Path, name: str, step: int) -> dict:
+        from dreambooth.checkpoint.lora import export_lora
+
+        return export_lora(checkpoint, export_dir / f"{name}-lora-step-{step}.safetensors")
+
+    def describe(self, cfg: TrainConfig) -> dict:
+        return {
+            "adapter": "lora",
+            "lora_rank": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout,
+            "lora_targets": list(cfg.lora_targets),
+            "lora_conv_rank": cfg.lora_conv_rank,
+            "lora_conv_alpha": cfg.lora_conv_alpha,
+        }
+
+
+def text_encoder_targets(cfg: TrainConfig) -> list[str]:
+    """CLIP's attention projections; its MLP too when the UNet's feed-forward layers are asked for."""
+    names = ["q_proj", "k_proj", "v_proj", "out_proj"]
+    return names + (["fc1", "fc2"] if "ff.net.0.proj" in cfg.lora_targets else [])
+
+
+def lora_modules(model: torch.nn.Module, cfg: TrainConfig, text: bool) -> tuple[list[str], list[str]]:
+    """The full names of the modules that get LoRA layers: (linear and 1×1 ones at --lora-rank, 3×3 convolutions
+    at --lora-conv-rank). UNet: the --lora-targets inside its transformer blocks, and with --lora-conv-rank the
+    ResNet and resampling convolutions (LoCon); text encoder: see text_encoder_targets."""
+    suffixes = text_encoder_targets(cfg) if text else list(cfg.lora_targets)
+    linear, convs = [], []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and any(
+            name == s or name.endswith("." + s) for s in suffixes
+        ):
+            if text or ".attentions." in name:  # the UNet's transformer blocks, not its time embedding
+                linear.append(name)
+        elif (
+            not text
+            and cfg.lora_conv_rank
+            and isinstance(module, torch.nn.Conv2d)
+            and module.kernel_size != (1, 1)
+            and re.search(r"\.(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$", name)
+        ):
+            convs.append(name)
+    if not linear:
+        raise UserError(
+            f"--lora-targets {','.join(cfg.lora_targets)} matches no module of the "
+            f"{'text encoder' if text else 'UNet'}",
+            f"use names from: {', '.join(LORA_TARGET_GROUPS)} or {', '.join(sorted(set(sum(LORA_TARGET_GROUPS.values(), ()))))}",  # noqa: E501
+        )
+    return linear, convs
+
+
+ADAPTERS = {"full": Full(), "lora": Lora()}
+
+
+def get(name: str):
+    return ADAPTERS[name]

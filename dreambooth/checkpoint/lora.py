@@ -1,0 +1,442 @@
+"""LoRA adapters on disk: the training checkpoint's `lora/` folder, the kohya/A1111 file, diffusers' format, merge.
+
+A training checkpoint stores each peft-wrapped component's adapter as peft saved it (`<module>.lora_A.weight`,
+`<module>.lora_B.weight`, fp32) plus `lora.json`, where every module's rank and alpha are read off the live layers
+once, so nothing downstream re-interprets peft's `rank_pattern`/`alpha_pattern`.
+
+The file the WebUI, ComfyUI and kohya's tools share names a module by a prefix and its module path with dots as
+underscores (`lora_unet_down_blocks_0_…_to_q`, `lora_te_text_model_encoder_layers_0_self_attn_q_proj`) and stores
+`.lora_down.weight` [r, in(, k, k)], `.lora_up.weight` [out, r(, 1, 1)] and `.alpha` (scale = alpha / r): the
+same tensors as peft's A and B.
+"""
+
+import datetime
+import hashlib
+import json
+import time
+from collections import Counter
+from enum import Enum
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save, save_file
+
+from dreambooth import __version__
+from dreambooth.checkpoint.export import (
+    MODELSPEC_ARCHITECTURE,
+    SUFFIXES,
+    ExportOptions,
+    export_model,
+    read_diffusers_folder,
+)
+from dreambooth.errors import UserError
+from dreambooth.fileio import atomic_dir, atomic_path, write_json
+
+ADAPTER_DIR = "lora"  # inside a training checkpoint folder checkpoints/step-N/
+ADAPTER_INFO = "lora.json"
+ADAPTER_NAME = "default"  # peft's adapter name; we train one adapter per model
+FORMATS = ("kohya", "diffusers")
+DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
+# the kohya/A1111 prefix of each component (SDXL: lora_te1 / lora_te2)
+SD_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
+# transformers 5 dropped CLIPTextModel's `text_model.` level from module paths; the published names keep it
+TEXT_MODEL = "text_model."
+_DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+# kohya's ss_base_model_version for SD 1.x/2.x (sd-scripts model_util.get_model_version_str_for_sd1_sd2)
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v"}
+
+
+# --- the training checkpoint's lora/ folder ---------------------------------------------------------------------
+
+
+def lora_layers(model: torch.nn.Module, adapter: str = ADAPTER_NAME) -> dict[str, torch.nn.Module]:
+    """The peft LoRA layers of a wrapped model that hold `adapter`, by module path."""
+    return {
+        _module_path(name): m
+        for name, m in model.named_modules()
+        if isinstance(m, LoraLayer) and adapter in getattr(m, "r", {})
+    }
+
+
+def _module_path(name: str) -> str:
+    return name.removeprefix("base_model.model.")  # a PeftModel wrapper adds this level
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, set | frozenset):
+        return sorted(_jsonable(v) for v in value)
+    if isinstance(value, Enum):
+        return value.value
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+    return {_module_path(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+
+
+def describe_adapters(models: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    """Per component: its LoraConfig (JSON-able) and every module's rank and alpha, read off the live layers."""
+    components = {}
+    for name, model in models.items():
+        layers = lora_layers(model)
+        if not layers:
+            raise ValueError(f"{name} has no peft LoRA layers named {ADAPTER_NAME!r}: wrap it first")
+        config = getattr(model, "peft_config", {}).get(ADAPTER_NAME)
+        components[name] = {
+            "peft_config": _jsonable(config.to_dict()) if config is not None else None,
+            "ranks": {path: int(m.r[ADAPTER_NAME]) for path, m in layers.items()},
+            # kohya's alpha is the one that makes alpha / r the scale peft applies (rslora included)
+            "alphas": {path: float(m.scaling[ADAPTER_NAME] * m.r[ADAPTER_NAME]) for path, m in layers.items()},
+        }
+    return components
+
+
+def save_adapter(dest: Path, models: dict[str, torch.nn.Module], info: dict) -> None:
+    """Write dest/lora/<component>.safetensors (peft state dict, fp32) and dest/lora/lora.json."""
+    folder = Path(dest) / ADAPTER_DIR
+    components = describe_adapters(models)
+    for name, model in models.items():
+        with atomic_path(folder / f"{name}.safetensors") as tmp:
+            save_file(_adapter_state(model), tmp, metadata={"format": "pt"})
+    # the weights first, the info last: a folder with lora.json is complete
+    write_json(folder / ADAPTER_INFO, {**info, "components": components})
+
+
+def _adapter_folder(src: Path) -> Path:
+    src = Path(src)
+    if (src / ADAPTER_DIR / ADAPTER_INFO).is_file():
+        return src / ADAPTER_DIR
+    if (src / ADAPTER_INFO).is_file():
+        return src
+    if src.is_file() and src.suffix == ".safetensors" and is_lora_file(src):
+        raise UserError(
+            f"{src} is an exported LoRA file, not a training checkpoint folder",
+            "pass the checkpoint folder training wrote (output/checkpoints/step-N); this file is already an export",
+        )
+    raise UserError(
+        f"{src} is not a LoRA training checkpoint (no {ADAPTER_DIR}/{ADAPTER_INFO})",
+        "pass output/checkpoints/step-N of a `--adapter lora` run",
+    )
+
+
+def read_adapter(src: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
+    """(info, {component: peft state dict}) without building any model."""
+    folder = _adapter_folder(src)
+    try:
+        info = json.loads((folder / ADAPTER_INFO).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"cannot read {folder / ADAPTER_INFO}: {exc}", "the checkpoint is damaged; use another"
+        ) from exc
+    states = {}
+    for name in info.get("components", {}):
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            raise UserError(f"{folder} lacks {path.name}, which {ADAPTER_INFO} lists", "use another checkpoint")
+        states[name] = load_file(path)
+    return info, states
+
+
+def load_adapter(src: Path, models: dict[str, torch.nn.Module]) -> dict:
+    """Load the saved adapter weights into already peft-wrapped models, strictly; returns the info dict."""
+    info, states = read_adapter(src)
+    extra = sorted(set(states) - set(models))
+    if extra:
+        raise UserError(f"{src} has a LoRA for {', '.join(extra)}, which this run does not wrap", _SAME_SETTINGS)
+    for name, model in models.items():
+        if name not in states:
+            raise UserError(f"{src} has no LoRA for {name}, which this run wraps", _SAME_SETTINGS)
+        expected = _adapter_state(model)
+        saved = states[name]
+        missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+        if missing or unexpected:
+            first = (missing or unexpected)[0]
+            raise UserError(
+                f"{src}: the {name} LoRA does not match this run's "
+                f"({len(missing)} weights missing, {len(unexpected)} unexpected; first: {first})",
+                _SAME_SETTINGS,
+            )
+        wrong = [k for k in expected if expected[k].shape != saved[k].shape]
+        if wrong:
+            k = wrong[0]
+            raise UserError(
+                f"{src}: {name} {k} is {tuple(saved[k].shape)}, this run's is {tuple(expected[k].shape)}",
+                _SAME_SETTINGS,
+            )
+        result = set_peft_model_state_dict(model, saved, adapter_name=ADAPTER_NAME)
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:  # cannot happen after the checks above, unless peft renames keys differently
+            raise RuntimeError(f"{name}: peft did not load {len(unexpected)} LoRA weights (first: {unexpected[0]})")
+    return info
+
+
+_SAME_SETTINGS = "resume with the LoRA settings (--lora-rank, targets, text encoder) the checkpoint was trained with"
+
+
+def is_lora_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_DIR / ADAPTER_INFO).is_file()
+
+
+def is_lora_file(path: Path) -> bool:
+    """A .safetensors file whose tensors are LoRA weights (kohya, diffusers or peft naming)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+    except Exception:  # not a safetensors file at all: the caller's own check reports it
+        return False
+    return bool(keys) and all(".lora_" in k or k.endswith(".alpha") or "lora_" in k.split(".")[0] for k in keys)
+
+
+# --- the kohya / A1111 file -------------------------------------------------------------------------------------
+
+
+def kohya_module_name(prefix: str, component: str, module: str) -> str:
+    if component.startswith("text_encoder") and not module.startswith(TEXT_MODEL):
+        module = TEXT_MODEL + module
+    return f"{prefix}_{module.replace('.', '_')}"
+
+
+def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: dict[str, str]) -> dict:
+    """peft keys → kohya/A1111 names: `.lora_down.weight`, `.lora_up.weight`, `.alpha` per module."""
+    out: dict[str, torch.Tensor] = {}
+    for component, state in states.items():
+        if component not in prefixes:
+            raise ValueError(f"no kohya prefix for component {component!r} (have {sorted(prefixes)})")
+        alphas = info["components"][component]["alphas"]
+        for key in sorted(state):
+            if not key.endswith(_DOWN):
+                continue
+            module = _module_path(key.removesuffix(_DOWN))
+            name = kohya_module_name(prefixes[component], component, module)
+            down, up = state[key], state[module + _UP]
+            out[f"{name}.lora_down.weight"] = down
+            out[f"{name}.lora_up.weight"] = up
+            out[f"{name}.alpha"] = torch.tensor(float(alphas[module]), dtype=down.dtype)
+    return out
+
+
+def kohya_metadata(info: dict) -> dict[str, str]:
+    """The safetensors metadata the WebUI, kohya's tools and modelspec readers look for."""
+    model_type = info.get("model_type") or info["family"]
+    v_pred = info.get("prediction_type") == "v_prediction"
+    resolution = int(info.get("resolution") or 512)
+    trigger = info.get("trigger") or ""
+    network_args = {}
+    if info.get("conv_rank"):
+        network_args = {"conv_dim": str(info["conv_rank"]), "conv_alpha": str(info.get("conv_alpha") or 1)}
+    version = BASE_MODEL_VERSION.get(model_type, BASE_MODEL_VERSION[info["family"]])
+    if v_pred and not version.endswith("_v"):
+        version += "_v"
+    steps = info.get("step", 0)
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(info["rank"]),
+        "ss_network_alpha": str(float(info["alpha"])),
+        "ss_network_train_unet_only": str(not info.get("text_encoder_targets")),
+        "ss_base_model_version": version,
+        "ss_v2": str(info["family"] == "sd2"),
+        "ss_output_name": str(info.get("output_name") or "lora"),
+        "ss_resolution": str((resolution, resolution)),
+        "ss_steps": str(steps),
+        "ss_max_train_steps": str(info.get("max_train_steps", steps)),
+        "ss_seed": str(info.get("seed")),
+        "ss_sd_model_name": Path(str(info.get("base") or "")).name,
+        # A1111/Civitai show a LoRA's training tags from here: {dataset: {tag: count}}
+        "ss_tag_frequency": json.dumps({"instance": {trigger: 1}} if trigger else {}),
+        "dreambooth.version": __version__,
+        "dreambooth.family": info["family"],
+        "dreambooth.model_type": model_type,
+        "dreambooth.prediction_type": info.get("prediction_type") or "epsilon",
+        "dreambooth.trigger": trigger,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[model_type]}/lora",
+        "modelspec.implementation": "diffusers",  # kohya's choice for SD 1.x/2.x LoRAs (diffusers module names)
+        "modelspec.title": str(info.get("output_name") or "LoRA"),
+        "modelspec.prediction_type": "v" if v_pred else "epsilon",
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
+    }
+    if network_args:
+        meta["ss_network_args"] = json.dumps(network_args)
+    if trigger:
+        meta["modelspec.trigger_phrase"] = trigger
+    if info.get("base_sha256"):
+        meta["ss_new_sd_model_hash"] = info["base_sha256"]
+        meta["dreambooth.base_model_sha256"] = info["base_sha256"]
+    return meta
+
+
+def tensor_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
+    """The hashes kohya precomputes into a LoRA file's metadata, so tools need not read the tensors.
+
+    sshs_model_hash: SHA-256 of the file's bytes after the header (sd-webui-additional-networks' "addnet" hash; it
+    does not depend on the metadata). sshs_legacy_hash: the first 8 hex digits of SHA-256 over 64 KiB at 1 MiB of the
+    file as saved with only the `ss_` metadata (kohya's definition). modelspec.hash_sha256: "0x" + SHA-256 over
+    each tensor's raw bytes in the dict's order (kohya's sai_model_spec). With the keys sorted and one dtype that
+    is the same byte stream as the file's data section.
+    """
+    blob = save(state, metadata={k: v for k, v in metadata.items() if k.startswith("ss_")})
+    header = int.from_bytes(blob[:8], "little")
+    modelspec = hashlib.sha256()
+    for tensor in state.values():
+        modelspec.update(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return {
+        "sshs_model_hash": hashlib.sha256(blob[8 + header :]).hexdigest(),
+        "sshs_legacy_hash": hashlib.sha256(blob[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8],
+        "modelspec.hash_sha256": f"0x{modelspec.hexdigest()}",
+    }
+
+
+# --- export -----------------------------------------------------------------------------------------------------
+
+
+def export_lora(
+    src: Path,
+    dest: Path,
+    *,
+    fmt: str = "kohya",
+    merge: bool = False,
+    half: bool = True,
+    base: Path | None = None,
+) -> dict:
+    """`dreambooth export` on a LoRA checkpoint folder: a kohya file, a diffusers LoRA folder, or a merged model."""
+    started = time.perf_counter()
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}", "kohya loads in A1111 and ComfyUI")
+    src, dest = Path(src), Path(dest)
+    info, states = read_adapter(src)
+    if merge:
+        if fmt != "kohya":
+            raise UserError("--merge writes one full model file; --format applies to LoRA files", "drop --format")
+        summary = _export_merged(info, states, dest, half=half, base=base)
+    elif fmt == "kohya":
+        summary = _export_kohya(info, states, dest, half=half)
+    else:
+        summary = _export_diffusers(info, states, dest, half=half)
+    return {**summary, "format": fmt, "merged": merge, "seconds": round(time.perf_counter() - started, 2)}
+
+
+def _cast(state: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]:
+    return {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
+
+
+def _export_kohya(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
+    if dest.suffix != ".safetensors":
+        raise UserError(f"{dest}: a kohya LoRA file is a .safetensors file", f"name it {dest.stem}.safetensors")
+    state = _cast(to_kohya(info, states, SD_PREFIXES), half)
+    state = dict(sorted(state.items()))
+    metadata = kohya_metadata(info)
+    metadata |= tensor_hashes(state, metadata)
+    with atomic_path(dest) as tmp:
+        save_file(state, tmp, metadata=metadata)
+    return {"file": str(dest), "size_bytes": dest.stat().st_size, "tensors": len(state), "half": half}
+
+
+def diffusers_adapter_metadata(component: dict) -> dict:
+    """The LoraConfig arguments diffusers stores with its LoRA file: per-module ranks and alphas made explicit."""
+    ranks, alphas = component["ranks"], component["alphas"]
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    return {
+        "r": r,
+        "lora_alpha": alpha,
+        "target_modules": sorted(ranks),
+        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
+        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
+        "use_dora": False,
+        "lora_bias": False,
+    }
+
+
+def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
+    if dest.suffix in SUFFIXES:
+        raise UserError(f"{dest}: --format diffusers writes a folder", f"pass a folder name, e.g. {dest.stem}")
+    if dest.exists() and not dest.is_dir():
+        raise UserError(f"{dest} exists and is a file", "pass a folder path for the diffusers LoRA")
+    kwargs = {}
+    for name in ("unet", "text_encoder"):
+        if name in states:
+            state, component = _cast(states[name], half), info["components"][name]
+            if name == "text_encoder":
+                # keys as the published diffusers LoRAs have them (transformers 4's `text_model.` level: diffusers
+                # strips it for transformers 5); module names in the config without it, which peft matches as a
+                # suffix under either layout
+                state = {TEXT_MODEL + k.removeprefix(TEXT_MODEL): v for k, v in state.items()}
+                component = {
+                    key: {m.removeprefix(TEXT_MODEL): v for m, v in component[key].items()}
+                    for key in ("ranks", "alphas")
+                }
+            kwargs[f"{name}_lora_layers"] = state
+            kwargs[f"{name}_lora_adapter_metadata"] = diffusers_adapter_metadata(component)
+    with atomic_dir(dest, overwrite=True) as tmp:
+        StableDiffusionPipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHTS, **kwargs)
+        write_json(tmp / ADAPTER_INFO, {k: v for k, v in info.items() if k != "components"})
+    file = dest / DIFFUSERS_WEIGHTS
+    tensors = sum(len(states[n]) for n in ("unet", "text_encoder") if n in states)
+    return {"file": str(file), "folder": str(dest), "size_bytes": file.stat().st_size, "tensors": tensors, "half": half}
+
+
+def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, torch.Tensor]], source: str) -> dict:
+    """Base weights with scale·up@down added (fp32 arithmetic); refuses a base whose modules do not fit."""
+    out = {name: dict(state) for name, state in base_states.items()}
+    for component, state in states.items():
+        target = out.get(component)
+        if target is None:
+            raise UserError(f"--base {source} has no {component}", "merge onto the model the LoRA was trained on")
+        alphas, ranks = info["components"][component]["alphas"], info["components"][component]["ranks"]
+        for key in sorted(k for k in state if k.endswith(_DOWN)):
+            module = key.removesuffix(_DOWN)
+            down, up = state[key].float(), state[module + _UP].float()
+            weight_key = _base_key(target, module)
+            if weight_key is None:
+                raise UserError(
+                    f"--base {source} has no {component} module {module}: the LoRA was trained on another model",
+                    "merge onto the model the LoRA was trained on (info: base)",
+                )
+            weight = target[weight_key]
+            fits = (up.shape[0], *down.shape[1:])
+            if tuple(weight.shape) != fits:
+                raise UserError(
+                    f"--base {source}: {component} {module} is {tuple(weight.shape)}, the LoRA expects {fits}: "
+                    "a model of another family or size",
+                    "merge onto the model the LoRA was trained on (info: base)",
+                )
+            delta = (up.flatten(1) @ down.flatten(1)).reshape(fits) * (alphas[module] / ranks[module])
+            target[weight_key] = (weight.float() + delta).to(weight.dtype)
+    return out
+
+
+def _base_key(state: dict, module: str) -> str | None:
+    for candidate in (module, module.removeprefix(TEXT_MODEL), TEXT_MODEL + module):
+        if f"{candidate}.weight" in state:
+            return f"{candidate}.weight"
+    return None
+
+
+def _export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Path | None) -> dict:
+    base_folder = Path(base) if base is not None else Path(str(info.get("base") or ""))
+    if base is None and not info.get("base"):
+        raise UserError("the checkpoint does not record its base model", "pass --base with the diffusers folder")
+    if base_folder.is_file() and is_lora_file(base_folder):
+        raise UserError(f"--base {base_folder} is a LoRA file, not a model", "pass the base model's diffusers folder")
+    model = read_diffusers_folder(base_folder)
+    if model.family != info["family"]:
+        raise UserError(
+            f"--base {base_folder} is {model.family}, the LoRA was trained on {info['family']}",
+            "merge onto the model the LoRA was trained on (info: base)",
+        )
+    model.states = merged_states(info, states, model.states, str(base_folder))
+    training = {k: info.get(k) for k in ("step", "seed", "trigger", "rank", "alpha", "base") if k in info}
+    summary = export_model(model, dest, ExportOptions(half=half, training={"lora": training}))
+    return summary

@@ -1,0 +1,153 @@
+"""Checks that run before any heavy work, and the inputs they resolve: the base model (a single file is converted
+once into the cache), the VAE, the output folder, the instance and class image folders.
+
+Every stage that takes a model folder or writes an output checks it here, so the messages are the same everywhere.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from dreambooth import events
+from dreambooth.checkpoint.convert import WEIGHT_FILES
+from dreambooth.config import TrainConfig
+from dreambooth.data import check_instance_dir, scan_images
+from dreambooth.errors import UserError
+from dreambooth.fileio import atomic_dir, write_json
+
+
+def check_model_folder(folder: Path, flag: str) -> None:
+    """A diffusers folder with everything training needs; the message names what is missing."""
+    if not folder.is_dir():
+        raise UserError(f"{flag} {folder} is not a folder", "pass a diffusers folder or a .ckpt/.safetensors file")
+    missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
+    for name, weights in WEIGHT_FILES.items():
+        if not (folder / name / "config.json").is_file():
+            missing.append(f"{name}/config.json")
+        if not any(
+            p.name.startswith(weights) for p in (folder / name).glob("*") if p.suffix in (".safetensors", ".bin")
+        ):
+            missing.append(f"{name}/{weights}.safetensors")
+    tokenizer = folder / "tokenizer"
+    if not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()):
+        missing.append("tokenizer/vocab.json + merges.txt")
+    if not (folder / "scheduler" / "scheduler_config.json").is_file():
+        missing.append("scheduler/scheduler_config.json")
+    if missing:
+        raise UserError(
+            f"{flag} {folder} is an incomplete diffusers folder: missing {', '.join(missing)}",
+            "point it at the folder's top (the one with model_index.json), or re-run `dreambooth convert`",
+        )
+
+
+def check_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output {output} cannot be created ({exc.strerror})", "choose a writable folder") from None
+    if not output.is_dir() or not os.access(output, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output} is not writable", "choose a writable folder, or fix its permissions")
+
+
+def cache_entry(root: Path, src: Path) -> Path:
+    """Where a conversion of the file `src` lives under `root`: keyed on path, size and mtime, because hashing
+    gigabytes on every run would cost more than it saves."""
+    stat = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return root / f"{src.stem}-{key}"
+
+
+def resolve_model(cfg: TrainConfig) -> Path:
+    """The base model as a diffusers folder; a single file is converted once into the cache."""
+    src = cfg.model
+    if src.is_dir():
+        check_model_folder(src, "--model")
+        return src
+    if not src.exists():
+        raise UserError(f"--model {src} does not exist", "pass a diffusers folder or a .ckpt/.safetensors file")
+    if src.suffix.lower() not in (".ckpt", ".safetensors"):
+        raise UserError(f"--model {src} is neither a folder nor a .ckpt/.safetensors file", "convert it first")
+    from dreambooth.checkpoint.convert import ConvertOptions, convert
+
+    dest = cache_entry(cfg.cache / "converted", src)
+    if not (dest / "model_index.json").is_file():
+        with events.stage(f"converting {src.name} into {dest}"):
+            convert(src, dest, ConvertOptions(overwrite=True))
+    check_model_folder(dest, "--model")
+    return dest
+
+
+def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
+    """--vae as a diffusers VAE folder: given as one (or a model folder with vae/), or a single file (e.g.
+    vae-ft-mse-840000-ema-pruned.safetensors) converted once into the cache. Checkpoints and exports carry it."""
+    src = cfg.vae
+    if src is None:
+        return None
+    if src.is_dir():
+        folder = src / "vae" if (src / "vae" / "config.json").is_file() else src
+        if not (folder / "config.json").is_file() or not any(folder.glob("diffusion_pytorch_model*")):
+            raise UserError(
+                f"--vae {src} is not a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors)",
+                "pass e.g. MODEL/vae, or a single VAE file (.safetensors/.ckpt)",
+            )
+    elif not src.exists():
+        raise UserError(f"--vae {src} does not exist", "pass a diffusers VAE folder or a .safetensors/.ckpt file")
+    elif src.suffix.lower() not in (".ckpt", ".safetensors", ".pt"):
+        raise UserError(f"--vae {src} is neither a folder nor a .safetensors/.ckpt/.pt file", "pass a VAE file")
+    else:
+        from dreambooth.checkpoint.convert import component_config_file
+        from dreambooth.checkpoint.vae_file import load_vae
+
+        folder = cache_entry(cfg.cache / "vae", src)
+        if not (folder / "config.json").is_file():
+            from safetensors.torch import save_file
+
+            with events.stage(f"converting the VAE {src.name} into {folder}"):
+                vae = load_vae(src, "sd1")  # SD 1.x and 2.x share the VAE's architecture and scaling factor
+                with atomic_dir(folder, overwrite=True) as tmp:
+                    save_file(vae.state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+                    write_json(tmp / "config.json", component_config_file("vae", vae.config))
+    vae_config = json.loads((folder / "config.json").read_text())
+    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
+    if vae_config.get("latent_channels", 4) != unet_config.get("in_channels", 4):
+        raise UserError(
+            f"--vae {src} makes {vae_config.get('latent_channels')}-channel latents, and the model's UNet takes "
+            f"{unet_config.get('in_channels')}",
+            "pass a VAE of the model's family (Stable Diffusion 1.x/2.x VAEs make 4 channels)",
+        )
+    return folder
+
+
+def preflight(cfg: TrainConfig) -> dict[int, list[Path]]:
+    """Inputs the user gave, checked cheaply: instance folders and their images, class folders, output."""
+    check_output(cfg.output)
+    images = {}
+    for i, concept in enumerate(cfg.concepts):
+        flag = "--instance-data-dir" if len(cfg.concepts) == 1 else f"--concepts-list entry {i} instance_data_dir"
+        images[i] = check_instance_dir(concept.instance_data_dir, cfg.resolution, flag)
+    if cfg.with_prior_preservation:
+        check_class_dirs_writable(cfg, missing_class_images(cfg))
+    return images
+
+
+def missing_class_images(cfg: TrainConfig) -> dict[int, int]:
+    """Concept index → how many class images still have to be made."""
+    missing = {}
+    for i, concept in enumerate(cfg.concepts):
+        folder = concept.class_data_dir
+        have = len(scan_images(folder, cfg.resolution, "--class-data-dir", warn=False)) if folder.is_dir() else 0
+        if have < cfg.num_class_images:
+            missing[i] = cfg.num_class_images - have
+    return missing
+
+
+def check_class_dirs_writable(cfg: TrainConfig, missing: dict[int, int]) -> None:
+    for i in missing:
+        folder = cfg.concepts[i].class_data_dir
+        parent = folder if folder.exists() else next((p for p in folder.parents if p.exists()), Path("/"))
+        if (folder.exists() and not folder.is_dir()) or not os.access(parent, os.W_OK):
+            raise UserError(
+                f"--class-data-dir {folder} needs {missing[i]} more class images but cannot be written",
+                "make it writable, point --class-data-dir elsewhere, or lower --num-class-images",
+            )
