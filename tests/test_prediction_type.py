@@ -4,6 +4,8 @@ import json
 
 import pytest
 import torch
+import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from tests.conftest import LAYOUTS, write_original
@@ -19,9 +21,9 @@ def inspect(cli, *args):
     return json.loads(result.stdout)
 
 
-def probe_file(path, out_bias: float):
-    """A tiny SD2 UNet whose output is a constant: the probe's score is then out_bias - 0.5."""
-    state = original_state_dict(LAYOUTS["sd2"])
+def probe_file(path, out_bias: float, family: str = "sd2"):
+    """A tiny UNet whose output is a constant: the probe's score is then out_bias - 0.5."""
+    state = original_state_dict(LAYOUTS[family])
     state["model.diffusion_model.out.2.weight"].zero_()
     state["model.diffusion_model.out.2.bias"].fill_(out_bias)
     save_file(state, path)
@@ -57,7 +59,7 @@ def test_order_flag_then_original_config_then_metadata_then_sidecar(tmp_path, cl
 @pytest.mark.parametrize(("bias", "model_type"), [(-2.0, "sd2-v"), (0.5, "sd2")])
 def test_probe_decides_when_nothing_else_does(tmp_path, cli, bias, model_type):
     report = inspect(cli, probe_file(tmp_path / "p.safetensors", bias))
-    assert report["model_type"] == model_type
+    assert report["model_type"] == model_type and report["prediction_type_from"] == "probe"
     assert any("probe" in e for e in report["evidence"])
 
 
@@ -85,3 +87,66 @@ def test_fp16_probe_runs_on_cpu(tmp_path, cli):
     save_file(state, tmp_path / "h.safetensors")
     assert inspect(cli, tmp_path / "h.safetensors")["model_type"] == "sd2-v"
     assert torch.float16 == state["model.diffusion_model.out.2.bias"].dtype
+
+
+# ── SD 1.x: epsilon unless something says v; the probe is never asked ──
+
+
+def test_sd1_is_epsilon_even_where_the_probe_would_say_v(tmp_path, cli):
+    report = inspect(cli, probe_file(tmp_path / "p.safetensors", -2.0, family="sd1"))  # the probe would say v
+    assert report["model_type"] == "sd1" and report["prediction_type"] == "epsilon"
+    assert report["prediction_type_from"] == "sd1-default"
+    assert not any("probe" in e for e in report["evidence"])
+    # inside the probe's dead band, an SD 2.x file is refused; an SD 1.x one converts
+    inconclusive = probe_file(tmp_path / "q.safetensors", -0.25, family="sd1")
+    assert cli("convert", inconclusive, tmp_path / "d").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("how", "rule"), [("flag", "flag"), ("metadata", "metadata"), ("sidecar", "sidecar"), ("config", "original-config")]
+)
+def test_sd1_v_from_flag_metadata_sidecar_or_config(tmp_path, cli, how, rule):
+    metadata = {"modelspec.prediction_type": "v"} if how == "metadata" else None
+    src = write_original(tmp_path / "m.safetensors", "sd1", metadata=metadata)
+    args = {"flag": ["--model-type", "sd1-v"], "config": ["--original-config", tmp_path / "given.yaml"]}.get(how, [])
+    (tmp_path / ("m.yaml" if how == "sidecar" else "given.yaml")).write_text(V_YAML)
+    report = inspect(cli, src, *args)
+    assert (report["model_type"], report["prediction_type"], report["prediction_type_from"]) == (
+        "sd1-v",
+        "v_prediction",
+        rule,
+    )
+
+
+def test_sd1_v_converts_to_a_v_scheduler_and_exports_with_its_yaml(tmp_path, cli):
+    src = write_original(tmp_path / "m.safetensors", "sd1")
+    assert cli("convert", src, tmp_path / "d", "--model-type", "sd1-v").exit_code == 0
+    scheduler = json.loads((tmp_path / "d" / "scheduler" / "scheduler_config.json").read_text())
+    assert scheduler["prediction_type"] == "v_prediction" and scheduler["_class_name"] == "PNDMScheduler"
+    assert json.loads((tmp_path / "d" / "unet" / "config.json").read_text())["sample_size"] == 64  # 512 px
+
+    result = cli("export", tmp_path / "d", tmp_path / "out.safetensors")
+    assert result.exit_code == 0, result.stderr
+    sidecar = yaml.safe_load((tmp_path / "out.yaml").read_text())
+    assert sidecar["model"]["params"]["parameterization"] == "v"
+    assert sidecar["model"]["params"]["cond_stage_config"]["target"].endswith("FrozenCLIPEmbedder")  # SD 1.x's
+    assert sidecar["model"]["params"]["unet_config"]["params"]["context_dim"] == 768
+    with safe_open(tmp_path / "out.safetensors", "pt") as f:
+        assert f.metadata()["modelspec.prediction_type"] == "v"
+    (tmp_path / "out.yaml").unlink()  # the metadata alone brings it back as sd1-v
+    report = inspect(cli, tmp_path / "out.safetensors")
+    assert report["model_type"] == "sd1-v" and report["prediction_type_from"] == "metadata"
+
+
+def test_epsilon_sd1_export_writes_no_yaml(tmp_path, cli):
+    src = write_original(tmp_path / "m.safetensors", "sd1")
+    assert cli("convert", src, tmp_path / "d").exit_code == 0
+    assert cli("export", tmp_path / "d", tmp_path / "out.safetensors").exit_code == 0
+    assert not (tmp_path / "out.yaml").exists()
+
+
+def test_a_sidecar_that_is_not_utf8_is_one_line(tmp_path, cli):
+    src = write_original(tmp_path / "m.safetensors", "sd1")
+    (tmp_path / "m.yaml").write_bytes(b"model:\n  params: \xff\xfe\n")
+    result = cli("inspect", src)
+    assert result.exit_code == 2 and "m.yaml" in result.stderr and "Traceback" not in result.stderr

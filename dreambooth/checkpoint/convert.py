@@ -42,7 +42,7 @@ PROVENANCE_FILE = "dreambooth.json"
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    model_type: str = "auto"  # auto | sd1 | sd2 | sd2-v
+    model_type: str = "auto"  # auto | sd1 | sd1-v | sd2 | sd2-v
     original_config: Path | None = None
     ema: bool = False
     vae: Path | None = None
@@ -63,6 +63,7 @@ class Analysis:
     family: str
     model_type: str
     prediction_type: str
+    prediction_rule: str  # what decided it: detect.RULES
     has_ema: bool
     ema_used: bool
     dtype: str
@@ -78,6 +79,7 @@ class Analysis:
             "family": self.family,
             "model_type": self.model_type,
             "prediction_type": self.prediction_type,
+            "prediction_type_from": self.prediction_rule,
             "ema_present": self.has_ema,
             "ema_used": self.ema_used,
             "dtype": self.dtype,
@@ -136,6 +138,7 @@ def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) ->
         family=family,
         model_type=model_type,
         prediction_type=detection.prediction_type,
+        prediction_rule=detection.prediction_rule,
         has_ema=detection.has_ema,
         ema_used=options.ema,
         dtype=_dtype_summary(ckpt.tensors),

@@ -2,8 +2,11 @@
 
 v-prediction cannot be read from key names or shapes (SD 2.x 512 and 768-v are the same network). The old
 script guessed it from `global_step`; we ask, in order: the --model-type flag, an --original-config yaml,
-the file's own metadata, a sidecar yaml next to it (A1111's convention), then a one-step numerical probe of the
-UNet (what A1111 does for SD 2.x). If all of that is inconclusive, we say so and name the flag.
+the file's own metadata, a sidecar yaml next to it (A1111's convention). If none of them says, SD 1.x is epsilon
+(as the WebUI and diffusers assume: a v-prediction SD 1.x fine-tune needs `--model-type sd1-v`, metadata or a
+yaml), and only SD 2.x, whose 512-px epsilon and 768-px v models share every shape, gets a one-step numerical
+probe of the UNet (what A1111 does). An inconclusive probe is said so, with the flag to pass. The rule that
+decided is kept in `Detection.prediction_rule` and shown by `dreambooth inspect`.
 """
 
 from dataclasses import dataclass, field
@@ -16,7 +19,9 @@ from dreambooth.checkpoint.keymap import CLIP_PREFIX, EMA_PREFIX, OPENCLIP_PREFI
 from dreambooth.checkpoint.load import Checkpoint
 from dreambooth.errors import UserError
 
-MODEL_TYPE_HINT = "pass --model-type sd1, sd2 (512 px, epsilon) or sd2-v (768 px, v-prediction)"
+MODEL_TYPE_HINT = "pass --model-type sd2 (512 px, epsilon) or sd2-v (768 px, v-prediction)"
+# what decided the prediction type, as `inspect` reports it
+RULES = ("flag", "original-config", "metadata", "sidecar", "sd1-default", "probe")
 
 
 @dataclass
@@ -25,6 +30,7 @@ class Detection:
     has_ema: bool
     evidence: list[str] = field(default_factory=list)
     prediction_type: str | None = None  # epsilon | v_prediction | None while undecided
+    prediction_rule: str | None = None  # which of RULES decided it
 
 
 def detect_family(ckpt: Checkpoint) -> Detection:
@@ -68,7 +74,7 @@ def _parameterization_in_yaml(path: Path) -> str | None:
     try:
         doc = yaml.safe_load(Path(path).read_text())
         params = doc["model"]["params"]
-    except (OSError, yaml.YAMLError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, KeyError, TypeError) as exc:
         raise UserError(
             f"cannot read the model config yaml {path} ({exc})", "pass an LDM config like v1-inference.yaml"
         ) from exc
@@ -99,22 +105,30 @@ def decide_prediction_type(
                 f"({detection.evidence[0]})",
                 f"drop --model-type, or pass --model-type {detection.family}",
             )
-        detection.prediction_type = "v_prediction" if model_type.endswith("-v") else "epsilon"
-        detection.evidence.append(f"prediction type from --model-type {model_type}")
+        prediction = "v_prediction" if model_type.endswith("-v") else "epsilon"
+        _decided(detection, prediction, "flag", f"prediction type from --model-type {model_type}")
         return
     if original_config is not None:
-        detection.prediction_type = _parameterization_in_yaml(original_config)
-        detection.evidence.append(f"prediction type from --original-config {original_config}")
+        prediction = _parameterization_in_yaml(original_config)
+        _decided(detection, prediction, "original-config", f"prediction type from --original-config {original_config}")
         return
     found = _prediction_in_metadata(ckpt.metadata)
     if found:
-        detection.prediction_type = found[0]
-        detection.evidence.append(f"prediction type from the file's metadata ({found[1]})")
+        _decided(detection, found[0], "metadata", f"prediction type from the file's metadata ({found[1]})")
         return
     sidecar = ckpt.path.with_suffix(".yaml")
     if sidecar.is_file():
-        detection.prediction_type = _parameterization_in_yaml(sidecar)
-        detection.evidence.append(f"prediction type from the sidecar config {sidecar.name}")
+        prediction = _parameterization_in_yaml(sidecar)
+        _decided(detection, prediction, "sidecar", f"prediction type from the sidecar config {sidecar.name}")
+        return
+    if detection.family == "sd1":
+        why = "prediction type: SD 1.x is epsilon unless a flag, config, metadata or sidecar says v (see sd1-v)"
+        _decided(detection, "epsilon", "sd1-default", why)
+
+
+def _decided(detection: Detection, prediction_type: str, rule: str, evidence: str) -> None:
+    detection.prediction_type, detection.prediction_rule = prediction_type, rule
+    detection.evidence.append(evidence)
 
 
 # A1111's SD 2.x test: feed a flat 0.5 latent at t=999 with a flat context. An epsilon model predicts noise
@@ -133,8 +147,8 @@ def probe_prediction_type(unet: torch.nn.Module, detection: Detection) -> None:
     out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
     score = (out.float() - x.float()).mean().item()
     if score < V_BELOW:
-        detection.prediction_type = "v_prediction"
+        detection.prediction_type, detection.prediction_rule = "v_prediction", "probe"
     elif score > EPSILON_ABOVE:
-        detection.prediction_type = "epsilon"
+        detection.prediction_type, detection.prediction_rule = "epsilon", "probe"
     verdict = detection.prediction_type or "inconclusive"
     detection.evidence.append(f"numerical probe of the UNet: mean(out - x) = {score:.3f} → {verdict}")

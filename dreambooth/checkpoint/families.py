@@ -1,6 +1,7 @@
 """What we know about each model family: bundled configs, text-encoder layout, and config inference from shapes.
 
-Configs ship in dreambooth/assets/configs/<model type>/ — nothing is fetched. Structural fields (channels, blocks,
+Configs ship in dreambooth/assets/configs/<model type>/ — nothing is fetched (sd1-v is sd1's, with a
+v-prediction scheduler). Structural fields (channels, blocks,
 layers) are then re-read from the checkpoint's tensor shapes, so a non-standard file (a tiny test model, a pruned
 text encoder) gets a config that fits it; only what shapes cannot tell (heads, sample size) comes from the family.
 """
@@ -16,7 +17,7 @@ import torch
 
 from dreambooth.checkpoint.keymap import CLIP_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
 
-MODEL_TYPES = ("sd1", "sd2", "sd2-v")
+MODEL_TYPES = ("sd1", "sd1-v", "sd2", "sd2-v")
 
 
 @dataclass(frozen=True)
@@ -34,11 +35,14 @@ FAMILIES = {
 
 
 def model_type_of(family: str, prediction_type: str) -> str:
-    return "sd2-v" if family == "sd2" and prediction_type == "v_prediction" else family
+    return f"{family}-v" if prediction_type == "v_prediction" else family
 
 
 @cache
 def _bundled(model_type: str, component: str) -> dict:
+    if model_type == "sd1-v":  # SD 1.x fine-tuned for v-prediction: the same network, another target
+        config = _bundled("sd1", component)
+        return {**config, "prediction_type": "v_prediction"} if component == "scheduler" else config
     path = resources.files("dreambooth") / "assets" / "configs" / model_type / f"{component}.json"
     return json.loads(path.read_text())
 
@@ -77,7 +81,7 @@ def infer_unet_config(tensors: dict[str, torch.Tensor], model_type: str) -> dict
         norm_num_groups=min(cfg["norm_num_groups"], channels[0]),
     )
     if not standard:  # heads cannot be read from weights: SD 1.x uses 8 heads, SD 2.x 64-channel heads
-        if model_type == "sd1":
+        if model_type.startswith("sd1"):
             cfg["attention_head_dim"] = 8 if channels[0] % 8 == 0 else 1
         else:
             cfg["attention_head_dim"] = [max(1, c // 64) for c in channels]

@@ -2,12 +2,20 @@
 
 A `.ckpt` is a pickle, and a pickle can run any code while it loads. We never unpickle anything but tensors,
 containers and a short allow-list of inert stand-ins for the foreign names that real SD 1.x releases contain.
+
+A `.safetensors` header is read and checked here before safetensors sees the file (`check_safetensors`): its
+length, its JSON, every dtype, shape and byte range, against the file's real size. A header that lies (a range
+past the end, two tensors on the same bytes, a shape of 2**40 elements) is one UserError naming the file and the
+tensor, before anything is allocated for it.
 """
 
+import itertools
 import json
+import math
 import pickle
 import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +90,8 @@ def sniff_format(path: Path) -> str:
         return "pickle"  # torch's legacy format / raw pickle
     if head.lstrip()[:1] in (b"{", b"["):
         return "json"
+    if head[8:9] == b"{" or path.suffix.lower() == ".safetensors":
+        return "safetensors"  # with a header that lies about its length, or is not JSON: the check says which
     return "unknown"
 
 
@@ -122,7 +132,98 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return ckpt
 
 
+# safetensors' dtype names → bytes per element; the ones torch can hold (F8_E8M0, F4, F6 … cannot be loaded)
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
+
+
+def check_safetensors(path: Path, what: str = "") -> dict:
+    """Read and check a .safetensors header against the file; the parsed header, or one UserError.
+
+    Only the 8-byte length and the header itself are read: nothing is allocated from what the header claims."""
+    label = f"{what} {path}" if what else str(path)
+    fix = "the file is truncated or corrupt (or not a model); download it again"
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise UserError(f"{label} is not a .safetensors file: {size} bytes, shorter than the 8-byte header", fix)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise UserError(
+                f"{label}: the .safetensors header claims {header_len:,} bytes, but the file has {size - 8:,} after"
+                " the length field",
+                fix,
+            )
+        if header_len > MAX_HEADER_BYTES:
+            raise UserError(f"{label}: the .safetensors header claims {header_len:,} bytes (over 100 MB)", fix)
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except ValueError:
+        raise UserError(f"{label}: the .safetensors header is not JSON", fix) from None
+    if not isinstance(header, dict):
+        raise UserError(f"{label}: the .safetensors header is a JSON {type(header).__name__}, not an object", fix)
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise UserError(f"{label}: the .safetensors `__metadata__` is not a table of strings", fix)
+    data_bytes = size - 8 - header_len
+    ranges = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{label}: tensor {name[:100]!r}"
+        if not isinstance(entry, dict):
+            raise UserError(f"{where} has no dtype/shape/data_offsets entry in the header", fix)
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_DTYPES:
+            raise UserError(
+                f"{where} has dtype {str(dtype)[:20]!r}, which is not one this program can load",
+                "convert the file to F16/BF16/F32 weights with the tool that made it",
+            )
+        if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+            raise UserError(f"{where} has shape {str(shape)[:60]}, not a list of sizes", fix)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(n) is int and n >= 0 for n in offsets)):
+            raise UserError(f"{where} has data_offsets {str(offsets)[:60]}, not [begin, end]", fix)
+        begin, end = offsets
+        if not begin <= end <= data_bytes:
+            raise UserError(
+                f"{where} claims bytes {begin:,}–{end:,}, outside the {data_bytes:,} data bytes of the file", fix
+            )
+        elements = math.prod(shape)
+        if elements * SAFETENSORS_DTYPES[dtype] != end - begin:
+            raise UserError(
+                f"{where}: shape {shape} of {dtype} ({elements:,} elements) needs "
+                f"{elements * SAFETENSORS_DTYPES[dtype]:,} bytes, but its data_offsets span {end - begin:,}",
+                fix,
+            )
+        ranges.append((begin, end, name))
+    ranges.sort()
+    for (_, end, first), (begin, _, second) in itertools.pairwise(ranges):
+        if begin < end:
+            raise UserError(f"{label}: tensors {first[:100]!r} and {second[:100]!r} share bytes of the file", fix)
+    return header
+
+
+def load_safetensors_file(path: Path, what: str = "") -> dict[str, torch.Tensor]:
+    """`safetensors.torch.load_file`, after `check_safetensors`: a file that lies is one UserError."""
+    path = check_input_file(path, what or "file")
+    check_safetensors(path, what)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except Exception as exc:
+        raise UserError(
+            f"{path} is not a readable .safetensors file ({_first_line(exc)})",
+            "the file is truncated or corrupt; download it again",
+        ) from exc
+
+
 def _load_safetensors(path: Path) -> Checkpoint:
+    check_safetensors(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
@@ -138,7 +239,9 @@ def _load_safetensors(path: Path) -> Checkpoint:
 def _load_pickle(path: Path) -> Checkpoint:
     zipped = path.open("rb").read(4) == b"PK\x03\x04"
     try:
-        with torch.serialization.safe_globals(ALLOWED_FOREIGN_GLOBALS):
+        # torch warns about pickle protocols it may not read; we refuse or load in one line, so the warning goes
+        with torch.serialization.safe_globals(ALLOWED_FOREIGN_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
             # mmap: tensors stay in the page cache instead of being copied (zip format only)
             obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
     except pickle.UnpicklingError as exc:

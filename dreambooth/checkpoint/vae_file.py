@@ -4,12 +4,11 @@ import json
 from pathlib import Path
 
 from diffusers.loaders import single_file_utils as sfu
-from safetensors.torch import load_file
 
 from dreambooth.checkpoint import components as comp
 from dreambooth.checkpoint.families import infer_vae_config
 from dreambooth.checkpoint.keymap import VAE_PREFIX
-from dreambooth.checkpoint.load import load_checkpoint
+from dreambooth.checkpoint.load import load_checkpoint, load_safetensors_file
 from dreambooth.errors import UserError
 
 
@@ -42,4 +41,4 @@ def _from_diffusers_folder(path: Path) -> comp.Component:
             "pass a diffusers VAE folder, or a single VAE file",
         )
     config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
-    return comp.checked("vae", config, load_file(weights), f"--vae {path}")
+    return comp.checked("vae", config, load_safetensors_file(weights, "--vae"), f"--vae {path}")
