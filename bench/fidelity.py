@@ -1,5 +1,5 @@
 """What DreamBooth's knobs do, measured on the built-in tiny model: learning rate × steps × prior preservation ×
-text-encoder training, scored by dreambooth/fidelity.py (subject fidelity, prompt fidelity, prior drift).
+text-encoder training, scored by dreambooth/demo/fidelity.py (subject fidelity, prompt fidelity, prior drift).
 
     nice -n 10 .venv/bin/python bench/fidelity.py --threads 1
 
@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth import fidelity  # noqa: E402
+from dreambooth.demo import fidelity  # noqa: E402
 
 SCORES = ("subject_fidelity", "prompt_fidelity", "prior_drift", "prior_subject_likeness", "prior_diversity")
 

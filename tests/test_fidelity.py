@@ -1,4 +1,4 @@
-"""The built-in tiny model follows prompts, and DreamBooth on it learns the demo subject (dreambooth/fidelity.py).
+"""The built-in tiny model follows prompts, and DreamBooth on it learns the demo subject (dreambooth/demo/fidelity.py).
 
 These run the real model and the real trainer: a trainer that does not learn fails the first fine-tuning
 assertion, one whose prior-preservation loss does nothing fails the drift comparison.
@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from dreambooth import fidelity, synthetic
+from dreambooth.demo import fidelity, synthetic
 
 
 @pytest.fixture(scope="module")

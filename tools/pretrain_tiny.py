@@ -10,7 +10,7 @@ made by our own exporter, which `dreambooth convert` turns back into a diffusers
 (the exact command that made dreambooth/assets/tiny/tiny-sd.safetensors: 25 min 39 s wall, end to end, on a
 2-core CPU whose other core ran another engineer's jobs for the first 9 minutes and idled after; see
 dreambooth/assets/tiny/README.md for what it measured). `--vae-steps 50 --steps 100` is a smoke test. Prompt
-following is measured afterwards by the judge of dreambooth/fidelity.py.
+following is measured afterwards by the judge of dreambooth/demo/fidelity.py.
 
 Stages, each a function below: render data → train the VAE → encode latents → train UNet + text encoder jointly
 → write a diffusers folder → export one file → convert it back and compare → measure prompt following.
@@ -32,9 +32,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth import synthetic  # noqa: E402
 from dreambooth.checkpoint import components as comp  # noqa: E402
 from dreambooth.checkpoint.families import bundled_config, scheduler_config  # noqa: E402
+from dreambooth.demo import synthetic  # noqa: E402
 
 # Sizes chosen so that every structural field is what `dreambooth convert` infers from the tensors' shapes
 # (families.py): 32-channel first level (norm groups = 32 or fewer), 8 heads, SD 1.x block types; the VAE keeps
@@ -350,8 +350,8 @@ def main() -> None:
         del summary["roundtrip_folder"]
         report = args.out.with_name("pretrain_report.json")
         report.write_text(json.dumps(summary, indent=2) + "\n")
-        # prompt following is measured by the judge of dreambooth/fidelity.py, separately:
-        #   .venv/bin/python -m dreambooth.fidelity prompt-following
+        # prompt following is measured by the judge of dreambooth/demo/fidelity.py, separately:
+        #   .venv/bin/python -m dreambooth.demo.fidelity prompt-following
         print(json.dumps(summary, indent=2))
 
 

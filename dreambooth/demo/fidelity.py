@@ -1,8 +1,8 @@
 """Our small DreamBench: does a fine-tune learn the subject, keep following prompts, and leave the class alone?
 
-Everything is judged by a small CNN (the "judge") trained on the synthetic world of dreambooth/synthetic.py: for
+Everything is judged by a small CNN (the "judge") trained on the synthetic world of dreambooth/demo/synthetic.py: for
 a 32 px picture it tells the object (the four shapes or the demo subject), the object's colour and the
-background's colour. It is trained from a seed in a few minutes (`python -m dreambooth.fidelity train-judge`),
+background's colour. It is trained from a seed in a few minutes (`python -m dreambooth.demo.fidelity train-judge`),
 on rendered pictures and on the same pictures passed through the tiny model's autoencoder; its weights ship in
 dreambooth/assets/tiny/judge.safetensors.
 
@@ -35,17 +35,17 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dreambooth import synthetic
+from dreambooth.demo import synthetic
+from dreambooth.demo.settings import CLASS_PROMPT, DEMO_MODEL_FILE, INSTANCE_IMAGES, INSTANCE_PROMPT, SETTINGS
 
 JUDGE_FILE = Path(str(resources.files("dreambooth") / "assets" / "tiny" / "judge.safetensors"))
 OBJECTS = (*synthetic.SHAPES, synthetic.SUBJECT)
 COLOURS = tuple(synthetic.COLOURS)
 SUBJECT_INDEX = OBJECTS.index(synthetic.SUBJECT)
 # The prompts of the scores (the demo's instance and class prompts, and one that asks for a new background).
-SUBJECT_PROMPT = synthetic.INSTANCE_PROMPT
-CLASS_PROMPT = synthetic.CLASS_PROMPT
+SUBJECT_PROMPT = INSTANCE_PROMPT
 NEW_BACKGROUND = "green"
-RECONTEXT_PROMPT = f"{synthetic.INSTANCE_PROMPT} on a {NEW_BACKGROUND} background"
+RECONTEXT_PROMPT = f"{INSTANCE_PROMPT} on a {NEW_BACKGROUND} background"
 # Sampling for the scores: DDIM, few steps, the usual guidance (of 2, 4 and 7.5 it follows prompts best at 7.5)
 SAMPLE_STEPS = 20
 GUIDANCE = 7.5
@@ -174,7 +174,7 @@ def load_judge(path: Path = JUDGE_FILE) -> Judge:
 
     if path not in _judges:
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing: make it with `python -m dreambooth.fidelity train-judge`")
+            raise FileNotFoundError(f"{path} is missing: make it with `python -m dreambooth.demo.fidelity train-judge`")
         judge = Judge()
         judge.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(path).items()})
         _judges[path] = judge.eval().requires_grad_(False)
@@ -313,7 +313,7 @@ def base_model(folder: Path) -> Path:
 
     dest = Path(folder) / "base"
     if not (dest / "model_index.json").is_file():
-        convert(synthetic.DEMO_MODEL_FILE, dest, ConvertOptions(overwrite=True))
+        convert(DEMO_MODEL_FILE, dest, ConvertOptions(overwrite=True))
     return dest
 
 
@@ -324,7 +324,6 @@ def fine_tune(base: Path, output: Path, work: Path, **overrides) -> dict:
     (class images depend only on the base model, their prompt and the seed).
     """
     from dreambooth.config import build_train_config
-    from dreambooth.demo import INSTANCE_IMAGES, SETTINGS
     from dreambooth.train import train
 
     instances = Path(work) / "instance"
@@ -336,8 +335,8 @@ def fine_tune(base: Path, output: Path, work: Path, **overrides) -> dict:
         "model": base,
         "output": output,
         "instance_data_dir": instances,
-        "instance_prompt": synthetic.INSTANCE_PROMPT,
-        "class_prompt": synthetic.CLASS_PROMPT,
+        "instance_prompt": INSTANCE_PROMPT,
+        "class_prompt": CLASS_PROMPT,
         "class_data_dir": Path(work) / "class_images",
         **overrides,
     }

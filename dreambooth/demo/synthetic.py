@@ -11,7 +11,6 @@ magenta is in no caption's palette and no pretraining scene has two colours in o
 
 import random
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +35,6 @@ SUBJECT_CROSS = (250, 225, 40)
 # Backgrounds of the instance pictures: green is left out, so "a sks shape on a green background" asks for
 # something the fine-tune never showed (prompt fidelity is a test of the prior, not of memory)
 SUBJECT_BACKGROUNDS = ("blue", "white", "black", "orange", "purple")
-
-# ── what the demo (dreambooth/demo.py) uses ─────────────────────────────────────────────────────────────────
-DEMO_MODEL_FILE = Path(str(resources.files("dreambooth") / "assets" / "tiny" / "tiny-sd.safetensors"))
-INSTANCE_PROMPT = f"a sks {CLASS_WORD}"
-CLASS_PROMPT = f"a {CLASS_WORD}"
 
 
 @dataclass(frozen=True)
