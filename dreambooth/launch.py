@@ -20,12 +20,12 @@ import typing
 from dataclasses import fields
 from pathlib import Path
 
-from dreambooth import events
+from dreambooth import events, runlock
 from dreambooth.checkpoints import REPORT_FILE
 from dreambooth.config import Concept, TrainConfig
 from dreambooth.distributed import check_deepspeed
 from dreambooth.errors import UserError
-from dreambooth.preflight import preflight, resolve_model
+from dreambooth.preflight import check_output, preflight, resolve_model
 
 # what torchrun, accelerate launch, DeepSpeed's launcher and mpirun set in the processes they start
 _RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -40,9 +40,14 @@ def train(cfg: TrainConfig) -> dict:
     """Train here, or start the processes the settings ask for and wait for them. Returns the run's report."""
     from dreambooth import train as training
 
-    if launched() or not cfg.launches_processes:
-        return training.train(cfg)
-    return launch(cfg)
+    if launched() and int(os.environ.get("RANK", "0")) != 0:
+        return training.train(cfg)  # a foreign launcher's other ranks: rank 0 holds the output folder for all
+    check_output(cfg.output)
+    # one run per output folder; the processes our launcher starts inherit the lock (runlock's rule)
+    with runlock.hold(cfg.output, runlock.this_command()):
+        if launched() or not cfg.launches_processes:
+            return training.train(cfg)
+        return launch(cfg)
 
 
 def launch(cfg: TrainConfig) -> dict:

@@ -61,3 +61,15 @@ def test_fine_tuning_learns_the_subject_and_prior_preservation_limits_drift(base
     assert kept.prompt_fidelity > 0.7, kept
     # the class images hold "a shape" where the base model had it; without them it moves ~60 % further
     assert kept.prior_drift < 0.85 * drifted.prior_drift, (kept, drifted)
+
+
+def test_a_lora_learns_the_subject_and_its_exported_file_shows_it(base, work):
+    """--adapter lora with the demo's LoRA settings (rank 16, lr 1e-3), judged as users get it: the exported
+    kohya file loaded into the base by diffusers. Measured: subject fidelity 0.07 → 1.00, prompt fidelity 1.00,
+    prior drift 0.068 (the full fine-tune: 0.95, 0.99, 0.118)."""
+    out = work / "lora"
+    fidelity.fine_tune(base, out, work, with_prior_preservation=True, adapter="lora", export_single_file=True)
+    (exported,) = (out / "export").glob("*-lora-step-150.safetensors")
+    (before, _), (after, _) = fidelity.score_before_after(base, exported)
+    assert after.subject_fidelity > before.subject_fidelity + 0.5, (before, after)
+    assert after.prompt_fidelity > 0.7, after

@@ -186,3 +186,27 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_lora_run_records_its_settings_exports_the_lora_and_restarts_when_they_change(cli, tmp_path):
+    out = tmp_path / "out"
+    result = cli("demo", "--output", out, *QUICK, "--adapter", "lora", "--lora-rank", 4)
+    assert result.exit_code == 0, result.stderr
+    data = manifest(out)
+    assert data["config"]["train"]["adapter"] == "lora" and data["config"]["train"]["lora_rank"] == 4
+    assert data["stages"]["train"]["inputs"]["adapter"] == "lora"
+    exported = Path(data["outputs"]["export"])
+    assert exported.name == "tiny-sd1-dreambooth-lora-step-4.safetensors"
+    with safe_open(exported, "pt") as f:
+        assert all(k.startswith(("lora_unet_", "lora_te_")) for k in f.keys())  # noqa: SIM118
+        assert f.metadata()["ss_network_dim"] == "4" and f.metadata()["modelspec.architecture"].endswith("/lora")
+    assert (out / "checkpoints" / "step-4" / "lora" / "unet.safetensors").is_file()
+    assert json.loads((out / "fidelity.json").read_text())["subject_fidelity_after"] >= 0
+
+    # a LoRA setting is a learning setting: changing it moves the old checkpoints aside and trains afresh
+    again = cli("demo", "--output", out, *QUICK, "--adapter", "lora", "--lora-rank", 8)
+    assert again.exit_code == 0, again.stderr
+    assert "starts afresh" in again.stderr
+    assert list((out / "previous").glob("*/step-4/lora"))
+    with safe_open(Path(manifest(out)["outputs"]["export"]), "pt") as f:
+        assert f.metadata()["ss_network_dim"] == "8"

@@ -111,3 +111,13 @@ def test_second_run_on_a_folder_fails_fast_and_changes_nothing(tmp_path, cli, mo
     assert result.exit_code == 2
     assert f"output folder {out} is in use by another run: pid {holder_process.pid}" in result.stderr
     assert {p: p.read_bytes() for p in out.rglob("*")} == before
+
+
+def test_second_train_on_a_folder_is_refused(tmp_path, cli, model, holder_process):
+    out = tmp_path / "out"
+    photos = write_photos(tmp_path / "photos", count=1)
+    result = cli("train", "--model", model, "--instance-data-dir", photos, "--instance-prompt", "a sks dog",
+                 "--output", out, "--resolution", 32, "--max-train-steps", 1)  # fmt: skip
+    assert result.exit_code == 2
+    assert f"output folder {out} is in use by another run: pid {holder_process.pid}" in result.stderr
+    assert not (out / "checkpoints").exists() and not (out / "train_report.json").exists()

@@ -36,7 +36,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from dreambooth.demo import synthetic
-from dreambooth.demo.settings import CLASS_PROMPT, DEMO_MODEL_FILE, INSTANCE_IMAGES, INSTANCE_PROMPT, SETTINGS
+from dreambooth.demo.settings import (
+    CLASS_PROMPT,
+    DEMO_MODEL_FILE,
+    INSTANCE_IMAGES,
+    INSTANCE_PROMPT,
+    LORA_SETTINGS,
+    SETTINGS,
+)
 
 JUDGE_FILE = Path(str(resources.files("dreambooth") / "assets" / "tiny" / "judge.safetensors"))
 OBJECTS = (*synthetic.SHAPES, synthetic.SUBJECT)
@@ -221,13 +228,20 @@ def diversity(images: list[Image.Image]) -> float:
 # ───────────────────────────── judging models ─────────────────────────────
 
 
-def sampling_pipeline(model_dir: Path):
-    """A pipeline over a diffusers folder, sampling with DDIM (whatever scheduler the folder names)."""
+def sampling_pipeline(model: Path, base_dir: Path | None = None):
+    """A pipeline over a diffusers folder, or over `base_dir` with a LoRA file loaded into it the way users load
+    it (diffusers' load_lora_weights, fused), sampling with DDIM (whatever scheduler the folder names)."""
     from diffusers import DDIMScheduler
 
     from dreambooth.sample import load_pipeline
 
-    pipe = load_pipeline(Path(model_dir))
+    model = Path(model)
+    if model.is_file():  # an exported LoRA
+        pipe = load_pipeline(Path(base_dir))
+        pipe.load_lora_weights(str(model))
+        pipe.fuse_lora()
+    else:
+        pipe = load_pipeline(model)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 
@@ -258,14 +272,19 @@ def pixel_change(images: list[Image.Image], reference: list[Image.Image]) -> flo
 
 
 def score_model(
-    model_dir: Path, count: int = 16, seed: int = 0, base_class_samples: list[Image.Image] | None = None
+    model_dir: Path,
+    count: int = 16,
+    seed: int = 0,
+    base_class_samples: list[Image.Image] | None = None,
+    base_dir: Path | None = None,
 ) -> tuple[Scores, dict[str, list[Image.Image]]]:
     """The scores of one model (a diffusers folder), and the samples they judged (`count` per prompt).
 
     Prior drift is measured against `base_class_samples` (the base model's "a shape" samples, same count and
-    seed); without them the model is the base model itself, whose drift is 0.
+    seed); without them the model is the base model itself, whose drift is 0. A LoRA file is judged loaded into
+    `base_dir`.
     """
-    pipe = sampling_pipeline(model_dir)
+    pipe = sampling_pipeline(model_dir, base_dir)
     pictures = {
         prompt: samples(pipe, prompt, count, seed) for prompt in (SUBJECT_PROMPT, RECONTEXT_PROMPT, CLASS_PROMPT)
     }
@@ -280,10 +299,11 @@ def score_model(
     return scores, pictures
 
 
-def score_before_after(base_dir: Path, trained_dir: Path, count: int = 16, seed: int = 0):
-    """Scores and samples of the base model and of a fine-tune of it: ((before, samples), (after, samples))."""
+def score_before_after(base_dir: Path, trained: Path, count: int = 16, seed: int = 0):
+    """Scores and samples of the base model and of a fine-tune of it (a diffusers folder, or a LoRA file):
+    ((before, samples), (after, samples))."""
     before = score_model(base_dir, count, seed)
-    after = score_model(trained_dir, count, seed, before[1][CLASS_PROMPT])
+    after = score_model(trained, count, seed, before[1][CLASS_PROMPT], base_dir)
     return before, after
 
 
@@ -331,6 +351,7 @@ def fine_tune(base: Path, output: Path, work: Path, **overrides) -> dict:
         synthetic.write_instance_images(instances, n=INSTANCE_IMAGES, seed=0)
     settings = {
         **SETTINGS,
+        **(LORA_SETTINGS if overrides.get("adapter") == "lora" else {}),
         "save_sample_prompt": (),
         "model": base,
         "output": output,

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from dreambooth import events
+from dreambooth.checkpoint.lora import is_lora_checkpoint
 from dreambooth.config import build_train_config
 from dreambooth.demo import synthetic
 from dreambooth.demo.fidelity import fidelity_report, score_before_after
@@ -22,6 +23,7 @@ from dreambooth.demo.settings import (
     FIDELITY_SAMPLES,
     INSTANCE_IMAGES,
     INSTANCE_PROMPT,
+    LORA_SETTINGS,
     MODEL_NAME,
     SETTINGS,
 )
@@ -52,7 +54,10 @@ def demo_config(output: Path, flags: dict) -> RunConfig:
         "instance_prompt": INSTANCE_PROMPT,
         "class_prompt": CLASS_PROMPT,
     }
-    settings.update({k: v for k, v in flags.items() if v is not None})
+    given = {k: v for k, v in flags.items() if v is not None}
+    if given.get("adapter") == "lora":
+        settings.update(LORA_SETTINGS)
+    settings.update(given)
     train = build_train_config(None, settings, class_images_root=output / "class_images")
     return RunConfig(train=train)
 
@@ -62,6 +67,8 @@ def run_demo(output: Path, flags: dict | None = None) -> dict:
     cfg = demo_config(output, flags or {})
     manifest = run_pipeline(cfg)
     base, trained = Path(manifest["outputs"]["base"]), Path(manifest["outputs"]["final_checkpoint"])
+    if is_lora_checkpoint(trained):  # a LoRA is judged as users get it: the exported file, loaded into the base
+        trained = Path(manifest["outputs"]["export"])
     with events.stage("scoring subject fidelity, prompt fidelity and prior drift"):
         (before, before_samples), (after, after_samples) = score_before_after(base, trained, FIDELITY_SAMPLES)
     scores = fidelity_report(before, after, FIDELITY_SAMPLES, seed=0)

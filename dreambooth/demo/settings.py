@@ -31,3 +31,6 @@ SETTINGS = {
     "save_infer_steps": 20,
     "seed": 0,
 }
+# --adapter lora: what changes (a LoRA learns through rank-16 layers and needs a larger rate: on this model 3e-4
+# learns the subject only to 0.42, 3e-3 to 0.67, 1e-3 to 1.00 — bench/results/fidelity.md)
+LORA_SETTINGS = {"learning_rate": 1e-3}
