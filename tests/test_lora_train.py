@@ -139,7 +139,6 @@ def test_bad_lora_settings_are_one_line_and_exit_2(cli, model, photos, tmp_path,
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
-
 def _outputs(unet, text_encoder, tokenizer, prompt="a photo of sks thing"):
     """The text encoder's hidden states for a prompt and the UNet's prediction on fixed noise."""
     ids = tokenizer([prompt], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt")
