@@ -55,3 +55,39 @@ def test_full_size_round_trip(tmp_path, cli, model_type, ema, dtype):
             assert_files_equal(tmp_path / "half.safetensors", src, cast=torch.float16)
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)  # 10-25 GB per case: don't keep it for pytest's retention
+
+
+def test_full_size_sd1_lora_trains_and_its_file_has_the_published_names(tmp_path, cli):
+    """A LoRA run on the real SD 1.x shapes (random values, 64 px, 2 steps): the exported kohya file names exactly
+    the golden modules (tests/golden/lora-sd1-kohya.txt), and diffusers' load_lora_weights takes every one."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+
+    from tests.test_lora_files import golden
+    from tests.train_helpers import write_photos
+
+    src = tmp_path / "sd15.safetensors"
+    try:
+        save_file(original_state_dict(SD1, dtype=torch.float16), src)
+        gc.collect()
+        out = tmp_path / "out"
+        photos = write_photos(tmp_path / "photos", count=2, size=(64, 64))
+        args = ("train", "--model", src, "--instance-data-dir", photos,
+                "--instance-prompt", "a photo of sks thing", "--output", out, "--resolution", 64, "--seed", 0,
+                "--max-train-steps", 2, "--adapter", "lora", "--lora-rank", 4, "--train-text-encoder",
+                "--export-single-file", "--cache-dir", tmp_path / "cache")  # fmt: skip
+        result = cli(*args)
+        assert result.exit_code == 0, result.stderr
+        checkpoint_bytes = sum(p.stat().st_size for p in (out / "checkpoints" / "step-2").rglob("*") if p.is_file())
+        assert checkpoint_bytes < 30 * 2**20  # rank 4: megabytes, not the UNet's gigabytes
+        (exported,) = (out / "export").glob("*-lora-step-2.safetensors")
+        with safe_open(exported, "pt") as f:
+            modules = sorted({k.rsplit(".", 2)[0] if k.endswith(".weight") else k.rsplit(".", 1)[0] for k in f.keys()})  # noqa: SIM118
+        assert modules == sorted(golden("lora-sd1-kohya.txt"))
+        (converted,) = (tmp_path / "cache" / "converted").iterdir()
+        pipe = StableDiffusionPipeline.from_pretrained(converted, dtype=torch.float16)
+        pipe.load_lora_weights(exported)
+        loaded = sum(isinstance(m, LoraLayer) for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
+        assert loaded == len(modules)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
