@@ -3,11 +3,12 @@
     python docker/assert_stack.py requirements/lock.txt requirements/deepspeed-lock.txt
 
 1. every package pinned in the lock files is installed at exactly that version, and nothing unlocked is installed;
-2. torch, diffusers, transformers, accelerate, bitsandbytes, xformers and deepspeed import and report the locked
+2. torch, diffusers, transformers, accelerate, bitsandbytes, xformers, deepspeed and peft import and report the locked
    versions;
 3. tiny CPU ops run: a torch matmul + backward, a diffusers UNet and a CLIP text encoder forward pass, an accelerate
    Accelerator, bitsandbytes' blockwise quantization; xformers' compiled extension is loaded and was built for this
    torch (the "xFormers can't load C++/CUDA extensions" failure mode); DeepSpeed reads a ZeRO-2 offload config.
+   A peft LoRA layer is injected and gets gradients.
 GPU kernels cannot run at build time (no GPU in a build): `dreambooth doctor` proves those on the target machine.
 Exit status 1 with one line per problem.
 """
@@ -21,7 +22,7 @@ import warnings
 from importlib import metadata
 from pathlib import Path
 
-CORE = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed")
+CORE = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed", "peft")
 # Installed by `python -m venv` itself, not by the lock; the project's own wheel is added after this check.
 ALLOWED_EXTRA = {"pip", "setuptools", "dreambooth"}
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)(?:\[[^\]]*\])?==([^\s;\\]+)")
@@ -189,6 +190,18 @@ def op_deepspeed() -> str:
     return "ZeRO-2 offload config"
 
 
+def op_peft() -> str:
+    import torch
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    inject_adapter_in_model(LoraConfig(r=2, lora_alpha=2, target_modules=["0"], init_lora_weights=False), model)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable), trainable
+    model(torch.ones(1, 4)).sum().backward()
+    return f"LoRA layer trains ({len(trainable)} tensors)"
+
+
 def main() -> int:
     locks = [Path(arg) for arg in sys.argv[1:]] or [Path("requirements/lock.txt")]
     # the lock files agree where they overlap (deepspeed-lock.txt is compiled against lock.txt)
@@ -204,6 +217,7 @@ def main() -> int:
         ("transformers op", op_transformers),
         ("accelerate", op_accelerate),
         ("deepspeed", op_deepspeed),
+        ("peft LoRA", op_peft),
     ):
         run(name, fn, problems)
     if problems:
