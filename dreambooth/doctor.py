@@ -9,7 +9,17 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 # the locked stack's main packages: what `dreambooth doctor` reports and a run's manifest records
-STACK = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes", "xformers", "deepspeed", "peft", "safetensors")
+STACK = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "bitsandbytes",
+    "xformers",
+    "deepspeed",
+    "peft",
+    "safetensors",
+)
 PACKAGES = (*STACK, "dreambooth")
 LOW_DISK_GB = 10.0  # one SD 1.x training run with a few fp16 checkpoints and exports
 

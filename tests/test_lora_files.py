@@ -112,6 +112,14 @@ def assert_same_lora_modules(pipe, trained) -> None:
         assert {m: layer.r[adapter] for m, layer in lora.lora_layers(theirs, adapter).items()} == expected
 
 
+def assert_loads_like_ours(trained, source, caplog, tolerance: float) -> None:
+    """diffusers' load_lora_weights puts the LoRA on the same modules, and the models compute what ours do."""
+    pipe = load_into_pipeline(trained["base"], source, caplog)
+    assert_same_lora_modules(pipe, trained)
+    assert rel_err(unet_output(pipe.unet, trained["inputs"]), trained["ours"]["unet"]) < tolerance
+    assert rel_err(text_output(pipe.text_encoder, trained["inputs"]), trained["ours"]["text"]) < tolerance
+
+
 def test_checkpoint_layout_and_strict_reload(trained):
     folder = trained["ckpt"] / lora.ADAPTER_DIR
     assert sorted(p.name for p in folder.iterdir()) == ["lora.json", "text_encoder.safetensors", "unet.safetensors"]
@@ -157,10 +165,7 @@ def test_kohya_file_loads_in_diffusers_and_matches(trained, caplog):
     assert state[f"{conv}.lora_up.weight"].shape == (32, CONV_RANK, 1, 1)
     assert all(v.dtype == torch.float16 for v in state.values())
 
-    pipe = load_into_pipeline(trained["base"], dest, caplog)
-    assert_same_lora_modules(pipe, trained)
-    assert rel_err(unet_output(pipe.unet, trained["inputs"]), trained["ours"]["unet"]) < 3e-3
-    assert rel_err(text_output(pipe.text_encoder, trained["inputs"]), trained["ours"]["text"]) < 3e-3
+    assert_loads_like_ours(trained, dest, caplog, tolerance=3e-3)  # fp16 file
 
 
 def test_kohya_metadata_and_hashes(trained):
@@ -206,10 +211,7 @@ def test_diffusers_format_loads_and_matches(trained, caplog):
     # text-encoder keys as published diffusers LoRAs have them (transformers 4's layout; diffusers maps them)
     assert "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert "unet.down_blocks.0.resnets.0.conv1.lora_A.weight" in keys
-    pipe = load_into_pipeline(trained["base"], dest, caplog)
-    assert_same_lora_modules(pipe, trained)
-    assert rel_err(unet_output(pipe.unet, trained["inputs"]), trained["ours"]["unet"]) < 1e-5
-    assert rel_err(text_output(pipe.text_encoder, trained["inputs"]), trained["ours"]["text"]) < 1e-5
+    assert_loads_like_ours(trained, dest, caplog, tolerance=1e-5)
 
 
 def test_merge_bakes_the_lora_into_the_base(trained):

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth import events
-from tests.train_helpers import base_args
+from tests.train_helpers import base_args, sigterm_at_step
 
 # everything that draws random numbers or carries state across steps, all at once
 HARD = (
@@ -31,18 +30,11 @@ def test_stopped_and_resumed_run_is_bit_identical(cli, model, photos, tmp_path, 
     straight = cli(*base_args(model, photos, tmp_path / "a", *HARD))
     assert straight.exit_code == 0, straight.stderr
 
-    emit = events.emit
-
-    def stop_at_step_3(event, **fields):  # a real SIGTERM, delivered while step 3 is being logged
-        emit(event, **fields)
-        if event == "train_step" and fields["step"] == 3:
-            signal.raise_signal(signal.SIGTERM)
-
-    monkeypatch.setattr(events, "emit", stop_at_step_3)
+    sigterm_at_step(monkeypatch, 3)
     stopped = cli(*base_args(model, photos, tmp_path / "b", *HARD))
     assert stopped.exit_code == 130
     assert (tmp_path / "b" / "checkpoints" / "step-3" / "training_state.pt").is_file()
-    monkeypatch.setattr(events, "emit", emit)
+    monkeypatch.undo()
     resumed = cli(*base_args(model, photos, tmp_path / "b", *HARD))
     assert resumed.exit_code == 0, resumed.stderr
 

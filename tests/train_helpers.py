@@ -1,5 +1,6 @@
 """Shared pieces for the training tests: a tiny model folder and a few tiny photos, made in code."""
 
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -42,3 +43,17 @@ def base_args(model: Path, photos: Path, output: Path, *extra: object) -> list[s
         "--seed", 7,
         *extra,
     ]  # fmt: skip
+
+
+def sigterm_at_step(monkeypatch, step: int) -> None:
+    """A real SIGTERM, delivered while training logs `step`: the run saves a checkpoint there and exits 130."""
+    from dreambooth import events
+
+    emit = events.emit
+
+    def emit_and_stop(event, **fields):
+        emit(event, **fields)
+        if event == "train_step" and fields["step"] == step:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(events, "emit", emit_and_stop)
