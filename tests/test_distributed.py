@@ -272,3 +272,21 @@ def test_deepspeed_zero_trains_like_one_process(runs, base, model, photos, tmp_p
 def test_accelerate_config_file_must_exist(cli, model, photos, tmp_path):
     result = cli(*base_args(model, photos, tmp_path / "o", "--accelerate-config", tmp_path / "nope.yaml"))
     assert result.exit_code == 2 and "--accelerate-config" in result.stderr
+
+
+def test_a_lora_trains_in_two_processes_like_in_one(tmp_path, model, photos):
+    """DDP over a peft-wrapped UNet and text encoder: two processes × batch 1 learn the LoRA one process learns
+    with batch 2 (to float rounding), and only LoRA weights travel in the checkpoint."""
+    lora = ("--adapter", "lora", "--lora-rank", 4, "--train-text-encoder", "--max-train-steps", 3,
+            "--save-interval", 100, "--learning-rate", "1e-3", "--random-flip")  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_here(*base_args(model, photos, one, *lora, "--train-batch-size", 2))
+    launch(tmp_path, *base_args(model, photos, two, *lora, "--num-processes", 2))
+    report_one, report_two = (json.loads((out / "train_report.json").read_text()) for out in (one, two))
+    assert report_two["world_size"] == 2 and report_two["adapter"] == "lora"
+    assert report_one["losses"]["loss"] == pytest.approx(report_two["losses"]["loss"], abs=1e-5)
+    for part in ("unet", "text_encoder"):
+        a, b = (load_file(out / "checkpoints" / "step-3" / "lora" / f"{part}.safetensors") for out in (one, two))
+        assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-3), (part, key)
