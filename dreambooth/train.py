@@ -242,6 +242,39 @@ def train(cfg: TrainConfig) -> dict:
                              run.accelerator.is_main_process)  # fmt: skip
 
 
+def class_examples(cfg: TrainConfig, accelerator, model_dir: Path, seed: int, weight_dtype, should_stop):
+    """Prior preservation's class examples per concept, the missing class images generated first by the base model
+    (before its weights change), each process making its share; None without prior preservation."""
+    if not cfg.with_prior_preservation:
+        return None
+    from dreambooth.preflight import missing_class_images
+    from dreambooth.prior import generate_class_images
+
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    missing = missing_class_images(cfg)
+    accelerator.wait_for_everyone()  # all processes counted the same missing images before any is written
+    generate_class_images(cfg, model_dir, seed, device, weight_dtype, should_stop, missing, rank, world)
+    accelerator.wait_for_everyone()  # each made its share; from here on every process sees them all
+    if missing:
+        events.notice(f"generated {sum(missing.values())} class images")
+    classes = {}
+    for i, concept in enumerate(cfg.concepts):
+        paths = scan_images(concept.class_data_dir, cfg.resolution, "--class-data-dir")
+        # exactly --num-class-images of them, the same ones on every run (sorted names)
+        classes[i] = [Example(p, concept.class_prompt, i) for p in paths[: cfg.num_class_images]]
+    return classes
+
+
+def param_groups(trained: dict, lr: float, text_lr: float) -> list[dict]:
+    """The optimizer's param groups: the text encoders' own when their learning rate differs."""
+    text = {n: m for n, m in trained.items() if n != "unet"}
+    if text and text_lr != lr:
+        return [{"params": adapters.trainable({"unet": trained["unet"]}), "lr": lr},
+                {"params": adapters.trainable(text), "lr": text_lr}]  # fmt: skip
+    # one group: the layout of the optimizer state that checkpoints have always had
+    return [{"params": adapters.trainable(trained), "lr": lr}]
+
+
 def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     started = time.perf_counter()
     # first, so that with several processes only the first one converts, writes and speaks
@@ -277,7 +310,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- device, precision, seed -------------------------------------------------------------------------
     device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    world = accelerator.num_processes
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     if state is not None:
         seed = state["seed"]
@@ -294,22 +327,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         torch.manual_seed(seed)
 
     # --- class images for prior preservation (the base model, before its weights change) --------------
-    classes = None
-    if cfg.with_prior_preservation:
-        from dreambooth.preflight import missing_class_images
-        from dreambooth.prior import generate_class_images
-
-        missing = missing_class_images(cfg)
-        accelerator.wait_for_everyone()  # all processes counted the same missing images before any is written
-        generate_class_images(cfg, model_dir, seed, device, weight_dtype, should_stop, missing, rank, world)
-        accelerator.wait_for_everyone()  # each made its share; from here on every process sees them all
-        if missing:
-            events.notice(f"generated {sum(missing.values())} class images")
-        classes = {}
-        for i, concept in enumerate(cfg.concepts):
-            paths = scan_images(concept.class_data_dir, cfg.resolution, "--class-data-dir")
-            # exactly --num-class-images of them, the same ones on every run (sorted names)
-            classes[i] = [Example(p, concept.class_prompt, i) for p in paths[: cfg.num_class_images]]
+    classes = class_examples(cfg, accelerator, model_dir, seed, weight_dtype, should_stop)
     instances = [Example(p, cfg.concepts[i].instance_prompt, i) for i, paths in instance_images.items() for p in paths]
 
     # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
@@ -340,11 +358,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
     text_lr = lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
     text = {n: m for n, m in trained.items() if n != "unet"}
-    if text and text_lr != lr:
-        groups = [{"params": adapters.trainable({"unet": trained["unet"]}), "lr": lr},
-                  {"params": adapters.trainable(text), "lr": text_lr}]  # fmt: skip
-    else:  # one group: the layout of the optimizer state that checkpoints have always had
-        groups = [{"params": adapters.trainable(trained), "lr": lr}]
+    groups = param_groups(trained, lr, text_lr)
     params = [p for g in groups for p in g["params"]]
     optimizer, optimizer_name = make_optimizer(groups, cfg, device)
     # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
