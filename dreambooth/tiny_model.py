@@ -1,4 +1,4 @@
-"""Random tiny models: SD 1.x architecture at toy sizes, made in code from a seed (no download).
+"""Random tiny models: SD 1.x/2.x and SDXL architectures at toy sizes, made in code from a seed (no download).
 
 Used by the tests: they exercise every file format and code path of the real thing in seconds, but draw noise.
 The demo uses the pretrained tiny model instead (dreambooth/assets/tiny/, made by tools/pretrain_tiny.py).
@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 
 from dreambooth.checkpoint import components as comp
-from dreambooth.checkpoint.convert import write_diffusers_folder
-from dreambooth.checkpoint.families import bundled_config
+from dreambooth.checkpoint.convert import PROVENANCE_FILE, write_diffusers_folder
+from dreambooth.checkpoint.families import bundled_config, family_of
+from dreambooth.fileio import write_json
 
 TINY_UNET = dict(
     block_out_channels=[32, 64],
@@ -29,10 +30,33 @@ TINY_VAE = dict(
     sample_size=16,
 )
 TINY_TEXT = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+# SDXL's layout at toy size: a plain first level, attention with 2 transformer blocks below it; the UNet takes the
+# two encoders' hidden states side by side (32 + 32) and an add_embedding of 6 time ids × 8 + the pooled 32
+TINY_SDXL_UNET = dict(
+    block_out_channels=[32, 64],
+    layers_per_block=1,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
+    attention_head_dim=[2, 4],
+    use_linear_projection=True,
+    transformer_layers_per_block=[1, 2],
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    cross_attention_dim=64,
+    projection_class_embeddings_input_dim=6 * 8 + 32,
+    sample_size=8,
+)
+# the refiner: bigG only (cross-attention 32), 5 time ids (an aesthetic score in place of the target size)
+TINY_REFINER_UNET = {**TINY_SDXL_UNET, "cross_attention_dim": 32, "projection_class_embeddings_input_dim": 5 * 8 + 32}
+TINY_OVERRIDES = {
+    "sdxl": {"unet": TINY_SDXL_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT, "text_encoder_2": TINY_TEXT},
+    "sdxl-refiner": {"unet": TINY_REFINER_UNET, "vae": TINY_VAE, "text_encoder_2": TINY_TEXT},
+}
 
 
 def tiny_configs(model_type: str = "sd1") -> dict[str, dict]:
-    overrides = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT}
+    default = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT}
+    overrides = TINY_OVERRIDES.get(family_of(model_type), default)
     configs = {}
     for name, extra in overrides.items():
         cfg = {k: v for k, v in bundled_config(model_type, name).items() if not k.startswith("_")}
@@ -49,7 +73,11 @@ def tiny_components(seed: int = 0, model_type: str = "sd1") -> dict[str, comp.Co
     return out
 
 
-def write_tiny_diffusers(folder: Path, seed: int = 0) -> Path:
-    """A complete tiny diffusers folder, as `dreambooth convert` would write it."""
-    write_diffusers_folder(folder, tiny_components(seed), "sd1", "sd1")
+def write_tiny_diffusers(folder: Path, seed: int = 0, model_type: str = "sd1") -> Path:
+    """A complete tiny diffusers folder, as `dreambooth convert` would write it (with its dreambooth.json)."""
+    folder = Path(folder)
+    family = family_of(model_type)
+    write_diffusers_folder(folder, tiny_components(seed, model_type), family, model_type)
+    if family != "sd1":  # SD 1.x folders stay as they always were: the family is told by the text encoder
+        write_json(folder / PROVENANCE_FILE, {"family": family, "model_type": model_type, "tiny_seed": seed})
     return folder

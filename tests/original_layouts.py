@@ -17,6 +17,11 @@ key maps, so that our converter is tested against an independent reading of the 
   `cond_stage_model.model.`; open_clip v2.7 `model.py` / `transformer.py`).
 * `ldm/models/diffusion/ddpm.py` register_schedule buffers and `ldm/modules/ema.py` LitEma.
 * Hyper-parameters: configs/stable-diffusion/v1-inference.yaml (CompVis), v2-inference(-v).yaml (Stability).
+* SDXL: Stability-AI/generative-models (sgm) `sgm/modules/diffusionmodules/openaimodel.py` (UNetModel with
+  `adm_in_channels` and `num_classes: sequential` → `label_emb`, per-level `transformer_depth`),
+  `sgm/modules/encoders/modules.py` (GeneralConditioner.embedders: FrozenCLIPEmbedder → `.transformer`,
+  FrozenOpenCLIPEmbedder2 → `.model`), `configs/inference/sd_xl_base.yaml` and `sd_xl_refiner.yaml`. The
+  DiffusionEngine registers model, conditioner, then first_stage_model, and has no schedule buffers.
 
 Keys are emitted in the order `nn.Module.state_dict()` would produce them (a module's own parameters, then its
 own buffers, then its children in registration order), so a dict built here iterates like the real file.
@@ -53,9 +58,17 @@ class UNetSpec:
     context_dim: int
     # SD2 (`use_linear_in_transformer: True`) projects in/out with nn.Linear [C, C]; SD1 with 1x1 convs.
     use_linear: bool
-    transformer_depth: int = 1
+    # one int for every level (SD), or one per level (SDXL base: 1, 2, 10); the middle block takes the last one
+    transformer_depth: int | tuple[int, ...] = 1
     in_channels: int = 4
     out_channels: int = 4
+    adm_in_channels: int = 0  # SDXL: label_emb = Sequential(Sequential(Linear(adm, 4C), SiLU, Linear(4C, 4C)))
+
+    def depth(self, level: int | None) -> int:
+        """Transformer blocks at a level (None: the middle block)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[-1 if level is None else level]
 
 
 @dataclass(frozen=True)
@@ -76,13 +89,15 @@ class TextSpec:
     intermediate: int
     vocab: int = 49408
     positions: int = 77
+    embed_dim: int | None = None  # open_clip text_projection's output width (None: the width)
 
 
 @dataclass(frozen=True)
 class Layout:
     unet: UNetSpec
     vae: VAESpec
-    text: TextSpec
+    text: TextSpec | None  # SD 1.x/2.x: cond_stage_model
+    conditioner: tuple[TextSpec, ...] = ()  # SDXL: conditioner.embedders.<i>, in order
 
 
 # Both families share the KL-f8 autoencoder (embed_dim == z_channels == 4, attn_resolutions: []).
@@ -104,6 +119,44 @@ SD2 = Layout(  # v2-inference.yaml (512 base) and v2-inference-v.yaml (768-v) ha
     text=TextSpec("openclip", width=1024, layers=24, heads=16, intermediate=4096),
 )
 
+# sd_xl_base.yaml: model_channels 320, channel_mult [1, 2, 4], attention_resolutions [4, 2] (levels 1 and 2),
+# transformer_depth [1, 2, 10], context_dim 2048 (768 + 1280), num_head_channels 64, adm_in_channels 2816
+# (6 size/crop numbers × 256 + the 1280-wide pooled bigG output). Embedders: CLIP ViT-L (HF), OpenCLIP ViT-bigG-14
+# (width 1280, heads 20, layers 32, mlp 5120, embed_dim 1280; all 32 layers stored and used, penultimate output).
+_BIG_G = TextSpec("openclip", width=1280, layers=32, heads=20, intermediate=5120)
+SDXL = Layout(
+    unet=UNetSpec(
+        320,
+        (1, 2, 4),
+        2,
+        attention_levels=(1, 2),
+        context_dim=2048,
+        use_linear=True,
+        transformer_depth=(1, 2, 10),
+        adm_in_channels=2816,
+    ),
+    vae=_SD_VAE,
+    text=None,
+    conditioner=(TextSpec("clip", width=768, layers=12, heads=12, intermediate=3072), _BIG_G),
+)
+# sd_xl_refiner.yaml: model_channels 384, channel_mult [1, 2, 4, 4], attention_resolutions [4, 2], depth 4,
+# context_dim 1280, adm_in_channels 2560 (5 numbers × 256: an aesthetic score instead of the target size).
+SDXL_REFINER = Layout(
+    unet=UNetSpec(
+        384,
+        (1, 2, 4, 4),
+        2,
+        attention_levels=(1, 2),
+        context_dim=1280,
+        use_linear=True,
+        transformer_depth=4,
+        adm_in_channels=2560,
+    ),
+    vae=_SD_VAE,
+    text=None,
+    conditioner=(_BIG_G,),
+)
+
 # Tiny variants for fast tests. 32 channels is the smallest width GroupNorm(32 groups) accepts.
 _TINY_UNET = UNetSpec(32, (1, 2), 1, attention_levels=(0,), context_dim=32, use_linear=False)
 _TINY_VAE = VAESpec(ch=32, ch_mult=(1, 2), num_res_blocks=1)
@@ -117,6 +170,40 @@ TINY_SD2 = Layout(
     unet=UNetSpec(32, (1, 2), 1, attention_levels=(0,), context_dim=32, use_linear=True),
     vae=_TINY_VAE,
     text=TextSpec("openclip", width=32, layers=3, heads=2, intermediate=37),
+)
+# SDXL's shape at toy size: attention only on the lower level, 2 transformer blocks there, two encoders of different
+# widths (32 + 64; loaders tell them apart by width, as 768 and 1280), bigG projecting to 48, adm = 6 × 8 (time ids)
+# + 48 (pooled); the refiner: the second encoder alone and 5 time ids.
+_TINY_BIG_G = TextSpec("openclip", width=64, layers=2, heads=2, intermediate=37, embed_dim=48)
+TINY_SDXL = Layout(
+    unet=UNetSpec(
+        32,
+        (1, 2),
+        1,
+        attention_levels=(1,),
+        context_dim=32 + 64,
+        use_linear=True,
+        transformer_depth=(1, 2),
+        adm_in_channels=6 * 8 + 48,
+    ),
+    vae=_TINY_VAE,
+    text=None,
+    conditioner=(TextSpec("clip", width=32, layers=2, heads=2, intermediate=37), _TINY_BIG_G),
+)
+TINY_SDXL_REFINER = Layout(
+    unet=UNetSpec(
+        32,
+        (1, 2),
+        1,
+        attention_levels=(1,),
+        context_dim=64,
+        use_linear=True,
+        transformer_depth=2,
+        adm_in_channels=5 * 8 + 48,
+    ),
+    vae=_TINY_VAE,
+    text=None,
+    conditioner=(_TINY_BIG_G,),
 )
 
 
@@ -169,7 +256,7 @@ def _cross_attention(p: str, dim: int, context: int) -> Entries:
     yield from _linear(f"{p}.to_out.0", dim, dim)
 
 
-def _spatial_transformer(p: str, c: int, u: UNetSpec) -> Entries:
+def _spatial_transformer(p: str, c: int, u: UNetSpec, level: int | None) -> Entries:
     # attention.SpatialTransformer: norm (GroupNorm), proj_in, transformer_blocks, proj_out.
     # use_linear: proj_in/proj_out are Linear [C, C]; otherwise 1x1 Conv2d [C, C, 1, 1].
     def proj(name: str) -> Entries:
@@ -177,7 +264,7 @@ def _spatial_transformer(p: str, c: int, u: UNetSpec) -> Entries:
 
     yield from _norm(f"{p}.norm", c)
     yield from proj(f"{p}.proj_in")
-    for d in range(u.transformer_depth):
+    for d in range(u.depth(level)):
         # BasicTransformerBlock registers attn1, ff, attn2, norm1, norm2, norm3 in that order.
         # attn1 is self-attention (context_dim None -> dim), attn2 cross-attends to the text context.
         # The original indexes context_dim[d] per block; SD passes one value, used for every block here.
@@ -202,6 +289,9 @@ def _unet(p: str, u: UNetSpec) -> Entries:
     # time_embed = (Linear, SiLU, Linear)
     yield from _linear(f"{p}.time_embed.0", mc, emb)
     yield from _linear(f"{p}.time_embed.2", emb, emb)
+    if u.adm_in_channels:  # sgm registers label_emb right after time_embed
+        yield from _linear(f"{p}.label_emb.0.0", u.adm_in_channels, emb)
+        yield from _linear(f"{p}.label_emb.0.2", emb, emb)
 
     # Encoder path. input_blocks[0] is the stem conv; each later block is a TimestepEmbedSequential:
     # (ResBlock[, SpatialTransformer]) or (Downsample,). `skip_chans` records each block's output channels,
@@ -215,7 +305,7 @@ def _unet(p: str, u: UNetSpec) -> Entries:
             yield from _resblock(f"{p}.input_blocks.{idx}.0", ch, mult * mc, emb)
             ch = mult * mc
             if level in u.attention_levels:
-                yield from _spatial_transformer(f"{p}.input_blocks.{idx}.1", ch, u)
+                yield from _spatial_transformer(f"{p}.input_blocks.{idx}.1", ch, u, level)
             skip_chans.append(ch)
             idx += 1
         if level != last:
@@ -226,7 +316,7 @@ def _unet(p: str, u: UNetSpec) -> Entries:
 
     # middle_block = (ResBlock, SpatialTransformer, ResBlock); it always has attention.
     yield from _resblock(f"{p}.middle_block.0", ch, ch, emb)
-    yield from _spatial_transformer(f"{p}.middle_block.1", ch, u)
+    yield from _spatial_transformer(f"{p}.middle_block.1", ch, u, None)
     yield from _resblock(f"{p}.middle_block.2", ch, ch, emb)
 
     # Decoder path: num_res_blocks + 1 blocks per level, deepest level first. Each block is
@@ -240,7 +330,7 @@ def _unet(p: str, u: UNetSpec) -> Entries:
             ch = mult * mc
             sub = 1
             if level in u.attention_levels:
-                yield from _spatial_transformer(f"{p}.output_blocks.{idx}.1", ch, u)
+                yield from _spatial_transformer(f"{p}.output_blocks.{idx}.1", ch, u, level)
                 sub = 2
             if level != 0 and i == u.num_res_blocks:
                 yield from _conv(f"{p}.output_blocks.{idx}.{sub}.conv", ch, ch, 3)
@@ -352,7 +442,7 @@ def _openclip_text(p: str, t: TextSpec, table: ShapeTable) -> None:
     # text_projection [width, embed_dim] (embed_dim == width for ViT-H-14: 1024), logit_scale (0-dim).
     # attn_mask is a non-persistent buffer: not saved.
     table[f"{p}.positional_embedding"] = ((t.positions, t.width), FLOAT)
-    table[f"{p}.text_projection"] = ((t.width, t.width), FLOAT)
+    table[f"{p}.text_projection"] = ((t.width, t.embed_dim or t.width), FLOAT)
     table[f"{p}.logit_scale"] = ((), FLOAT)
     for n in range(t.layers):
         # ResidualAttentionBlock: ln_1, attn (nn.MultiheadAttention: packed in_proj [3W, W] + out_proj),
@@ -433,6 +523,7 @@ UNET_PREFIX = "model.diffusion_model"  # DDPM.model is a DiffusionWrapper whose 
 VAE_PREFIX = "first_stage_model"
 CLIP_PREFIX = "cond_stage_model.transformer"  # FrozenCLIPEmbedder.transformer = CLIPTextModel
 OPENCLIP_PREFIX = "cond_stage_model.model"  # FrozenOpenCLIPEmbedder.model = open_clip CLIP
+CONDITIONER_PREFIX = "conditioner.embedders"  # SDXL: GeneralConditioner.embedders (an nn.ModuleList)
 EMA_PREFIX = "model_ema"
 
 
@@ -461,7 +552,14 @@ def original_shapes(layout: Layout, *, ema: bool = False, schedule_buffers: bool
         table[f"{EMA_PREFIX}.num_updates"] = ((), torch.int32)  # torch.tensor(0, dtype=torch.int)
         for k in unet_keys:  # every UNet parameter requires grad during training, so each has a shadow
             table[ema_key(k)] = table[k]
+    for i, embedder in enumerate(layout.conditioner):  # SDXL: before first_stage_model
+        if embedder.kind == "clip":
+            _clip_text(f"{CONDITIONER_PREFIX}.{i}.transformer", embedder, table)
+        else:
+            _openclip_text(f"{CONDITIONER_PREFIX}.{i}.model", embedder, table)
     _put(table, _vae(VAE_PREFIX, layout.vae))
+    if layout.text is None:
+        return table
     if layout.text.kind == "clip":
         _clip_text(CLIP_PREFIX, layout.text, table)
     elif layout.text.kind == "openclip":
@@ -489,23 +587,57 @@ def original_state_dict(
     schedule buffers (the real schedule), model_ema.decay (0.9999) and model_ema.num_updates (int32).
     All floating tensors, buffers included, use `dtype` (fp16 releases cast the whole dict).
     """
+    return dict(original_tensors(layout, ema=ema, schedule_buffers=schedule_buffers, dtype=dtype, seed=seed))
+
+
+def original_tensors(
+    layout: Layout, *, ema: bool, schedule_buffers: bool, dtype: torch.dtype, seed: int
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """`original_state_dict`'s (key, tensor) pairs one at a time, in key order (see write_original_file)."""
     gen = torch.Generator().manual_seed(seed)
     sched = schedule_values() if schedule_buffers else {}
-    out: dict[str, torch.Tensor] = {}
     for key, (shape, kind) in original_shapes(layout, ema=ema, schedule_buffers=schedule_buffers).items():
         if key in sched:
-            out[key] = sched[key].to(dtype)
+            yield key, sched[key].to(dtype)
         elif key.endswith("embeddings.position_ids"):
-            out[key] = torch.arange(shape[-1], dtype=torch.int64).expand(shape).clone()
+            yield key, torch.arange(shape[-1], dtype=torch.int64).expand(shape).clone()
         elif key == f"{EMA_PREFIX}.decay":
-            out[key] = torch.tensor(0.9999, dtype=dtype)
+            yield key, torch.tensor(0.9999, dtype=dtype)
         elif key == f"{EMA_PREFIX}.num_updates":
-            out[key] = torch.tensor(0, dtype=kind)
+            yield key, torch.tensor(0, dtype=kind)
         else:
             assert kind.is_floating_point, key
             # Drawn in fp32 and cast: CPU normal_ on fp16/bf16 is ~7x slower, and the extra memory is one tensor.
-            out[key] = torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(dtype)
-    return out
+            yield key, torch.empty(shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(dtype)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+                      torch.int32: "I32"}  # fmt: skip
+
+
+def write_original_file(
+    path, layout: Layout, *, ema: bool = False, schedule_buffers: bool = True, dtype=torch.float32, seed: int = 0
+) -> None:
+    """`original_state_dict` written as a .safetensors file one tensor at a time: a full-size SDXL (7 GB in fp16)
+    is made with the memory of its largest tensor. Same bytes as `save_file(original_state_dict(...))` would hold,
+    in key order (the format lets tensors lie in any order)."""
+    import json
+    import struct
+
+    shapes = original_shapes(layout, ema=ema, schedule_buffers=schedule_buffers)
+    header, offset = {}, 0
+    for key, (shape, kind) in shapes.items():
+        kind = dtype if kind.is_floating_point else kind
+        size = math.prod(shape) * kind.itemsize
+        header[key] = {"dtype": SAFETENSORS_DTYPES[kind], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for key, tensor in original_tensors(layout, ema=ema, schedule_buffers=schedule_buffers, dtype=dtype, seed=seed):
+            assert SAFETENSORS_DTYPES[tensor.dtype] == header[key]["dtype"], key
+            f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())  # its bytes, not a copy
 
 
 # ------------------------------------------------------------------------------------------------ self-test
@@ -543,4 +675,14 @@ if __name__ == "__main__":
     elapsed = time.perf_counter() - start
     assert {k: (tuple(v.shape), v.dtype) for k, v in full.items()} == sd1
     print(f"built full-size SD1 fp32 state dict in {elapsed:.1f}s ({sum(v.numel() for v in full.values()):,} numel)")
+
+    # SDXL base 1.0: 2515 keys = UNet 1680 + CLIP-L 197 + bigG 390 + VAE 248; 2.57 B UNet parameters
+    xl = original_shapes(SDXL, schedule_buffers=False)
+    print(f"SDXL: {len(xl)} keys, UNet {count_params(xl, f'{UNET_PREFIX}.'):,} numel")
+    assert len(xl) == 2515, len(xl)
+    assert sum(k.startswith(f"{UNET_PREFIX}.") for k in xl) == 1680
+    assert count_params(xl, f"{UNET_PREFIX}.") == 2_567_463_684
+    xl_pos_ids = f"{CONDITIONER_PREFIX}.0.transformer.text_model.embeddings.position_ids"
+    assert count_params(xl, f"{CONDITIONER_PREFIX}.0.", skip=(xl_pos_ids,)) == 123_060_480  # as SD 1.x's CLIP
+    print(f"SDXL refiner: {len(original_shapes(SDXL_REFINER, schedule_buffers=False))} keys")
     print("ok")

@@ -155,9 +155,11 @@ def test_inspect_reports_family_ema_dtype_params_and_evidence(tmp_path, cli):
     assert not list(tmp_path.glob("*/"))  # inspect writes nothing
 
 
-def test_inspect_describes_an_sdxl_file_as_unsupported(tmp_path, cli):
+def test_inspect_describes_a_fragment_of_sdxl_as_unsupported(tmp_path, cli):
+    # one of SDXL's encoders and no UNet: described, not converted (full SDXL files: tests/test_sdxl_convert.py)
     save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(4)}, tmp_path / "xl.safetensors")
     result = cli("inspect", tmp_path / "xl.safetensors", "--json")
     assert result.exit_code == 0
     report = json.loads(result.stdout)
-    assert report["family"] == "sdxl" and report["supported"] is False
+    assert report["family"] == "unknown" and report["supported"] is False
+    assert "SDXL" in report["evidence"][0]

@@ -12,7 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from tests.original_layouts import SD1, SD2, original_state_dict
+from tests.original_layouts import SD1, SD2, SDXL, SDXL_REFINER, original_state_dict, write_original_file
 
 pytestmark = pytest.mark.slow
 
@@ -89,5 +89,31 @@ def test_full_size_sd1_lora_trains_and_its_file_has_the_published_names(tmp_path
         pipe.load_lora_weights(exported)
         loaded = sum(isinstance(m, LoraLayer) for part in (pipe.unet, pipe.text_encoder) for m in part.modules())
         assert loaded == len(modules)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("model_type", ["sdxl", "sdxl-refiner"])
+def test_full_size_sdxl_round_trip(tmp_path, cli, model_type):
+    """SDXL base 1.0 (2515 keys, 3.5 B parameters) and the refiner at their real shapes, fp16 as released: the
+    file is written tensor by tensor, so the test holds about one checkpoint in memory at a time (~7 GB)."""
+    import json
+
+    from dreambooth.checkpoint.families import FAMILIES, bundled_config
+
+    src = tmp_path / "original.safetensors"
+    layout = SDXL if model_type == "sdxl" else SDXL_REFINER
+    try:
+        write_original_file(src, layout, schedule_buffers=False, dtype=torch.float16)
+        result = cli("convert", src, tmp_path / "d")
+        assert result.exit_code == 0, result.stderr
+        # read off the real shapes, the configs are Stability's/diffusers' own (what shapes can tell)
+        for name in FAMILIES[model_type].components:
+            written = json.loads((tmp_path / "d" / name / "config.json").read_text())
+            for key, value in bundled_config(model_type, name).items():
+                if not key.startswith("_"):
+                    assert written[key] == value, (name, key)
+        assert cli("export", tmp_path / "d", tmp_path / "out.safetensors").exit_code == 0
+        assert_files_equal(tmp_path / "out.safetensors", src)
     finally:
         shutil.rmtree(tmp_path, ignore_errors=True)

@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.loaders import single_file_utils as sfu
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from dreambooth.checkpoint.families import FAMILIES
 from dreambooth.errors import UserError
 
-COMPONENTS = ("unet", "vae", "text_encoder")
+COMPONENTS = ("unet", "vae", "text_encoder")  # SD 1.x/2.x; a family's own list: families.Family.components
 
 
 @dataclass
@@ -35,6 +35,8 @@ def build_model(name: str, config: dict) -> torch.nn.Module:
         return UNet2DConditionModel.from_config(config)
     if name == "vae":
         return AutoencoderKL.from_config(config)
+    if name == "text_encoder_2":  # SDXL's OpenCLIP bigG: its pooled output goes through text_projection
+        return CLIPTextModelWithProjection(CLIPTextConfig(**config))
     return CLIPTextModel(CLIPTextConfig(**config))
 
 
@@ -44,9 +46,9 @@ def expected_shapes(name: str, config: dict) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict().items()}
 
 
-def checked(name: str, config: dict, state: dict, source: str) -> Component:
+def checked(name: str, config: dict, state: dict, source: str, expected: dict | None = None) -> Component:
     """Keep exactly the model's keys; refuse missing or misshapen weights with a message naming the file."""
-    expected = expected_shapes(name, config)
+    expected = expected or expected_shapes(name, config)
     missing = [k for k in expected if state.get(k) is None]
     if missing:
         raise UserError(
@@ -75,14 +77,18 @@ def vae_from_original(tensors: dict, config: dict, *, source: str) -> Component:
     return checked("vae", config, state, source)
 
 
-def text_from_original(tensors: dict, config: dict, family: str, *, source: str) -> Component:
-    if FAMILIES[family].text_kind == "clip":
-        state = sfu.convert_ldm_clip_checkpoint(tensors)
+def text_from_original(
+    tensors: dict, config: dict, family: str, *, source: str, name: str = "text_encoder"
+) -> Component:
+    encoder = FAMILIES[family].text_encoders[name]
+    if encoder.kind == "clip":
+        state = sfu.convert_ldm_clip_checkpoint(tensors, remove_prefix=encoder.prefix)
     else:
         # the function only reads `text_model.config.hidden_size`, so no model needs to be built
         stand_in = SimpleNamespace(config=SimpleNamespace(hidden_size=config["hidden_size"]))
-        state = sfu.convert_open_clip_checkpoint(stand_in, tensors, prefix=FAMILIES[family].text_prefix)
+        state = sfu.convert_open_clip_checkpoint(stand_in, tensors, prefix=encoder.prefix)
     # diffusers names keys as transformers 4 did (`text_model.…`); match whatever the installed version uses
-    if not any(k.startswith("text_model.") for k in expected_shapes("text_encoder", config)):
+    expected = expected_shapes(name, config)  # built once: a meta bigG takes a moment
+    if not any(k.startswith("text_model.") for k in expected):
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    return checked("text_encoder", config, state, source)
+    return checked(name, config, state, source, expected)

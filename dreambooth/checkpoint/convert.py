@@ -3,6 +3,8 @@
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -15,6 +17,8 @@ from dreambooth import __version__
 from dreambooth.checkpoint import components as comp
 from dreambooth.checkpoint.detect import (
     MODEL_TYPE_HINT,
+    V_PRED_KEY,
+    ZTSNR_KEY,
     Detection,
     decide_prediction_type,
     detect_family,
@@ -30,7 +34,13 @@ from dreambooth.checkpoint.families import (
     model_type_of,
     scheduler_config,
 )
-from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, EMA_PREFIX, TEXT_SOURCES, unet_sources, vae_sources
+from dreambooth.checkpoint.keymap import (
+    EMA_PREFIX,
+    clip_position_ids_key,
+    text_sources,
+    unet_sources,
+    vae_sources,
+)
 from dreambooth.checkpoint.load import Checkpoint, check_input_file, load_checkpoint
 from dreambooth.checkpoint.vae_file import load_vae
 from dreambooth.errors import UserError
@@ -42,7 +52,7 @@ PROVENANCE_FILE = "dreambooth.json"
 
 @dataclass(frozen=True)
 class ConvertOptions:
-    model_type: str = "auto"  # auto | sd1 | sd1-v | sd2 | sd2-v
+    model_type: str = "auto"  # auto | sd1 | sd1-v | sd2 | sd2-v | sdxl | sdxl-v | sdxl-refiner
     original_config: Path | None = None
     ema: bool = False
     vae: Path | None = None
@@ -71,6 +81,7 @@ class Analysis:
     evidence: list[str]
     components: dict[str, comp.Component]
     leftovers: dict[str, torch.Tensor] = field(repr=False)
+    scheduler_overrides: dict = field(default_factory=dict)  # e.g. an SDXL file marked zero-terminal-SNR
 
     def summary(self) -> dict:
         return {
@@ -105,8 +116,9 @@ def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) ->
     recorded = recorded_configs(ckpt)
     if recorded:
         detection.evidence.append("component configs from the file's metadata (written by dreambooth export)")
-    unet_config = recorded.get("unet") or infer_unet_config(ckpt.tensors, provisional)
-    unet = comp.unet_from_original(ckpt.tensors, unet_config, ema=options.ema, source=source)
+    with complete(source, "UNet"):
+        unet_config = recorded.get("unet") or infer_unet_config(ckpt.tensors, provisional)
+        unet = comp.unet_from_original(ckpt.tensors, unet_config, ema=options.ema, source=source)
     if detection.prediction_type is None and probe:
         probe_prediction_type(_unet_module(unet), detection)
     if detection.prediction_type is None:
@@ -119,11 +131,22 @@ def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) ->
         vae = load_vae(options.vae, model_type)
         detection.evidence.append(f"VAE replaced by {options.vae}")
     else:
-        vae_config = recorded.get("vae") or infer_vae_config(ckpt.tensors, model_type)
-        vae = comp.vae_from_original(ckpt.tensors, vae_config, source=source)
-    text_config = recorded.get("text_encoder") or infer_text_config(ckpt.tensors, model_type)
-    text = comp.text_from_original(ckpt.tensors, text_config, family, source=source)
-    components = {"unet": unet, "vae": vae, "text_encoder": text}
+        with complete(source, "VAE"):
+            vae_config = recorded.get("vae") or infer_vae_config(ckpt.tensors, model_type)
+            vae = comp.vae_from_original(ckpt.tensors, vae_config, source=source)
+    components = {"unet": unet, "vae": vae}
+    for name, encoder in FAMILIES[family].text_encoders.items():  # SD: text_encoder; SDXL: text_encoder(_2)
+        with complete(source, f"{name} (`{encoder.prefix}*`)"):
+            text_config = recorded.get(name) or infer_text_config(ckpt.tensors, model_type, name)
+            components[name] = comp.text_from_original(ckpt.tensors, text_config, family, source=source, name=name)
+    kept = leftovers(ckpt, detection, components, ema_used=options.ema)
+    if detection.prediction_type != "v_prediction":
+        kept.pop(V_PRED_KEY, None)  # the flag said epsilon: export must not mark the file v again
+    overrides = {}
+    if family.startswith("sdxl") and ZTSNR_KEY in ckpt.tensors:
+        # the model expects the rescaled schedule, sampled from its last step (as training wrote it, adapters.py)
+        overrides = {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+        detection.evidence.append(f"zero-terminal-SNR schedule (the file's `{ZTSNR_KEY}` key)")
     detection.evidence.append(
         "UNet weights: EMA"
         if options.ema
@@ -145,8 +168,23 @@ def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) ->
         file_bytes=ckpt.path.stat().st_size,
         evidence=detection.evidence,
         components=components,
-        leftovers=leftovers(ckpt, detection, components, ema_used=options.ema),
+        leftovers=kept,
+        scheduler_overrides=overrides,
     )
+
+
+@contextmanager
+def complete(source: str, what: str) -> Iterator[None]:
+    """Reading a config off the shapes, and diffusers' key maps, index the file's keys directly: a key that is not
+    there means a partial file (or another architecture), which the user hears about in one line."""
+    try:
+        yield
+    except (KeyError, StopIteration, IndexError) as exc:
+        key = f" (first missing: {exc.args[0]})" if isinstance(exc, KeyError) and exc.args else ""
+        raise UserError(
+            f"{source} lacks {what} weights this architecture needs{key}",
+            "the file is incomplete (a partial download?) or a different model architecture",
+        ) from exc
 
 
 def recorded_configs(ckpt: Checkpoint) -> dict[str, dict]:
@@ -162,10 +200,11 @@ def original_names(components: dict[str, comp.Component], family: str) -> set[st
     """The original keys that exporting these components produces (the reverse key map, names only)."""
     names = set(unet_sources(list(components["unet"].state), components["unet"].config))
     names |= set(vae_sources(list(components["vae"].state), components["vae"].config))
-    text = components["text_encoder"]
-    names |= set(TEXT_SOURCES[FAMILIES[family].text_kind](list(text.state), text.config))
-    if FAMILIES[family].text_kind == "clip":
-        names.add(CLIP_POSITION_IDS)
+    for name, encoder in FAMILIES[family].text_encoders.items():
+        text = components[name]
+        names |= set(text_sources(list(text.state), text.config, encoder.kind, encoder.prefix))
+        if encoder.kind == "clip":
+            names.add(clip_position_ids_key(encoder.prefix))
     return names
 
 
@@ -177,7 +216,8 @@ def leftovers(ckpt: Checkpoint, detection: Detection, components: dict, *, ema_u
     the EMA copy is not kept twice (and the non-EMA weights are dropped, as the user asked).
     """
     produced = original_names(components, detection.family)
-    unknown_to_file = sorted(n for n in produced if n not in ckpt.tensors and n != CLIP_POSITION_IDS)
+    position_ids = {clip_position_ids_key(e.prefix) for e in FAMILIES[detection.family].text_encoders.values()}
+    unknown_to_file = sorted(n for n in produced if n not in ckpt.tensors and n not in position_ids)
     if unknown_to_file and not ema_used:
         raise RuntimeError(f"key map disagrees with the file (bug): e.g. {unknown_to_file[:3]}")
     return {k: v for k, v in ckpt.tensors.items() if k not in produced and not (ema_used and k.startswith(EMA_PREFIX))}
@@ -210,15 +250,28 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -
     except BaseException:
         digest.cancel()
         raise
-    with atomic_dir(dest, overwrite=options.overwrite) as tmp:
-        write_diffusers_folder(tmp, analysis.components, analysis.family, analysis.model_type, analysis.leftovers)
-        summary = {
-            **analysis.summary(),
-            "sha256": digest.result(),
-            "converted_by": f"dreambooth {__version__}",
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        write_json(tmp / PROVENANCE_FILE, summary)
+    tensors = [t for c in analysis.components.values() for t in c.state.values()] + list(analysis.leftovers.values())
+    need = sum(t.numel() * t.element_size() for t in tensors)  # for the message if the disk fills up
+    try:
+        with atomic_dir(dest, overwrite=options.overwrite, need=need) as tmp:
+            write_diffusers_folder(
+                tmp,
+                analysis.components,
+                analysis.family,
+                analysis.model_type,
+                analysis.leftovers,
+                scheduler_overrides=analysis.scheduler_overrides,
+            )
+            summary = {
+                **analysis.summary(),
+                "sha256": digest.result(),
+                "converted_by": f"dreambooth {__version__}",
+                "seconds": round(time.perf_counter() - started, 2),
+            }
+            write_json(tmp / PROVENANCE_FILE, summary)
+    except BaseException:
+        digest.cancel()  # a failed write: the hash is not needed
+        raise
     return summary
 
 
@@ -229,45 +282,74 @@ def check_destination(dest: Path, overwrite: bool) -> None:
         raise UserError(f"destination {dest} exists and is not empty", "pass --overwrite, or choose another folder")
 
 
-WEIGHT_FILES = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_FILES = {
+    "unet": "diffusion_pytorch_model",
+    "vae": "diffusion_pytorch_model",
+    "text_encoder": "model",
+    "text_encoder_2": "model",
+}
+# what a pipeline's model_index.json names for each component folder
+LIBRARY_CLASS = {
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+}
 
 
 def write_diffusers_folder(
-    folder: Path, components: dict[str, comp.Component], family: str, model_type: str, leftovers: dict | None = None
+    folder: Path,
+    components: dict[str, comp.Component],
+    family: str,
+    model_type: str,
+    leftovers: dict | None = None,
+    *,
+    scheduler_overrides: dict | None = None,
 ) -> None:
-    """Everything `StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)` needs."""
+    """Everything the family's pipeline (`StableDiffusionPipeline`, `StableDiffusionXLPipeline`, …) needs for
+    `from_pretrained(folder, local_files_only=True)`."""
     for name, component in components.items():
         (folder / name).mkdir(parents=True)
         save_file(component.state, folder / name / f"{WEIGHT_FILES[name]}.safetensors", metadata={"format": "pt"})
         write_json(folder / name / "config.json", component_config_file(name, component.config))
     if leftovers:
         save_file(leftovers, folder / EXTRAS_FILE, metadata={"format": "pt"})
-    scheduler = scheduler_config(model_type)
+    scheduler = scheduler_config(model_type) | (scheduler_overrides or {})
     (folder / "scheduler").mkdir()
     write_json(
         folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": diffusers.__version__}
     )
-    write_tokenizer(folder / "tokenizer", family)
-    write_json(
-        folder / "model_index.json",
-        {
-            "_class_name": "StableDiffusionPipeline",
-            "_diffusers_version": diffusers.__version__,
-            "feature_extractor": [None, None],
-            "image_encoder": [None, None],
-            "requires_safety_checker": False,
-            "safety_checker": [None, None],
-            "scheduler": ["diffusers", scheduler["_class_name"]],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        },
-    )
+    for name, tokenizer_config in FAMILIES[family].tokenizers.items():
+        write_tokenizer(folder / name, tokenizer_config)
+    write_json(folder / "model_index.json", model_index(family, scheduler["_class_name"], components))
+
+
+def model_index(family: str, scheduler_class: str, components: dict) -> dict:
+    spec = FAMILIES[family]
+    index = {
+        "_class_name": spec.pipeline,
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "scheduler": ["diffusers", scheduler_class],
+    }
+    if spec.pipeline == "StableDiffusionPipeline":
+        index |= {"requires_safety_checker": False, "safety_checker": [None, None]}
+    elif family == "sdxl":
+        index |= {"force_zeros_for_empty_prompt": True}  # as the released base's model_index.json
+    else:  # the refiner: no CLIP-L, and conditioned on an aesthetic score
+        index |= {"force_zeros_for_empty_prompt": False, "requires_aesthetics_score": True}
+    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        present = name in components or name in spec.tokenizers
+        if present or spec.pipeline != "StableDiffusionPipeline":
+            index[name] = LIBRARY_CLASS[name] if present else [None, None]
+    return index | {name: LIBRARY_CLASS[name] for name in ("unet", "vae")}
 
 
 def component_config_file(name: str, config: dict) -> dict:
-    if name == "text_encoder":
+    if name in ("text_encoder", "text_encoder_2"):
         from transformers import CLIPTextConfig
 
         return CLIPTextConfig(**config).to_dict()
@@ -276,7 +358,8 @@ def component_config_file(name: str, config: dict) -> dict:
 
 
 def write_tokenizer(folder: Path, family: str) -> None:
-    """The bundled CLIP BPE files (derived from open_clip's vocabulary) and the family's padding choice."""
+    """The bundled CLIP BPE files (derived from open_clip's vocabulary) and a padding choice: `family` names the
+    bundled tokenizer_config.<family>.json (sd1: pads with <|endoftext|>; sd2, and SDXL's tokenizer_2: with "!")."""
     assets = resources.files("dreambooth") / "assets" / "tokenizer"
     folder.mkdir()
     for name in ("vocab.json", "merges.txt"):

@@ -2,11 +2,15 @@
 
 v-prediction cannot be read from key names or shapes (SD 2.x 512 and 768-v are the same network). The old
 script guessed it from `global_step`; we ask, in order: the --model-type flag, an --original-config yaml,
-the file's own metadata, a sidecar yaml next to it (A1111's convention). If none of them says, SD 1.x is epsilon
-(as the WebUI and diffusers assume: a v-prediction SD 1.x fine-tune needs `--model-type sd1-v`, metadata or a
-yaml), and only SD 2.x, whose 512-px epsilon and 768-px v models share every shape, gets a one-step numerical
-probe of the UNet (what A1111 does). An inconclusive probe is said so, with the flag to pass. The rule that
-decided is kept in `Detection.prediction_rule` and shown by `dreambooth inspect`.
+the file's own metadata (or, for SDXL, the empty `v_pred` tensor that ComfyUI and the WebUI read), a sidecar yaml
+next to it (A1111's convention). If none of them says, SD 1.x and SDXL are epsilon (as the WebUI and diffusers
+assume: a v-prediction fine-tune needs `--model-type sd1-v` / `sdxl-v`, metadata or a yaml), and only SD 2.x,
+whose 512-px epsilon and 768-px v models share every shape, gets a one-step numerical probe of the UNet (what
+A1111 does). An inconclusive probe is said so, with the flag to pass. The rule that decided is kept in
+`Detection.prediction_rule` and shown by `dreambooth inspect`.
+
+SDXL is told by its conditioner: base 1.0 has CLIP ViT-L and OpenCLIP ViT-bigG (`conditioner.embedders.0/1`), the
+refiner bigG alone (as `embedders.0`).
 """
 
 from dataclasses import dataclass, field
@@ -15,18 +19,31 @@ from pathlib import Path
 import torch
 import yaml
 
-from dreambooth.checkpoint.keymap import CLIP_PREFIX, EMA_PREFIX, OPENCLIP_PREFIX, UNET_PREFIX, VAE_PREFIX
+from dreambooth.checkpoint.keymap import (
+    CLIP_PREFIX,
+    EMA_PREFIX,
+    OPENCLIP_PREFIX,
+    SDXL_CLIP_PREFIX,
+    SDXL_OPENCLIP_PREFIX,
+    SDXL_REFINER_OPENCLIP_PREFIX,
+    UNET_PREFIX,
+    VAE_PREFIX,
+)
 from dreambooth.checkpoint.load import Checkpoint
 from dreambooth.errors import UserError
 
 MODEL_TYPE_HINT = "pass --model-type sd2 (512 px, epsilon) or sd2-v (768 px, v-prediction)"
 # what decided the prediction type, as `inspect` reports it
-RULES = ("flag", "original-config", "metadata", "sidecar", "sd1-default", "probe")
+RULES = ("flag", "original-config", "metadata", "sidecar", "sd1-default", "sdxl-default", "probe")
+# ComfyUI's and the WebUI's marks on an SDXL file, empty tensors under these keys (our export writes them): trained
+# for v-prediction, and on the zero-terminal-SNR schedule (sampled with the rescaled betas)
+V_PRED_KEY = "v_pred"
+ZTSNR_KEY = "ztsnr"
 
 
 @dataclass
 class Detection:
-    family: str  # sd1 | sd2 | sdxl | unknown
+    family: str  # sd1 | sd2 | sdxl | sdxl-refiner | lora | unknown
     has_ema: bool
     evidence: list[str] = field(default_factory=list)
     prediction_type: str | None = None  # epsilon | v_prediction | None while undecided
@@ -37,7 +54,7 @@ def detect_family(ckpt: Checkpoint) -> Detection:
     keys = list(ckpt.tensors)
     has_ema = sum(k.startswith(EMA_PREFIX) for k in keys) > 100
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        return Detection("sdxl", has_ema, ["has `conditioner.embedders.*` keys (SDXL's two text encoders)"])
+        return _detect_sdxl(keys, has_ema)
     if any("lora_" in k or ".lora_down." in k or ".lora_A." in k for k in keys):
         return Detection("lora", False, ["has LoRA keys (`lora_*`)"])
     if not any(k.startswith(UNET_PREFIX) for k in keys):
@@ -52,12 +69,25 @@ def detect_family(ckpt: Checkpoint) -> Detection:
     return Detection("unknown", has_ema, ["a UNet but no text encoder (`cond_stage_model.*`)"])
 
 
-def refuse_unsupported(detection: Detection, path: Path) -> None:
-    if detection.family == "sdxl":
-        raise UserError(
-            f"{path} is an SDXL checkpoint, which is not supported yet",
-            "use an SD 1.x or 2.x model; SDXL support is planned",
+def _detect_sdxl(keys: list[str], has_ema: bool) -> Detection:
+    """SDXL base 1.0 holds CLIP ViT-L as embedders.0 and OpenCLIP bigG as embedders.1; the refiner bigG alone as 0."""
+    has = {p: any(k.startswith(p) for k in keys) for p in (SDXL_CLIP_PREFIX, SDXL_OPENCLIP_PREFIX)}
+    refiner = any(k.startswith(SDXL_REFINER_OPENCLIP_PREFIX) for k in keys)
+    unet = any(k.startswith(UNET_PREFIX) for k in keys)
+    if refiner and not has[SDXL_CLIP_PREFIX] and not has[SDXL_OPENCLIP_PREFIX]:
+        evidence = f"`{SDXL_REFINER_OPENCLIP_PREFIX}*` only: OpenCLIP ViT-bigG without CLIP ViT-L (the SDXL refiner)"
+        return Detection("sdxl-refiner" if unet else "unknown", has_ema, [evidence if unet else "no UNet"])
+    if has[SDXL_CLIP_PREFIX] and has[SDXL_OPENCLIP_PREFIX]:
+        evidence = (
+            f"`{SDXL_CLIP_PREFIX}*` (CLIP ViT-L) and `{SDXL_OPENCLIP_PREFIX}*` (OpenCLIP ViT-bigG): "
+            "SDXL base's two text encoders"
         )
+        return Detection("sdxl" if unet else "unknown", has_ema, [evidence if unet else "no UNet"])
+    found = sorted({".".join(k.split(".")[:4]) for k in keys if k.startswith("conditioner.embedders.")})
+    return Detection("unknown", has_ema, [f"SDXL-style conditioner keys, but not SDXL's pair of encoders: {found}"])
+
+
+def refuse_unsupported(detection: Detection, path: Path) -> None:
     if detection.family == "lora":
         raise UserError(
             f"{path} is a LoRA adapter, not a full model",
@@ -65,7 +95,7 @@ def refuse_unsupported(detection: Detection, path: Path) -> None:
         )
     if detection.family == "unknown":
         raise UserError(
-            f"{path} is not a Stable Diffusion 1.x/2.x checkpoint ({detection.evidence[0]})",
+            f"{path} is not a Stable Diffusion 1.x/2.x/XL checkpoint ({detection.evidence[0]})",
             "pass a full model file (UNet + VAE + text encoder), e.g. v1-5-pruned.safetensors",
         )
 
@@ -105,6 +135,8 @@ def decide_prediction_type(
                 f"({detection.evidence[0]})",
                 f"drop --model-type, or pass --model-type {detection.family}",
             )
+        if ckpt.tensors.get(V_PRED_KEY) is not None and not model_type.endswith("-v"):
+            detection.evidence.append(f"note: the file has a `{V_PRED_KEY}` key (marks v-prediction); the flag wins")
         prediction = "v_prediction" if model_type.endswith("-v") else "epsilon"
         _decided(detection, prediction, "flag", f"prediction type from --model-type {model_type}")
         return
@@ -113,6 +145,8 @@ def decide_prediction_type(
         _decided(detection, prediction, "original-config", f"prediction type from --original-config {original_config}")
         return
     found = _prediction_in_metadata(ckpt.metadata)
+    if found is None and detection.family.startswith("sdxl") and V_PRED_KEY in ckpt.tensors:
+        found = "v_prediction", f"`{V_PRED_KEY}` key"
     if found:
         _decided(detection, found[0], "metadata", f"prediction type from the file's metadata ({found[1]})")
         return
@@ -124,6 +158,9 @@ def decide_prediction_type(
     if detection.family == "sd1":
         why = "prediction type: SD 1.x is epsilon unless a flag, config, metadata or sidecar says v (see sd1-v)"
         _decided(detection, "epsilon", "sd1-default", why)
+    if detection.family.startswith("sdxl"):
+        why = "prediction type: SDXL is epsilon unless a flag, config, metadata, `v_pred` key or sidecar says v"
+        _decided(detection, "epsilon", "sdxl-default", why)
 
 
 def _decided(detection: Detection, prediction_type: str, rule: str, evidence: str) -> None:

@@ -1,8 +1,8 @@
-"""`dreambooth export`: a diffusers folder → one file in the layout of the released SD 1.x/2.x checkpoints."""
+"""`dreambooth export`: a diffusers folder → one file in the layout of the released SD 1.x/2.x/SDXL checkpoints."""
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -10,11 +10,17 @@ import torch
 from safetensors.torch import save_file
 
 from dreambooth import __version__
-from dreambooth.checkpoint.components import COMPONENTS
 from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
+from dreambooth.checkpoint.detect import V_PRED_KEY, ZTSNR_KEY
 from dreambooth.checkpoint.families import FAMILIES, model_type_of
-from dreambooth.checkpoint.keymap import CLIP_POSITION_IDS, TEXT_SOURCES, build_original, unet_sources, vae_sources
-from dreambooth.checkpoint.load import load_safetensors_file, read_json_file
+from dreambooth.checkpoint.keymap import (
+    build_original,
+    clip_position_ids_key,
+    text_sources,
+    unet_sources,
+    vae_sources,
+)
+from dreambooth.checkpoint.load import load_safetensors_file, read_json_file, sort_safetensors_metadata
 from dreambooth.errors import UserError
 from dreambooth.fileio import atomic_path
 
@@ -25,6 +31,10 @@ MODELSPEC_ARCHITECTURE = {
     "sd1-v": "stable-diffusion-v1",  # model spec has no v1 v-prediction name: modelspec.prediction_type says it
     "sd2": "stable-diffusion-v2-512",
     "sd2-v": "stable-diffusion-v2-768-v",
+    "sdxl": "stable-diffusion-xl-v1-base",
+    "sdxl-v": "stable-diffusion-xl-v1-base",  # as sd1-v: modelspec.prediction_type says v
+    "sdxl-refiner": "stable-diffusion-xl-v1-refiner",
+    "sdxl-refiner-v": "stable-diffusion-xl-v1-refiner",
 }
 
 
@@ -43,6 +53,7 @@ class DiffusersModel:
     family: str
     prediction_type: str
     provenance: dict
+    scheduler: dict = field(default_factory=dict)  # its scheduler_config.json
 
     @property
     def model_type(self) -> str:
@@ -56,8 +67,14 @@ def read_diffusers_folder(folder: Path) -> DiffusersModel:
         raise UserError(f"{folder} {what}", "pass the folder `dreambooth convert` or training wrote")
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder} has no model_index.json: not a diffusers model folder", "pass its top folder")
+    provenance = read_json_file(folder / PROVENANCE_FILE, "provenance") if (folder / PROVENANCE_FILE).is_file() else {}
+    family = provenance.get("family") or _family_of_folder(folder)
+    if family not in FAMILIES:
+        raise UserError(
+            f"{folder}: model family {family!r} cannot be exported", "only SD 1.x, 2.x and SDXL are supported"
+        )
     configs, states = {}, {}
-    for name in COMPONENTS:
+    for name in FAMILIES[family].components:
         cfg_path = folder / name / "config.json"
         weights = folder / name / f"{WEIGHT_FILES[name]}.safetensors"
         if not cfg_path.is_file() or not weights.is_file():
@@ -67,35 +84,46 @@ def read_diffusers_folder(folder: Path) -> DiffusersModel:
             )
         configs[name] = read_json_file(cfg_path, f"{name} config")
         states[name] = load_safetensors_file(weights, f"{name} weights")
-    provenance = read_json_file(folder / PROVENANCE_FILE, "provenance") if (folder / PROVENANCE_FILE).is_file() else {}
-    family = provenance.get("family") or _family_from_text_config(configs["text_encoder"])
-    if family not in FAMILIES:
-        raise UserError(f"{folder}: model family {family!r} cannot be exported", "only SD 1.x and 2.x are supported")
     scheduler = folder / "scheduler" / "scheduler_config.json"
-    prediction = "epsilon"
-    if scheduler.is_file():
-        prediction = read_json_file(scheduler, "scheduler config").get("prediction_type", "epsilon")
-    return DiffusersModel(folder, configs, states, family, prediction, provenance)
+    scheduler_config = read_json_file(scheduler, "scheduler config") if scheduler.is_file() else {}
+    prediction = scheduler_config.get("prediction_type", "epsilon")
+    return DiffusersModel(folder, configs, states, family, prediction, provenance, scheduler_config)
 
 
-def _family_from_text_config(config: dict) -> str:
+def _family_of_folder(folder: Path) -> str:
+    """A folder without our provenance (e.g. from diffusers' own tools): told by its text encoders."""
+    if (folder / "text_encoder_2").is_dir():
+        return "sdxl" if (folder / "text_encoder").is_dir() else "sdxl-refiner"
+    config_path = folder / "text_encoder" / "config.json"
+    config = read_json_file(config_path, "text_encoder config") if config_path.is_file() else {}
     # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
     return "sd1" if config.get("hidden_act") == "quick_gelu" else "sd2"
 
 
 def to_original(model: DiffusersModel) -> dict[str, torch.Tensor]:
-    maps = {"unet": unet_sources, "vae": vae_sources, "text_encoder": TEXT_SOURCES[FAMILIES[model.family].text_kind]}
+    family = FAMILIES[model.family]
     out: dict[str, torch.Tensor] = {}
-    for name, sources_of in maps.items():
+    for name in ("unet", "vae"):
+        sources_of = unet_sources if name == "unet" else vae_sources
         state = model.states[name]
         out |= build_original(sources_of(list(state), model.configs[name]), state)
-    if FAMILIES[model.family].text_kind == "clip":
-        # transformers no longer saves this buffer; the released SD 1.x files have it, and old loaders want it
-        positions = model.configs["text_encoder"]["max_position_embeddings"]
-        out[CLIP_POSITION_IDS] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
+    for name, encoder in family.text_encoders.items():
+        state = model.states[name]
+        out |= build_original(text_sources(list(state), model.configs[name], encoder.kind, encoder.prefix), state)
+        if encoder.kind == "clip":
+            # transformers no longer saves this buffer; the released SD 1.x and SDXL files have it, old loaders want it
+            positions = model.configs[name]["max_position_embeddings"]
+            out[clip_position_ids_key(encoder.prefix)] = torch.arange(positions, dtype=torch.int64).unsqueeze(0)
     extras = model.folder / EXTRAS_FILE
     if extras.is_file():
         out = load_safetensors_file(extras) | out  # our component weights win over anything kept aside
+    if model.family.startswith("sdxl"):
+        # ComfyUI and the WebUI know an SDXL v-prediction / zero-terminal-SNR file by these empty tensors (they
+        # read no yaml for SDXL); a converted file's own markers, kept aside, stay as they were
+        if model.prediction_type == "v_prediction":
+            out.setdefault(V_PRED_KEY, torch.zeros(0))
+        if model.scheduler.get("rescale_betas_zero_snr"):
+            out.setdefault(ZTSNR_KEY, torch.zeros(0))
     return out
 
 
@@ -123,12 +151,14 @@ def export_model(model: DiffusersModel, dest: Path, options: ExportOptions, *, s
     # one storage per tensor, contiguous: safetensors and old loaders need both
     state = {k: v.contiguous() for k, v in state.items()}
     metadata = export_metadata(model, options)
-    with atomic_path(dest) as tmp:
+    need = sum(v.numel() * v.element_size() for v in state.values())  # for the message if the disk fills up
+    with atomic_path(dest, need=need) as tmp:
         if dest.suffix == ".safetensors":
             save_file(state, tmp, metadata=metadata)
+            sort_safetensors_metadata(tmp)  # the same model gives the same bytes, whichever process wrote it
         else:
             torch.save({"state_dict": state}, tmp)
-    if model.prediction_type == "v_prediction":
+    if model.prediction_type == "v_prediction" and model.family in SIDECAR_YAML:
         write_sidecar_yaml(dest, model.family)
     return {
         "file": str(dest),
@@ -151,7 +181,12 @@ def export_metadata(model: DiffusersModel, options: ExportOptions) -> dict[str, 
         "modelspec.architecture": MODELSPEC_ARCHITECTURE[model.model_type],
         "modelspec.prediction_type": "v" if model.prediction_type == "v_prediction" else "epsilon",
         # exact configs, so a non-standard model (e.g. the tiny demo) converts back without guessing
-        "dreambooth.configs": json.dumps(model.configs, sort_keys=True),
+        # without `_name_or_path` (where training loaded it from): that is a path on the training machine, which
+        # the file should neither reveal nor differ by
+        "dreambooth.configs": json.dumps(
+            {name: {k: v for k, v in cfg.items() if k != "_name_or_path"} for name, cfg in model.configs.items()},
+            sort_keys=True,
+        ),
     }
     if model.provenance.get("sha256"):
         meta["dreambooth.base_model_sha256"] = model.provenance["sha256"]

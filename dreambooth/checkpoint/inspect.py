@@ -4,6 +4,7 @@ from pathlib import Path
 
 from dreambooth.checkpoint.convert import ConvertOptions, analyze
 from dreambooth.checkpoint.detect import detect_family
+from dreambooth.checkpoint.families import FAMILIES
 from dreambooth.checkpoint.load import load_checkpoint
 from dreambooth.errors import UserError
 
@@ -15,7 +16,7 @@ def inspect_file(path: Path, model_type: str = "auto", original_config: Path | N
         report = analyze(ckpt, options).summary()
     except UserError as exc:
         detection = detect_family(ckpt)
-        if detection.family not in ("sd1", "sd2"):
+        if detection.family not in FAMILIES:
             # an unsupported file is still worth describing: that *is* the answer to "what is this?"
             return {
                 "file": str(ckpt.path),
@@ -27,6 +28,7 @@ def inspect_file(path: Path, model_type: str = "auto", original_config: Path | N
             }
         raise exc
     report["tensors"] = len(ckpt.tensors)
+    report["title"] = FAMILIES[report["family"]].title
     report["supported"] = True
     if ckpt.other_entries:
         report["other_entries"] = {k: v for k, v in ckpt.other_entries.items() if isinstance(v, int | float | str)}

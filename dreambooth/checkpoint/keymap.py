@@ -16,6 +16,11 @@ VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: an HF CLIPTextModel inside FrozenCLIPEmbedder
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: open_clip's text tower inside FrozenOpenCLIPEmbedder
 EMA_PREFIX = "model_ema."
+# SDXL keeps its text encoders in sgm's GeneralConditioner: base 1.0 has CLIP ViT-L (an HF CLIPTextModel, as SD 1.x)
+# then OpenCLIP ViT-bigG (open_clip's text tower, as SD 2.x, plus text_projection); the refiner has bigG only
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SDXL_REFINER_OPENCLIP_PREFIX = "conditioner.embedders.0.model."
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ def _copy(t: torch.Tensor) -> torch.Tensor:
 def _as_conv1x1(t: torch.Tensor) -> torch.Tensor:
     # The LDM VAE's attention uses 1x1 convolutions where diffusers uses linear layers: same numbers, 2 more dims.
     return t.reshape(*t.shape, 1, 1) if t.ndim == 2 else t
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    # open_clip applies text_projection as x @ P ([hidden, proj]); HF stores a Linear weight ([proj, hidden])
+    return t.T
 
 
 def _concat(*parts: torch.Tensor) -> torch.Tensor:
@@ -66,6 +76,10 @@ def unet_prefixes(config: dict) -> dict[str, tuple[str, dict[str, str]]]:
         "mid_block.attentions.0": ("middle_block.1", {}),
         "mid_block.resnets.1": ("middle_block.2", UNET_RESNET),
     }
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL: the size/crop (refiner: score) embedding plus pooled text; sgm's label_emb is Sequential(lin, SiLU, lin)
+        table["add_embedding.linear_1"] = ("label_emb.0.0", {})
+        table["add_embedding.linear_2"] = ("label_emb.0.2", {})
     for i in range(n):
         for j in range(per):
             index = 1 + i * (per + 1) + j  # input_blocks.0 is conv_in; each level ends with its downsampler
@@ -151,12 +165,16 @@ def _text_model_key(key: str) -> str:
     return "text_model." + key.removeprefix("text_model.")
 
 
-def clip_sources(keys: list[str], config: dict) -> dict[str, Source]:
-    """SD 1.x stored the HF CLIPTextModel (4.x layout) as is, under one prefix."""
-    return {CLIP_PREFIX + _text_model_key(key): Source((key,), _copy) for key in keys}
+def clip_sources(keys: list[str], config: dict, prefix: str = CLIP_PREFIX) -> dict[str, Source]:
+    """SD 1.x (and SDXL's first encoder) stored the HF CLIPTextModel (4.x layout) as is, under one prefix."""
+    return {prefix + _text_model_key(key): Source((key,), _copy) for key in keys}
 
 
-CLIP_POSITION_IDS = CLIP_PREFIX + "text_model.embeddings.position_ids"
+def clip_position_ids_key(prefix: str) -> str:
+    return prefix + "text_model.embeddings.position_ids"
+
+
+CLIP_POSITION_IDS = clip_position_ids_key(CLIP_PREFIX)
 
 OPENCLIP_LAYER = {
     "layer_norm1": "ln_1",
@@ -167,8 +185,8 @@ OPENCLIP_LAYER = {
 }
 
 
-def openclip_sources(keys: list[str], config: dict) -> dict[str, Source]:
-    """SD 2.x stored open_clip's text tower: other names, fused q/k/v, a bare positional embedding."""
+def openclip_sources(keys: list[str], config: dict, prefix: str = OPENCLIP_PREFIX) -> dict[str, Source]:
+    """SD 2.x and SDXL stored open_clip's text tower: other names, fused q/k/v, a bare positional embedding."""
     out: dict[str, Source] = {}
     fixed = {
         "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
@@ -177,24 +195,25 @@ def openclip_sources(keys: list[str], config: dict) -> dict[str, Source]:
         "text_model.final_layer_norm.bias": "ln_final.bias",
     }
     for key in keys:
+        if key == "text_projection.weight":  # CLIPTextModelWithProjection (SDXL's bigG)
+            out[prefix + "text_projection"] = Source((key,), _transpose)
+            continue
         canon = _text_model_key(key)
         if canon in fixed:
-            out[OPENCLIP_PREFIX + fixed[canon]] = Source((key,), _copy)
+            out[prefix + fixed[canon]] = Source((key,), _copy)
             continue
         head, sep, rest = key.partition(".self_attn.")
         if sep and rest.split(".")[0] in ("q_proj", "k_proj", "v_proj"):
             kind = rest.split(".")[1]  # weight | bias
             layer = _text_model_key(head).removeprefix("text_model.encoder.layers.")
-            fused = f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.attn.in_proj_{kind}"
+            fused = f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"
             parts = tuple(f"{head}.self_attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj"))
             out[fused] = Source(parts, _concat)
             continue
         layer, _, inner = canon.removeprefix("text_model.encoder.layers.").partition(".")
         module, _, param = inner.rpartition(".")
         if canon.startswith("text_model.encoder.layers.") and module in OPENCLIP_LAYER:
-            out[f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}.{OPENCLIP_LAYER[module]}.{param}"] = Source(
-                (key,), _copy
-            )
+            out[f"{prefix}transformer.resblocks.{layer}.{OPENCLIP_LAYER[module]}.{param}"] = Source((key,), _copy)
             continue
         raise KeyError(f"text encoder key {key} has no place in the open_clip layout")
     return out
@@ -203,5 +222,17 @@ def openclip_sources(keys: list[str], config: dict) -> dict[str, Source]:
 TEXT_SOURCES = {"clip": clip_sources, "openclip": openclip_sources}
 
 
+def text_sources(keys: list[str], config: dict, kind: str, prefix: str) -> dict[str, Source]:
+    return TEXT_SOURCES[kind](keys, config, prefix)
+
+
 def build_original(sources: dict[str, Source], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: src.combine(*(state[k] for k in src.keys)) for name, src in sources.items()}
+
+
+def unet_original_key(key: str, config: dict) -> str:
+    """One diffusers UNet key's name in the original layout (no UNET_PREFIX), e.g. for SDXL LoRA module names."""
+    found = _rename(key, unet_prefixes(config))
+    if found is None:
+        raise KeyError(f"UNet key {key} has no place in the original layout")
+    return found[0]
