@@ -30,6 +30,10 @@ test-host: $(VENV)/.installed ## The test suite on this machine's .venv (PYTEST_
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+.PHONY: test-faults
+test-faults: $(VENV)/.installed ## Fault injection: FAULT_TRIALS (50) seeded SIGKILLs of `dreambooth run`, full disk, …
+	FAULT_TRIALS=$${FAULT_TRIALS:-50} $(VENV)/bin/python -m pytest -m faults tests/test_faults.py $(PYTEST_ARGS)
+
 .PHONY: demo
 demo: $(VENV)/.installed ## The main job on the built-in tiny model (host; writes output/demo/)
 	$(VENV)/bin/dreambooth demo --output output/demo

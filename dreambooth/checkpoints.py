@@ -9,6 +9,8 @@ import re
 import shutil
 from pathlib import Path
 
+from dreambooth.fileio import remove_stale_temporaries, remove_tree
+
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "training_state.pt"
 REPORT_FILE = "train_report.json"
@@ -35,9 +37,16 @@ def checkpoint_dir(output: Path, step: int) -> Path:
 
 
 def prune(output: Path, keep_last: int) -> None:
-    """--keep-last N: the N newest finished checkpoints stay."""
+    """--keep-last N: the N newest finished checkpoints stay. Each goes with one rename first: a kill while it is
+    being deleted leaves hidden scratch, never a half checkpoint under its name."""
     for _, old in finished_checkpoints(output)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
+
+
+def remove_scratch(output: Path) -> None:
+    """What killed runs left half-written in the output and checkpoint folders (the run lock is held)."""
+    remove_stale_temporaries(output)
+    remove_stale_temporaries(output / CHECKPOINTS)
 
 
 def link_or_copy(src: str, dst: str) -> None:

@@ -33,8 +33,9 @@ from dreambooth import __version__, events, runlock
 from dreambooth.checkpoint.convert import ConvertOptions
 from dreambooth.config import TrainConfig, build_train_config
 from dreambooth.doctor import STACK
-from dreambooth.errors import UserError
+from dreambooth.errors import EnvironmentProblem, UserError
 from dreambooth.fileio import sha256_file, write_json
+from dreambooth.report import PAGE, write_report_page
 
 MANIFEST = "manifest.json"
 STAGES = ("convert", "classes", "train", "export")
@@ -175,13 +176,19 @@ class Hasher:
 
     def file(self, path: Path) -> str:
         path = Path(path)
-        st = path.stat()
-        key = str(path.resolve())
-        before = self.known.get(key) or self.records.get(key)
-        if before and before["size"] == st.st_size and before["mtime_ns"] == st.st_mtime_ns:
-            digest = before["sha256"]
-        else:
-            digest = sha256_file(path)
+        try:
+            st = path.stat()
+            key = str(path.resolve())
+            before = self.known.get(key) or self.records.get(key)
+            if before and before["size"] == st.st_size and before["mtime_ns"] == st.st_mtime_ns:
+                digest = before["sha256"]
+            else:
+                digest = sha256_file(path)
+        except FileNotFoundError:  # found a moment ago (the input was checked): deleted or unmounted since
+            raise UserError(
+                f"{path} disappeared while the run was reading its inputs",
+                "put the file (or its folder or volume) back, and run the same command again",
+            ) from None
         self.records[key] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
         return digest
 
@@ -248,6 +255,14 @@ class Manifest:
         self.data["file_hashes"] = {**self.hasher.known, **self.hasher.records}
         write_json(self.path, self.data)
 
+    def save_after_failure(self) -> None:
+        """Record a failure if the disk lets us: the error that stopped the run (a full disk, say) is the one to
+        report, not a second one from writing the manifest; the previous manifest stays whole either way."""
+        try:
+            self.save()
+        except EnvironmentProblem as exc:
+            events.warn(f"{self.path} could not record the failure: {exc.message}")
+
 
 def run_stage(
     manifest: Manifest,
@@ -279,8 +294,9 @@ def run_stage(
             status="interrupted" if interrupted else "failed", seconds=round(time.perf_counter() - started, 2)
         )
         if not interrupted:
-            record["error"] = str(exc) or type(exc).__name__
-        manifest.set_stage(name, record)
+            record["error"] = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        manifest.data["stages"][name] = record
+        manifest.save_after_failure()
         raise
     record.update(status="done", outputs=outputs, finished_at=_now(), seconds=round(time.perf_counter() - started, 2))
     manifest.set_stage(name, record)
@@ -379,6 +395,20 @@ def _class_image_digests(train: TrainConfig, manifest: Manifest) -> dict[str, di
     return out
 
 
+def _caption_digests(train: TrainConfig, manifest: Manifest, instance_images: dict[int, list[Path]]) -> dict:
+    """The caption file of every instance and class image training uses: its sha256, or None where it has none."""
+    from dreambooth.data import caption_path, scan_images
+
+    images = [p for paths in instance_images.values() for p in paths]
+    for c in train.concepts:
+        if c.class_data_dir is not None and c.class_data_dir.is_dir():
+            images += scan_images(c.class_data_dir, train.resolution, "--class-data-dir", warn=False)[
+                : train.num_class_images
+            ]
+    captions = [caption_path(p, train.caption_extension) for p in images]
+    return {str(path): manifest.hasher.file(path) if path.is_file() else None for path in captions}
+
+
 def stage_train(
     cfg: RunConfig, manifest: Manifest, base_digest: dict, instance_images: dict[int, list[Path]], classes: dict
 ) -> dict:
@@ -392,6 +422,8 @@ def stage_train(
         for i, paths in instance_images.items()
     }
     inputs = {"base": base_digest, "instance_images": instances, "class_images": classes.get("images"), **settings}
+    if cfg.train.caption_extension:  # a caption's words are as much a training input as its image's pixels
+        inputs["captions"] = _caption_digests(cfg.train, manifest, instance_images)
     # what decides the weights a step produces; a change there means the old checkpoints are another model
     inputs["lineage"] = fingerprint({k: v for k, v in inputs.items() if k not in CONTINUABLE})
     checkpoints = cfg.output / CHECKPOINTS
@@ -487,14 +519,30 @@ def _run_stages(cfg: RunConfig) -> dict:
                 finished_at=_now(),
                 seconds=round(time.perf_counter() - started, 2),
             )
-            manifest.save()
+            manifest.save_after_failure()
+            page_after_failure(cfg.output)
             raise
     manifest.data["outputs"] = {
         "base": str(base),
         "final_checkpoint": trained["final_checkpoint"],
         "export": exported.get("file"),
         "train_report": trained["report"],
+        "report_page": str(cfg.output / PAGE),
     }
     manifest.data.update(status="done", finished_at=_now(), seconds=round(time.perf_counter() - started, 2))
     manifest.save()
+    write_report_page(cfg.output)
     return manifest.data
+
+
+def page_after_failure(output: Path) -> None:
+    """report.html for a run that stopped: what it did get to is worth a look. Best effort: the error that stopped
+    the run is the one to report, not a second one from writing the page (e.g. on a full disk)."""
+    from dreambooth.report import is_run
+
+    if not is_run(output):
+        return
+    try:
+        write_report_page(output)
+    except Exception as exc:
+        events.warn(f"{output / PAGE} was not written: {exc}")

@@ -7,7 +7,6 @@ the same images one process would make.
 """
 
 import hashlib
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import torch
 
 from dreambooth import events
 from dreambooth.config import Concept, TrainConfig
+from dreambooth.fileio import atomic_path
 from dreambooth.preflight import missing_class_images
 from dreambooth.sample import generate, load_pipeline
 
@@ -63,10 +63,9 @@ def generate_class_images(
                 batch_size=n,
             )
             for k, image in enumerate(images):
-                dest = folder / f"class-{first + k:05d}-{tag}.png"
-                tmp = dest.with_name(f".{dest.name}.tmp")
-                image.save(tmp, format="PNG")
-                os.replace(tmp, dest)  # a half-written PNG would later count as an image
+                # atomically: a half-written PNG would later count as an image
+                with atomic_path(folder / f"class-{first + k:05d}-{tag}.png") as tmp:
+                    image.save(tmp, format="PNG")
             made += n
             advance(n, prompt=concept.class_prompt)
     del pipe

@@ -16,6 +16,8 @@ Who shares a lock — the rule:
   Any other holder — an unrelated run, a parent that is not the holder — is refused as usual.
 - Ranks that a foreign launcher started (`torchrun`, `accelerate launch`, DeepSpeed's) have no dreambooth parent:
   the caller takes the lock in the process of global rank 0 only (the others write nothing it protects).
+- `export` holds the lock of the folder it writes into (`destination_folder`): the run folder the file lands in, or
+  the file's own folder; so two exports to one place, or an export into a folder a run is writing, are refused.
 - Several machines on a shared filesystem: the lock is taken on machine rank 0; Linux NFS maps `flock` to NFS
   locks, so it also keeps out a second run from another machine. A filesystem without locks (some FUSE mounts)
   gets a warning and no lock, rather than no run.
@@ -84,6 +86,18 @@ def hold(folder: Path, command: str, *, shared_with_parent: bool = False) -> Ite
             with contextlib.suppress(OSError):
                 os.ftruncate(held.fd, 0)  # the holder's text goes with the lock
             os.close(held.fd)  # closing the last descriptor releases the lock
+
+
+def destination_folder(dest: Path) -> Path:
+    """The folder whose lock a command that writes `dest` (a file, or a folder it replaces) holds: the run folder
+    `dest` lies in, where a run writes its exports (OUTPUT/ or OUTPUT/export/: a folder with a run lock file), so
+    that an export there and a run on OUTPUT keep out of each other; else the folder `dest` goes into. Two levels
+    only: a stray lock file high above (in /tmp, say) must not tie every export below it together."""
+    parent = Path(dest).absolute().parent
+    for folder in (parent, parent.parent):
+        if (folder / LOCK_FILE).is_file():
+            return folder
+    return parent
 
 
 def holder(folder: Path) -> dict | None:

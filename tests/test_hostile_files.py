@@ -3,6 +3,7 @@
 import json
 import resource
 import struct
+import time
 import zipfile
 
 import numpy as np
@@ -113,8 +114,62 @@ def test_zip_ckpt_that_claims_a_huge_storage(tmp_path, cli):
                 blob = blob.replace(b"K\x04t", big + b"t").replace(b"K\x04\x85", big + b"\x85")
             zout.writestr(info, blob)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    assert_user_error(cli("inspect", src), str(src), "not a readable PyTorch checkpoint")
+    assert_user_error(cli("inspect", src), str(src), "claims 4,398,046,511,104 bytes", "holds 16")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000
+
+
+def legacy_claiming(path, elements: int):
+    """A legacy-format .ckpt of 4 float zeros whose pickle then claims `elements` of them for the storage."""
+    torch.save({"state_dict": {"w": torch.zeros(4)}}, path, _use_new_zipfile_serialization=False)
+    blob = path.read_bytes()
+    # the storage record ('storage', FloatStorage, key, 'cpu', 4, None) ends with BININT1 4, NONE, TUPLE
+    assert blob.count(b"K\x04Nt") == 1
+    path.write_bytes(blob.replace(b"K\x04Nt", b"\x8a\x06" + elements.to_bytes(6, "little") + b"Nt"))
+    return path
+
+
+def test_legacy_ckpt_that_claims_a_huge_storage_is_refused_before_torch_allocates_it(tmp_path, cli):
+    """torch's legacy loader allocates `UntypedStorage(nbytes)` from the pickle's claim: 4 TiB here. The pre-scan
+    refuses it first (the file has a few hundred bytes)."""
+    src = legacy_claiming(tmp_path / "huge.ckpt", 2**40)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for command in ("inspect", "convert"):
+        result = cli(command, src, *([tmp_path / "d"] if command == "convert" else []))
+        assert_user_error(result, str(src), "its tensors claim 4,398,046,511,104 bytes", "and the file has")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000
+    assert not (tmp_path / "d").exists()
+
+
+def test_the_pre_scan_finds_a_global_before_torch_does(tmp_path, cli, monkeypatch):
+    """A global off the allow-list is refused by the pickletools scan itself: torch.load is never called."""
+    from dreambooth.checkpoint import load
+
+    def never(*args, **kwargs):
+        raise AssertionError("torch.load ran")
+
+    monkeypatch.setattr(load.torch, "load", never)
+    for zipped, protocol in ((True, 2), (False, 2), (True, 4)):  # 4: STACK_GLOBAL, names pushed as strings
+        src = tmp_path / f"evil-{zipped}-{protocol}.ckpt"
+        state = {"state_dict": {"w": torch.ones(1)}, "x": Payload(tmp_path / "pwned")}
+        torch.save(state, src, _use_new_zipfile_serialization=zipped, pickle_protocol=protocol)
+        assert_user_error(cli("inspect", src), str(src), "references `posix.system`", "not on the allow-list")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+def test_the_pre_scan_lets_an_honest_ckpt_through(tmp_path, zipped):
+    from dreambooth.checkpoint.load import load_checkpoint, prescan_pickle_checkpoint
+
+    src = tmp_path / "honest.ckpt"
+    state = {"w": torch.arange(6.0).reshape(2, 3), "h": torch.ones(3, dtype=torch.float16), "i": torch.tensor([7])}
+    torch.save({"state_dict": state, "global_step": 5}, src, _use_new_zipfile_serialization=zipped)
+    prescan_pickle_checkpoint(src)
+    loaded = load_checkpoint(src)
+    assert all(torch.equal(loaded.tensors[k], v) for k, v in state.items())
+    # a view shares its storage: counted once, not per tensor
+    base = torch.zeros(100)
+    torch.save({"a": base[:50], "b": base[50:]}, src, _use_new_zipfile_serialization=zipped)
+    prescan_pickle_checkpoint(src)
 
 
 # ── images ──
@@ -149,3 +204,51 @@ def test_an_image_that_lies_is_skipped_with_one_line(tmp_path, capsys, width, he
     warning = capsys.readouterr().err.strip()
     assert "skipping" in warning and "a.png" in warning and why in warning
     assert len([line for line in warning.splitlines() if line.strip()]) <= 2, warning  # one line (rich may wrap)
+
+
+# ── odd folders and files: symbolic links that loop or lead nowhere, configs that are not UTF-8 ──
+
+
+def test_symlink_loops_and_dangling_links_in_an_image_folder_are_skipped_with_a_warning(tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.new("RGB", (64, 64), "red").save(folder / "real.png")
+    (folder / "self.png").symlink_to("self.png")  # a link to itself
+    (folder / "ping.png").symlink_to("pong.png")  # two links to each other
+    (folder / "pong.png").symlink_to("ping.png")
+    (folder / "gone.png").symlink_to(tmp_path / "outside" / "missing.png")  # out of the folder, to nothing
+    (folder / "loop.png").symlink_to(folder)  # a folder named like an image, and a loop of folders
+    (folder / "sub").symlink_to(".")
+    started = time.monotonic()
+    images = data.check_instance_dir(folder, 64, "--instance-data-dir")
+    assert images == [folder / "real.png"] and time.monotonic() - started < 10
+    err = " ".join(capsys.readouterr().err.split())
+    for name in ("self.png", "ping.png", "pong.png"):
+        assert f"skipping {folder / name} (--instance-data-dir): a symbolic link that loops" in err
+    assert f"{folder / 'gone.png'} (--instance-data-dir): a symbolic link to {tmp_path}/outside/missing.png, which" \
+           " does not exist" in err  # fmt: skip
+    assert "Traceback" not in err
+
+
+def test_a_folder_of_only_broken_links_is_one_line(tmp_path, cli):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.png").symlink_to("a.png")
+    result = cli("train", "--model", tmp_path / "m", "--instance-data-dir", folder, "--instance-prompt", "a sks dog",
+                 "--output", tmp_path / "out")  # fmt: skip
+    assert result.exit_code == 2 and "Traceback" not in result.stderr
+    assert f"--instance-data-dir {folder} has no usable images" in result.stderr
+
+
+@pytest.mark.parametrize("command", ["train", "run"])
+def test_a_run_toml_that_is_not_utf8_is_one_line(tmp_path, cli, command):
+    config = tmp_path / "run.toml"
+    config.write_bytes('instance_prompt = "a photo of sks dög"\n'.encode("latin-1"))
+    assert_user_error(cli(command, "--config", config), f"--config {config}: not UTF-8 text", "save the file as UTF-8")
+
+
+def test_a_concepts_list_that_is_not_utf8_is_one_line(tmp_path, cli):
+    concepts = tmp_path / "concepts_list.json"
+    concepts.write_bytes('[{"instance_prompt": "a photo of sks dög", "instance_data_dir": "x"}]'.encode("latin-1"))
+    result = cli("train", "--concepts-list", concepts, "--model", tmp_path / "m", "--output", tmp_path / "out")
+    assert_user_error(result, f"--concepts-list {concepts}", "codec can't decode")

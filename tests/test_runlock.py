@@ -121,3 +121,47 @@ def test_second_train_on_a_folder_is_refused(tmp_path, cli, model, holder_proces
     assert result.exit_code == 2
     assert f"output folder {out} is in use by another run: pid {holder_process.pid}" in result.stderr
     assert not (out / "checkpoints").exists() and not (out / "train_report.json").exists()
+
+
+@pytest.mark.parametrize("where", ["the folder it writes into", "the run folder it writes into"])
+def test_an_export_to_a_destination_in_use_is_refused_and_changes_nothing(tmp_path, cli, model, where):
+    # another export into the same folder, or a run on the output folder the file goes under (OUTPUT/export/…)
+    held = tmp_path / "out"
+    dest = held / "x.safetensors" if where == "the folder it writes into" else held / "export" / "x.safetensors"
+    proc = start_holder(held)
+    try:
+        before = {p: p.read_bytes() for p in held.rglob("*")}
+        result = cli("export", model, dest)
+        assert result.exit_code == 2
+        assert f"output folder {held} is in use by another run: pid {proc.pid}" in result.stderr
+        assert socket.gethostname() in result.stderr and "started at 20" in result.stderr
+        assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+        assert {p: p.read_bytes() for p in held.rglob("*")} == before and not dest.exists()
+    finally:
+        proc.kill()
+        proc.wait()
+    # once the other process is gone, the same export goes through and releases the lock
+    result = cli("export", model, dest)
+    assert result.exit_code == 0, result.stderr
+    assert dest.is_file() and runlock.holder(held) is None
+
+
+def test_an_export_holds_its_destination_while_it_writes(tmp_path, model, monkeypatch):
+    from dreambooth.checkpoint import export as export_module
+    from dreambooth.cli import main
+
+    dest = tmp_path / "models" / "x.safetensors"
+    seen = {}
+    real = export_module.export
+
+    def export_and_look(src, path, options):
+        seen["holder"] = runlock.holder(dest.parent)
+        return real(src, path, options)
+
+    monkeypatch.setattr(export_module, "export", export_and_look)
+    with pytest.raises(SystemExit) as done:
+        main(["export", str(model), str(dest)])
+        raise SystemExit(0)
+    assert done.value.code in (0, None)
+    assert seen["holder"]["pid"] == os.getpid() and "export" in seen["holder"]["command"]
+    assert runlock.holder(dest.parent) is None

@@ -13,6 +13,7 @@ import itertools
 import json
 import math
 import pickle
+import pickletools
 import re
 import struct
 import warnings
@@ -208,6 +209,23 @@ def check_safetensors(path: Path, what: str = "") -> dict:
     return header
 
 
+def sort_safetensors_metadata(path: Path) -> None:
+    """safetensors writes a file's metadata in hash-map order, which changes from process to process: the same
+    weights and metadata would make files with different bytes (and a different A1111 model hash) depending on the
+    run that wrote them. Rewrite the header in place with the metadata sorted: the same length, so no byte of the
+    tensors moves (nothing is changed if it would not fit)."""
+    with Path(path).open("r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        if not header.get("__metadata__"):
+            return
+        header["__metadata__"] = dict(sorted(header["__metadata__"].items()))  # tensors keep their order
+        raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(raw) <= length:
+            f.seek(8)
+            f.write(raw + b" " * (length - len(raw)))  # safetensors pads its header with spaces, too
+
+
 def load_safetensors_file(path: Path, what: str = "") -> dict[str, torch.Tensor]:
     """`safetensors.torch.load_file`, after `check_safetensors`: a file that lies is one UserError."""
     path = check_input_file(path, what or "file")
@@ -236,8 +254,201 @@ def _load_safetensors(path: Path) -> Checkpoint:
     return Checkpoint(path, tensors, metadata, "safetensors")
 
 
+# ───────────────────────────── the pickle pre-scan ─────────────────────────────
+#
+# torch.load(weights_only=True) refuses a global it does not know only when it meets it, and it allocates every
+# storage a pickle claims as it goes (a legacy .ckpt: `UntypedStorage(nbytes)` with nbytes from the pickle). So the
+# pickle is read first with pickletools, which runs nothing and allocates nothing: every global it names must be on
+# the allow-list (torch's own weights-only names and ALLOWED_FOREIGN_GLOBALS), and every storage it claims must fit
+# in the bytes the file has for it (its zip entry, or the whole file for the legacy format).
+
+_PICKLE_FIX = "the file is corrupt or was made to attack (or not a model); get the .safetensors version of this model"
+_MAX_PICKLES = 5  # legacy format: magic number, protocol, system info, the object, the storage keys
+
+
+def _allowed_globals() -> set[str]:
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    return set(_get_allowed_globals()) | {name for _, name in ALLOWED_FOREIGN_GLOBALS}
+
+
+class _Mark:
+    """Stands for pickle's MARK on the simulated stack."""
+
+
+class _Global(str):
+    """A global a pickle names (module.name), as a value on the simulated stack."""
+
+
+_CONSTANT_OPS = {
+    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
+    "UNICODE", "BINUNICODE", "SHORT_BINUNICODE", "BINUNICODE8", "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "FLOAT",
+    "BINFLOAT",
+}  # fmt: skip
+
+
+def scan_pickle(ops, allowed: set[str], where: str) -> list[tuple]:
+    """Walk one pickle's opcodes on a simulated stack (constants, tuples and globals only; every other value is a
+    placeholder). Refuses a global off the allow-list; returns the persistent ids (torch's storage records)."""
+    stack: list = []
+    memo: dict = {}
+    records = []
+
+    def pop_to_mark() -> list:
+        items = []
+        while stack:
+            item = stack.pop()
+            if isinstance(item, _Mark):
+                return items[::-1]
+            items.append(item)
+        raise ValueError("MARK missing")
+
+    for op, arg, _ in ops:
+        name = op.name
+        if name in ("GLOBAL", "INST", "STACK_GLOBAL"):
+            if name == "STACK_GLOBAL":
+                attr = stack.pop()
+                module = stack.pop()
+                if not (isinstance(module, str) and isinstance(attr, str)):
+                    raise UserError(
+                        f"refusing to load {where}: it builds the name of a global at load time", _PICKLE_FIX
+                    )
+                found = f"{module}.{attr}"
+            else:
+                module, _, attr = str(arg).partition(" ")
+                found = f"{module}.{attr}"
+                if name == "INST":
+                    pop_to_mark()
+            if found not in allowed:
+                raise UserError(
+                    f"refusing to load {where}: it needs more than tensors to unpickle (it references "
+                    f"`{found[:120]}`, which is not on the allow-list), and a pickle like that can run code on your "
+                    "machine",
+                    "get the .safetensors version of this model, or convert it on a machine you can risk",
+                )
+            stack.append(_Global(found))
+        elif name in _CONSTANT_OPS:
+            stack.append(arg)
+        elif name in ("NONE", "NEWTRUE", "NEWFALSE"):
+            stack.append({"NONE": None, "NEWTRUE": True, "NEWFALSE": False}[name])
+        elif name == "MARK":
+            stack.append(_Mark())
+        elif name == "TUPLE":
+            stack.append(tuple(pop_to_mark()))
+        elif name == "EMPTY_TUPLE":
+            stack.append(())
+        elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
+            n = int(name[-1])
+            items = stack[-n:]
+            if len(items) < n:
+                raise ValueError("stack underflow")
+            del stack[-n:]
+            stack.append(tuple(items))
+        elif name in ("BINPERSID", "PERSID"):
+            records.append(stack.pop() if name == "BINPERSID" else arg)
+            stack.append(None)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[arg] = stack[-1]
+        elif name == "MEMOIZE":
+            memo[len(memo)] = stack[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            stack.append(memo.get(arg))
+        else:  # anything else: pop what it takes, push placeholders for what it makes
+            before = op.stack_before
+            if pickletools.markobject in before:
+                pop_to_mark()
+                before = before[: before.index(pickletools.markobject)]
+            for _ in before:
+                stack.pop()
+            stack.extend([None] * len(op.stack_after))
+    return records
+
+
+def _storage_bytes(record: tuple, where: str) -> tuple[str, int]:
+    """(key, bytes) of a torch storage record ('storage', type, key, location, numel[, view])."""
+    if not (isinstance(record, tuple) and len(record) >= 5 and record[0] == "storage"):
+        raise UserError(
+            f"refusing to load {where}: it holds a persistent object that is not a tensor storage", _PICKLE_FIX
+        )
+    storage_type, key, numel = record[1], record[2], record[4]
+    if not isinstance(storage_type, _Global) or not isinstance(numel, int) or numel < 0:
+        raise UserError(f"refusing to load {where}: a tensor storage record is malformed", _PICKLE_FIX)
+    kind = storage_type.rsplit(".", 1)[-1].removesuffix("Storage")
+    return str(key), numel * _STORAGE_ITEMSIZE.get(kind, 1)  # unknown: counted as bytes, a lower bound
+
+
+# bytes per element of torch's storage classes (torch.FloatStorage …), by name: asking the classes warns
+_STORAGE_ITEMSIZE = {
+    "Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2, "Char": 1, "Byte": 1,
+    "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8, "QInt8": 1, "QUInt8": 1, "QInt32": 4, "Untyped": 1,
+}  # fmt: skip
+
+
+def prescan_pickle_checkpoint(path: Path) -> None:
+    """Refuse a pickle checkpoint (zip or legacy .ckpt) before torch.load sees it: see the note above."""
+    import io
+    import zipfile
+
+    where = str(path)
+    allowed = _allowed_globals()
+    size = path.stat().st_size
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                infos = {info.filename: info for info in archive.infolist()}
+                pickles = [n for n in infos if n.endswith("/data.pkl") or n == "data.pkl"]
+                if len(pickles) != 1:
+                    raise UserError(f"{where} is a zip file, but not a PyTorch checkpoint (no data.pkl)", _PICKLE_FIX)
+                (pkl,) = pickles
+                if infos[pkl].file_size > min(size * 1000, 1 << 31):
+                    raise UserError(f"refusing to load {where}: its data.pkl claims {infos[pkl].file_size:,} bytes",
+                                    _PICKLE_FIX)  # fmt: skip
+                records = scan_pickle(pickletools.genops(archive.read(pkl)), allowed, where)
+                prefix = pkl[: -len("data.pkl")]
+                for record in records:
+                    key, claimed = _storage_bytes(record, where)
+                    entry = infos.get(f"{prefix}data/{key}")
+                    if entry is None:
+                        raise UserError(
+                            f"refusing to load {where}: tensor storage {key[:40]!r} is missing", _PICKLE_FIX
+                        )
+                    if claimed > entry.file_size:
+                        raise UserError(
+                            f"refusing to load {where}: tensor storage {key[:40]!r} claims {claimed:,} bytes, and the"
+                            f" file holds {entry.file_size:,} for it",
+                            _PICKLE_FIX,
+                        )
+            return
+        with path.open("rb") as f:
+            records = []
+            for _ in range(_MAX_PICKLES):
+                head = f.read(1)
+                if head != b"\x80":
+                    break  # the raw storage bytes begin (or the file ends)
+                f.seek(-1, io.SEEK_CUR)
+                records += scan_pickle(pickletools.genops(f), allowed, where)
+    except UserError:
+        raise
+    except (ValueError, IndexError, EOFError, zipfile.BadZipFile, struct.error, OverflowError) as exc:
+        raise UserError(f"{where} is not a readable PyTorch checkpoint ({_first_line(exc)})",
+                        "the file is truncated or corrupt; download it again") from None  # fmt: skip
+    claimed = {}
+    for record in records:
+        key, nbytes = _storage_bytes(record, where)
+        claimed[key] = max(nbytes, claimed.get(key, 0))
+    total = sum(claimed.values())
+    if total > size:
+        big = max(claimed, key=claimed.get)
+        raise UserError(
+            f"refusing to load {where}: its tensors claim {total:,} bytes (storage {big[:40]!r}: {claimed[big]:,}), "
+            f"and the file has {size:,}",
+            _PICKLE_FIX,
+        )
+
+
 def _load_pickle(path: Path) -> Checkpoint:
     zipped = path.open("rb").read(4) == b"PK\x03\x04"
+    prescan_pickle_checkpoint(path)  # globals and storage sizes, before torch.load allocates anything
     try:
         # torch warns about pickle protocols it may not read; we refuse or load in one line, so the warning goes
         with torch.serialization.safe_globals(ALLOWED_FOREIGN_GLOBALS), warnings.catch_warnings():
