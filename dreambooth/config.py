@@ -128,6 +128,12 @@ class TrainConfig:
     resolution: int = 512
     center_crop: bool = False
     random_flip: bool = False
+    caption_extension: str | None = None  # ".txt": each image's caption from photo.txt beside photo.jpg
+    caption_dropout: float = 0.0  # this share of instance examples trains with the empty caption
+    buckets: bool = False  # aspect-ratio buckets of about resolution² pixels instead of square crops
+    bucket_min_side: int | None = None  # 256, or --resolution when that is smaller
+    bucket_max_side: int | None = None  # 2 × --resolution
+    bucket_step: int | None = None  # 64: the sides' multiple (the VAE's 8 × the UNet's 8 for SD and SDXL)
     # optimisation
     seed: int | None = None
     train_batch_size: int = 1
@@ -154,6 +160,7 @@ class TrainConfig:
     cache_latents: bool = True
     offset_noise: float = 0.0
     snr_gamma: float | None = None
+    zero_terminal_snr: bool = False
     # what trains (dreambooth/adapters.py): the whole model, or LoRA layers beside the frozen base
     adapter: str = "full"
     lora_rank: int = 16
@@ -262,6 +269,48 @@ class TrainConfig:
                     )
         self._check_speed_levers()
         self._check_scaling()
+        self._check_captions_and_buckets()
+
+    def _check_captions_and_buckets(self) -> None:
+        if self.caption_extension is not None:
+            ext = self.caption_extension.strip()
+            ext = ext if ext.startswith(".") else "." + ext
+            if ext == "." or "/" in ext or "\\" in ext:
+                raise UserError(
+                    f"--caption-extension {self.caption_extension!r} is not a file extension", "e.g. .txt or .caption"
+                )
+            object.__setattr__(self, "caption_extension", ext)
+        if not 0 <= self.caption_dropout < 1:
+            raise UserError(
+                f"--caption-dropout must be in [0, 1) (got {self.caption_dropout})", "e.g. 0.1, or 0 for none"
+            )
+        given = [flag(n) for n in ("bucket_min_side", "bucket_max_side", "bucket_step") if getattr(self, n) is not None]
+        if not self.buckets:
+            if given:
+                raise UserError(f"{given[0]} needs --buckets", "add --buckets, or drop it")
+            return
+        step = 64 if self.bucket_step is None else self.bucket_step
+        if step < 8 or step % 8:
+            raise UserError(f"--bucket-step must be a positive multiple of 8 (got {step})", "64 suits SD and SDXL")
+        if self.resolution % step:
+            lower, upper = max(step, self.resolution // step * step), -(-self.resolution // step) * step
+            raise UserError(
+                f"--buckets: --resolution {self.resolution} is not a multiple of {step} (--bucket-step)",
+                f"pass --resolution {lower} or {upper}",
+            )
+        low = min(256, self.resolution) if self.bucket_min_side is None else self.bucket_min_side
+        high = 2 * self.resolution if self.bucket_max_side is None else self.bucket_max_side
+        for name, value in (("bucket_min_side", low), ("bucket_max_side", high)):
+            if value < step or value % step:
+                raise UserError(f"{flag(name)} {value} is not a multiple of --bucket-step {step}", "e.g. 256 or 1024")
+        if not low <= self.resolution <= high:
+            raise UserError(
+                f"--bucket-min-side {low} … --bucket-max-side {high} must include --resolution {self.resolution}",
+                "e.g. --bucket-min-side 256 --bucket-max-side 1024 for --resolution 512",
+            )
+        object.__setattr__(self, "bucket_min_side", low)
+        object.__setattr__(self, "bucket_max_side", high)
+        object.__setattr__(self, "bucket_step", step)
 
     def _check_adapter(self) -> None:
         if self.adapter not in ADAPTERS:
@@ -440,6 +489,11 @@ def read_toml(path: Path) -> dict:
         raise UserError(f"--config {path}: file not found", "pass the path of your run.toml") from None
     except tomllib.TOMLDecodeError as exc:
         raise UserError(f"--config {path}: not valid TOML ({exc})", "fix the file's syntax") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8 by definition; tomllib lets the decoder's error through
+        raise UserError(
+            f"--config {path}: not UTF-8 text (byte {exc.start} is {exc.object[exc.start : exc.start + 1]!r})",
+            "save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)",
+        ) from None
     # settings may sit at the top level or under [train]; both are accepted
     train = data.pop("train", {})
     if not isinstance(train, dict):

@@ -1,23 +1,29 @@
-"""Training images: loading and checking them, the order they are seen in, crops and flips, and the caches.
+"""Training images: loading and checking them, their captions, the buckets they are cut to, the order they are seen
+in, crops and flips, and the caches.
 
 The data order is a pure function of (seed, position in the stream), not of an iterator's hidden state: that is
 what lets a resumed run see exactly the batches an uninterrupted one would, with nothing to save but the step.
 """
 
+import errno
+import math
+import os
 import random
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from dreambooth import events
 from dreambooth.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 MIN_SIDE_FRACTION = 4  # images whose short side is under resolution/4 would be upscaled into mush: refuse them
+Size = tuple[int, int]  # (height, width) in pixels, the order of a tensor's last two dimensions
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -44,12 +50,28 @@ def load_rgb(path: Path) -> Image.Image:
     return image
 
 
+def image_size(path: Path) -> Size:
+    """(height, width) as `load_rgb` will see the image, read from the header (EXIF rotation included) without
+    decoding the pixels."""
+    with Image.open(path) as image:
+        width, height = image.size
+        if image.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):  # turned by a quarter
+            width, height = height, width
+    return height, width
+
+
 def scan_images(folder: Path, resolution: int, flag: str, *, warn: bool = True) -> list[Path]:
     """The usable images in a folder, in a stable order. Unreadable or tiny ones are skipped with a warning."""
     usable = []
     min_side = max(8, resolution // MIN_SIDE_FRACTION)
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if path.is_symlink() and not path.exists():  # a link that loops, or points at nothing: said, not a mystery
+            if warn:
+                events.warn(f"skipping {path} ({flag}): {_broken_link(path)}")
+            continue
+        if not path.is_file():  # a folder, a FIFO or a device named like an image
             continue
         try:
             image = load_rgb(path)
@@ -68,6 +90,15 @@ def scan_images(folder: Path, resolution: int, flag: str, *, warn: bool = True) 
     return usable
 
 
+def _broken_link(path: Path) -> str:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic link that loops (it leads back to itself)"
+    return f"a symbolic link to {os.readlink(path)}, which does not exist"
+
+
 def check_instance_dir(folder: Path, resolution: int, flag: str) -> list[Path]:
     if not folder.exists():
         raise UserError(f"{flag} {folder} does not exist", "pass the folder that holds your subject's photos")
@@ -82,20 +113,55 @@ def check_instance_dir(folder: Path, resolution: int, flag: str) -> list[Path]:
     return images
 
 
-def to_tensor(image: Image.Image, resolution: int, center_crop: bool, rng: random.Random, flip: bool) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, maybe flip; CHW in [-1, 1]."""
-    scale = resolution / min(image.size)
-    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-    image = image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-    if center_crop:
-        left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    else:
-        left, top = rng.randint(0, image.width - resolution), rng.randint(0, image.height - resolution)
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip:
-        image = ImageOps.mirror(image)
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+# ───────────────────────────── captions ─────────────────────────────
+
+
+def caption_path(image: Path, extension: str) -> Path:
+    """The caption file beside an image: photo-1.jpg + ".txt" → photo-1.txt (kohya's sidecar convention)."""
+    return image.with_name(image.stem + extension)
+
+
+def read_caption(image: Path, extension: str) -> str:
+    """The image's caption: the first non-empty line of its sidecar file, '' when there is none. UTF-8 (a BOM is
+    fine); anything else is refused by name, because guessing an encoding would train on mojibake."""
+    path = caption_path(image, extension)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    except OSError as exc:
+        raise UserError(f"caption file {path} cannot be read ({exc.strerror})", "check its permissions") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(
+            f"caption file {path} is not UTF-8 text (byte {exc.start} is 0x{data[exc.start]:02x})",
+            "save it as UTF-8 (in most editors: Save As → Encoding UTF-8)",
+        ) from None
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[0] if lines else ""
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def identifier(instance_prompt: str, class_prompt: str | None) -> list[str]:
+    """The words that name the subject: those of the instance prompt that the class prompt does not have
+    ('a photo of sks dog' vs 'a photo of dog' → ['sks']); without a class prompt, all the instance prompt's."""
+    words = _words(instance_prompt)
+    own = [w for w in words if w not in set(_words(class_prompt or ""))] if class_prompt else []
+    return own or words
+
+
+def instance_caption(caption: str, instance_prompt: str, class_prompt: str | None) -> str:
+    """What an instance image trains with. A caption that lacks the subject's identifier would teach the model
+    the photo without the token that is meant to call it up: the instance prompt goes in front of it then."""
+    if not caption:
+        return instance_prompt
+    if set(identifier(instance_prompt, class_prompt)) <= set(_words(caption)):
+        return caption
+    return f"{instance_prompt}, {caption}"
 
 
 @dataclass(frozen=True)
@@ -103,6 +169,91 @@ class Example:
     path: Path
     prompt: str
     concept: int
+    captioned: bool = False  # the prompt came from the image's caption file
+
+
+def instance_examples(images: dict[int, list[Path]], concepts, caption_extension: str | None) -> list[Example]:
+    """Every instance image with what it trains with: its caption (the trigger kept), or the instance prompt."""
+    examples = []
+    for i, paths in images.items():
+        concept = concepts[i]
+        for path in paths:
+            caption = read_caption(path, caption_extension) if caption_extension else ""
+            prompt = instance_caption(caption, concept.instance_prompt, concept.class_prompt)
+            examples.append(Example(path, prompt, i, captioned=bool(caption)))
+    return examples
+
+
+def class_examples_of(paths: list[Path], class_prompt: str, concept: int, caption_extension: str | None):
+    """Class images train with the class prompt, or with their own caption file where they have one."""
+    examples = []
+    for path in paths:
+        caption = read_caption(path, caption_extension) if caption_extension else ""
+        examples.append(Example(path, caption or class_prompt, concept, captioned=bool(caption)))
+    return examples
+
+
+# ───────────────────────────── aspect-ratio buckets ─────────────────────────────
+
+
+def bucket_grid(resolution: int, min_side: int, max_side: int, step: int) -> list[Size]:
+    """(height, width) buckets of about resolution² pixels and never more: for each side from min_side to max_side
+    in steps, the longest other side (a multiple of `step`, at most max_side) that keeps the area within
+    resolution². Sorted by aspect ratio, tallest first; the square resolution × resolution is one of them."""
+    area = resolution * resolution
+    grid = set()
+    for side in range(min_side, max_side + 1, step):
+        other = min(max_side, area // side // step * step)
+        if other >= min_side:
+            grid |= {(side, other), (other, side)}
+    return sorted(grid, key=lambda size: (size[1] / size[0], size[0]))
+
+
+def assign_bucket(height: int, width: int, grid: list[Size], step: int) -> Size:
+    """The bucket of an image of height × width: the one whose aspect ratio is closest to its own (in log space,
+    so 2:1 and 1:2 are equally far from 1:1; ties go to the larger bucket). An image smaller than that bucket is
+    never upscaled into it (kohya's bucket_no_upscale): it gets a bucket of the same shape scaled down to what
+    it fills, sides rounded down to `step` (at least one step)."""
+    aspect = math.log(width / height)
+    bucket_h, bucket_w = min(grid, key=lambda b: (abs(math.log(b[1] / b[0]) - aspect), -b[0] * b[1]))
+    if bucket_h <= height and bucket_w <= width:
+        return bucket_h, bucket_w
+    scale = min(height / bucket_h, width / bucket_w)
+    return max(step, int(bucket_h * scale) // step * step), max(step, int(bucket_w * scale) // step * step)
+
+
+def assign_buckets(paths: list[Path], grid: list[Size], step: int) -> dict[Path, Size]:
+    return {path: assign_bucket(*image_size(path), grid, step) for path in paths}
+
+
+def bucket_name(size: Size) -> str:
+    """'768x512' for a bucket 768 wide and 512 high: width × height, the way image sizes are written."""
+    return f"{size[1]}x{size[0]}"
+
+
+# ───────────────────────────── pixels ─────────────────────────────
+
+
+def to_tensor(image: Image.Image, size: Size, center_crop: bool, rng: random.Random, flip: bool):
+    """Resize to cover `size` (height, width), crop it out (centred, or at a random place), maybe flip: CHW in
+    [-1, 1], and the geometry SDXL conditions on: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the
+    crop's corner in the resized (and, when flipped, mirrored) image's pixels."""
+    target_h, target_w = size
+    scale = max(target_h / image.height, target_w / image.width)
+    resized = (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale)))
+    original = (image.height, image.width)
+    image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    if center_crop:
+        left, top = (image.width - target_w) // 2, (image.height - target_h) // 2
+    else:
+        left, top = rng.randint(0, image.width - target_w), rng.randint(0, image.height - target_h)
+    image = image.crop((left, top, left + target_w, top + target_h))
+    if flip:
+        image = ImageOps.mirror(image)
+        left = resized[0] - target_w - left  # the same pixels, seen as a crop of the mirrored image
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    geometry = (*original, top, left, target_h, target_w)
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), geometry
 
 
 @dataclass
@@ -111,11 +262,22 @@ class Batch:
     flips: list[bool]
     positions: list[int]
     num_instance: int
+    prompts: list[str] | None = None  # what each row trains with: its prompt, or "" where the caption was dropped
+    size: Size | None = None  # the batch's bucket (height, width); None: the square crop of --resolution
+    # [B, 6] float: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per row, in pixels; set by the
+    # LatentSource that cut the pixels (the crop is drawn where the image is)
+    geometry: torch.Tensor | None = None
 
 
 class DataStream:
     """An endless, seeded stream of examples. Position p of the stream is instance example perm_e[p % N] of
-    epoch e = p // N; with prior preservation it is paired with a class example of the same concept."""
+    epoch e = p // N; with prior preservation it is paired with a class example of the same concept.
+
+    With buckets, every global micro-batch (`group` consecutive positions from a multiple of `group`: what all
+    processes together train on in one micro-step) holds images of one bucket. An epoch is then: the images in a
+    seeded order, gathered by bucket, each bucket's list cut into groups (the last one filled up by starting the
+    bucket's list again), the groups shuffled. Its length depends only on the dataset and `group`, so position p
+    is still epoch p // length, and the whole order a pure function of (seed, position)."""
 
     def __init__(
         self,
@@ -124,13 +286,24 @@ class DataStream:
         seed: int,
         batch_size: int,
         random_flip: bool,
+        *,
+        buckets: dict[Path, Size] | None = None,
+        group: int | None = None,
+        caption_dropout: float = 0.0,
     ) -> None:
         self.instances = instances
         self.classes = classes
         self.seed = seed
         self.batch_size = batch_size
         self.random_flip = random_flip
+        self.buckets = buckets
+        self.group = group or batch_size
+        self.caption_dropout = caption_dropout
         self._perm: tuple[int, list[int]] | None = None
+        self._order: tuple[int, list[int]] | None = None
+        if buckets is not None:
+            counts = self.bucket_counts()
+            self.epoch_length = sum(-(-n // self.group) * self.group for n in counts.values())
 
     def _permutation(self, epoch: int) -> list[int]:
         if self._perm is None or self._perm[0] != epoch:
@@ -138,8 +311,25 @@ class DataStream:
             self._perm = (epoch, torch.randperm(len(self.instances), generator=generator).tolist())
         return self._perm[1]
 
+    def _bucket_order(self, epoch: int) -> list[int]:
+        """Epoch `epoch` with buckets: instance indices, `epoch_length` of them, each run of `group` one bucket."""
+        if self._order is None or self._order[0] != epoch:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            by_bucket: dict[Size, list[int]] = {}
+            for index in torch.randperm(len(self.instances), generator=generator).tolist():
+                by_bucket.setdefault(self.buckets[self.instances[index].path], []).append(index)
+            groups = []
+            for size in sorted(by_bucket):
+                members = by_bucket[size]
+                filled = [members[k % len(members)] for k in range(-(-len(members) // self.group) * self.group)]
+                groups += [filled[k : k + self.group] for k in range(0, len(filled), self.group)]
+            shuffled = torch.randperm(len(groups), generator=generator).tolist()
+            self._order = (epoch, [index for g in shuffled for index in groups[g]])
+        return self._order[1]
+
     def rng(self, position: int, kind: int) -> random.Random:
-        """Per-example randomness (crop, flip) that depends on nothing but the seed and the position."""
+        """Per-example randomness (crop, flip, caption dropout) that depends on nothing but the seed and the
+        position."""
         return random.Random(f"{self.seed}:{position}:{kind}")
 
     def batch(self, index: int) -> Batch:
@@ -149,10 +339,22 @@ class DataStream:
     def at(self, start: int) -> Batch:
         """`batch_size` examples from stream position `start` on. Several processes each take their own
         consecutive slice of one global micro-batch, so together they see what one process would."""
-        n = len(self.instances)
         positions = list(range(start, start + self.batch_size))
-        examples = [self.instances[self._permutation(p // n)[p % n]] for p in positions]
+        size = None
+        if self.buckets is None:
+            n = len(self.instances)
+            examples = [self.instances[self._permutation(p // n)[p % n]] for p in positions]
+        else:
+            if start // self.group != (start + self.batch_size - 1) // self.group:
+                raise ValueError(f"positions {start}…{positions[-1]} straddle two global micro-batches of {self.group}")
+            length = self.epoch_length
+            examples = [self.instances[self._bucket_order(p // length)[p % length]] for p in positions]
+            size = self.buckets[examples[0].path]
         flips = [self.random_flip and self.rng(p, 0).random() < 0.5 for p in positions]
+        prompts = [
+            "" if self.caption_dropout and self.rng(p, 3).random() < self.caption_dropout else e.prompt
+            for e, p in zip(examples, positions, strict=True)
+        ]
         num_instance = len(examples)
         if self.classes is not None:
             # the class image at stream position p cycles through the concept's class images
@@ -162,8 +364,34 @@ class DataStream:
             ]
             examples = examples + class_examples
             flips = flips + [self.random_flip and self.rng(p, 1).random() < 0.5 for p in positions]
+            prompts = prompts + [e.prompt for e in class_examples]
             positions = positions + positions
-        return Batch(examples, flips, positions, num_instance)
+        return Batch(examples, flips, positions, num_instance, prompts, size)
+
+    def all_prompts(self) -> list[str]:
+        """Every prompt a batch can hold (the empty one too, with caption dropout): what a prompt cache holds."""
+        examples = self.instances + [e for group in (self.classes or {}).values() for e in group]
+        return sorted({e.prompt for e in examples} | ({""} if self.caption_dropout else set()))
+
+    def bucket_counts(self) -> dict[Size, int]:
+        """Bucket → how many instance images it holds (empty without buckets)."""
+        counts: dict[Size, int] = {}
+        for e in self.instances:
+            if self.buckets is not None:
+                counts[self.buckets[e.path]] = counts.get(self.buckets[e.path], 0) + 1
+        return dict(sorted(counts.items()))
+
+    def cache_entries(self) -> list[tuple[Path, Size | None]]:
+        """(image, bucket) of every crop a batch can ask for: an instance image in its bucket; a class image in
+        each bucket its concept's instance images are in (it is cut to the bucket of the batch it joins)."""
+        if self.buckets is None:
+            examples = self.instances + [e for group in (self.classes or {}).values() for e in group]
+            return [(path, None) for path in sorted({e.path for e in examples})]
+        entries = {(e.path, self.buckets[e.path]) for e in self.instances}
+        for concept, group in (self.classes or {}).items():
+            sizes = {self.buckets[e.path] for e in self.instances if e.concept == concept}
+            entries |= {(e.path, size) for e in group for size in sizes}
+        return sorted(entries, key=lambda entry: (entry[1], entry[0]))
 
 
 class LatentSource:
@@ -176,37 +404,48 @@ class LatentSource:
         self.center_crop = center_crop
         self.device = device
         self.dtype = dtype
-        self.cache: dict[tuple[Path, bool], torch.Tensor] | None = None
+        # (image, flipped, bucket) → (latent distribution, geometry): one entry per crop a batch can ask for
+        self.cache: dict[tuple[Path, bool, Size], tuple[torch.Tensor, tuple]] | None = None
 
-    def _pixels(self, path: Path, flip: bool, rng: random.Random) -> torch.Tensor:
-        return to_tensor(load_rgb(path), self.resolution, self.center_crop, rng, flip)
+    def _size(self, size: Size | None) -> Size:
+        return size if size is not None else (self.resolution, self.resolution)
+
+    def _pixels(self, path: Path, flip: bool, rng: random.Random, size: Size | None):
+        return to_tensor(load_rgb(path), self._size(size), self.center_crop, rng, flip)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self.dtype)
         return self.vae.encode(pixels).latent_dist.parameters.float()
 
-    def build_cache(self, paths: list[Path], flips: bool, seed: int, chunk: int = 4) -> None:
-        """Encode every image once (and its mirror image, when flipping). The crop is drawn once per image."""
-        keys = [(p, f) for p in paths for f in ((False, True) if flips else (False,))]
+    def build_cache(self, entries: list[tuple[Path, Size | None]], flips: bool, seed: int, chunk: int = 4) -> None:
+        """Encode every (image, bucket) once (and its mirror image, when flipping). The crop is drawn once per
+        image and bucket. `entries`: DataStream.cache_entries()."""
+        keys = [(p, f, self._size(s)) for p, s in entries for f in ((False, True) if flips else (False,))]
+        keys.sort(key=lambda key: key[2])  # stable: same-size crops stack into one VAE batch
         self.cache = {}
-        for start in range(0, len(keys), chunk):
-            part = keys[start : start + chunk]
-            pixels = torch.stack([self._pixels(p, f, random.Random(f"{seed}:cache:{p.name}")) for p, f in part])
-            for key, params in zip(part, self._encode(pixels), strict=True):
-                self.cache[key] = params.cpu()
+        start = 0
+        while start < len(keys):
+            part = [k for k in keys[start : start + chunk] if k[2] == keys[start][2]]
+            made = [self._pixels(p, f, random.Random(f"{seed}:cache:{p.name}"), s) for p, f, s in part]
+            params = self._encode(torch.stack([pixels for pixels, _ in made]))
+            for key, one, (_, geometry) in zip(part, params, made, strict=True):
+                self.cache[key] = (one.cpu(), geometry)
+            start += len(part)
 
     def distributions(self, batch: Batch, stream: DataStream) -> torch.Tensor:
+        """The batch's latent distributions; records each row's geometry on the batch (`batch.geometry`)."""
+        size = self._size(batch.size)
         if self.cache is not None:
-            params = [self.cache[(e.path, f)] for e, f in zip(batch.examples, batch.flips, strict=True)]
-            return torch.stack(params).to(self.device)
-        pixels = torch.stack(
-            [
-                self._pixels(e.path, f, stream.rng(p, 2))
-                for e, f, p in zip(batch.examples, batch.flips, batch.positions, strict=True)
-            ]
-        )
-        return self._encode(pixels)
+            entries = [self.cache[(e.path, f, size)] for e, f in zip(batch.examples, batch.flips, strict=True)]
+            batch.geometry = torch.tensor([geometry for _, geometry in entries], dtype=torch.float32)
+            return torch.stack([params for params, _ in entries]).to(self.device)
+        made = [
+            self._pixels(e.path, f, stream.rng(p, 2), size)
+            for e, f, p in zip(batch.examples, batch.flips, batch.positions, strict=True)
+        ]
+        batch.geometry = torch.tensor([geometry for _, geometry in made], dtype=torch.float32)
+        return self._encode(torch.stack([pixels for pixels, _ in made]))
 
 
 def sample_latents(params: torch.Tensor, scaling_factor: float, eps: torch.Tensor) -> torch.Tensor:
