@@ -121,6 +121,16 @@ CMD ["--help"]
 # test: the runtime plus pytest (requirements/dev-lock.txt) and the tests, for `make test-image`
 FROM runtime AS test
 USER 0:0
+# Debian's Chromium (from the base image's own apt sources): tests/test_report.py renders report.html in it,
+# headless, and checks that every image loads and nothing is fetched from outside the run folder
+RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
+    --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
+    --mount=type=secret,id=ca \
+    if [ -s /run/secrets/ca ]; then echo 'Acquire::https::CAInfo "/run/secrets/ca";' > /etc/apt/apt.conf.d/99ca; fi \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends chromium fonts-dejavu-core \
+    && rm -f /etc/apt/apt.conf.d/99ca \
+    && chromium --version
 RUN --mount=type=cache,target=/root/.cache/pip \
     --mount=type=secret,id=ca \
     --mount=type=bind,source=requirements/dev-lock.txt,target=/tmp/dev-lock.txt \

@@ -1,24 +1,28 @@
 """Sampling images from a model, and putting them side by side in a grid."""
 
-import math
 from pathlib import Path
 
 import torch
 from PIL import Image
 
 from dreambooth.fileio import atomic_path
+from dreambooth.grids import image_grid, labelled_grid
 from dreambooth.preflight import check_model_folder
 
 
 def load_pipeline(model_dir: Path, *, vae_dir: Path | None = None, dtype: torch.dtype = torch.float32):
-    """A StableDiffusionPipeline from a local folder, without safety checker, progress bars or network."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) from a local folder, without
+    safety checker, progress bars or network."""
+    import diffusers
     from diffusers.utils import logging as diffusers_logging
 
+    from dreambooth import families
+
+    family = families.of_folder(model_dir)
     diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar would cut through ours
-    extra = {"vae": AutoencoderKL.from_pretrained(vae_dir, dtype=dtype)} if vae_dir else {}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        model_dir, dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True, **extra
+    extra = {"vae": diffusers.AutoencoderKL.from_pretrained(vae_dir, dtype=dtype)} if vae_dir else {}
+    pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
+        model_dir, dtype=dtype, local_files_only=True, **family.pipeline_options, **extra
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -50,31 +54,47 @@ def generate(
             height=resolution,
             width=resolution,
             generator=generators,
+            output_type="np",  # floats: a NaN is still visible here, a PIL image would be silently black
         )
-        images.extend(out.images)
+        check_finite_images(out.images, prompt)
+        images.extend(Image.fromarray((image * 255).round().astype("uint8")) for image in out.images)
     return images
 
 
-def image_grid(images: list[Image.Image], columns: int | None = None) -> Image.Image:
-    columns = columns or math.ceil(math.sqrt(len(images)))
-    rows = math.ceil(len(images) / columns)
-    w, h = images[0].size
-    grid = Image.new("RGB", (columns * w, rows * h), (255, 255, 255))
-    for i, image in enumerate(images):
-        grid.paste(image, ((i % columns) * w, (i // columns) * h))
-    return grid
+def check_finite_images(images, prompt: str) -> None:
+    """A sample that is NaN/inf comes out black: say so, and what usually causes it, instead of saving it silently."""
+    import numpy as np
+
+    bad = int(sum(not np.isfinite(image).all() for image in images))
+    if bad:
+        from dreambooth import events
+
+        events.warn(
+            f"{bad} of {len(images)} images for {prompt!r} are not finite numbers (they would be black): the VAE "
+            "overflowed in fp16 or the weights diverged. Use a VAE fixed for fp16 (--vae, e.g. sdxl-vae-fp16-fix), "
+            "--mixed-precision bf16/no, or a lower --learning-rate"
+        )
 
 
-def save_images(images: list[Image.Image], folder: Path, stem: str) -> list[Path]:
-    """Each image as PNG, plus `<stem>-grid.png`; returns the paths."""
+def save_images(
+    images: list[Image.Image], folder: Path, stem: str, *, prompt: str | None = None, seed: int = 0,
+    step: int | None = None,
+) -> list[Path]:  # fmt: skip
+    """Each image as PNG (as drawn), plus `<stem>-grid.png`: labelled with the prompt, the step and each image's
+    seed (image i comes from seed + i) when the prompt is given; returns the paths."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
         paths.append(folder / f"{stem}-{i:02d}.png")
         with atomic_path(paths[-1]) as tmp:
             image.save(tmp, format="PNG")
+    columns = min(len(images), 4)
+    if prompt is None:
+        grid = image_grid(images, columns=columns)
+    else:
+        grid = labelled_grid(images, prompt, [seed + i for i in range(len(images))], step, columns)
     with atomic_path(folder / f"{stem}-grid.png") as tmp:
-        image_grid(images, columns=min(len(images), 4)).save(tmp, format="PNG")
+        grid.save(tmp, format="PNG")
     return [*paths, folder / f"{stem}-grid.png"]
 
 
@@ -86,4 +106,4 @@ def sample_model(
     pipe = load_pipeline(model_dir)
     resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
     images = generate(pipe, prompt, num_images, seed, resolution=resolution, steps=steps, guidance_scale=guidance_scale)
-    return save_images(images, dest, "sample")
+    return save_images(images, dest, "sample", prompt=prompt, seed=seed)

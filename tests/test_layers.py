@@ -13,9 +13,9 @@ PACKAGE = Path(dreambooth.__file__).parent
 # lowest first; a name is a module, or a package and everything in it (checkpoint, families, demo)
 LAYERS = [
     ["dreambooth", "errors", "events", "fileio", "checkpoints", "runlock"],
-    ["config", "performance"],
+    ["config", "performance", "grids", "plots"],
     ["families", "checkpoint", "tiny_model"],
-    ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed"],
+    ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report"],
     ["prior", "train"],
     ["launch", "pipeline"],
     ["cli", "demo", "__main__"],

@@ -39,11 +39,14 @@ def test_loss_falls_on_a_four_image_overfit(cli, model, photos, tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-40"]
     final = out / "checkpoints" / "step-40"
     assert not torch.equal(_weights(final, "unet")["conv_in.weight"], _weights(model, "unet")["conv_in.weight"])
-    assert Image.open(final / "samples" / "prompt0-grid.png").size == (64, 32)
+    # two 32 px samples, each enlarged to a 256 px tile, under a header with the step and the prompt (issue 17)
+    grid = Image.open(final / "samples" / "prompt0-grid.png")
+    assert grid.width >= 2 * 256 and grid.height > 256
     assert (out / "export" / "out-step-20.safetensors").is_file() and (
         out / "export" / "out-step-40.safetensors"
     ).is_file()
-    assert Image.open(out / "loss_curve.png").size == (800, 400)
+    assert Image.open(out / "loss_curve.png").size == (1100, 638)  # matplotlib's plot (dreambooth/plots.py)
+    assert (out / "report.html").is_file()
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(final, local_files_only=True)  # complete and loadable

@@ -29,6 +29,9 @@ from dreambooth.demo.settings import (
 )
 from dreambooth.fileio import atomic_path, write_json
 from dreambooth.pipeline import RunConfig, run_pipeline
+from dreambooth.report import write_report_page
+
+FIDELITY_SEED = 0  # the fidelity samples' first seed (image i: seed + i)
 
 
 def demo_inputs(folder: Path, seed: int = 0) -> tuple[Path, Path]:
@@ -70,13 +73,17 @@ def run_demo(output: Path, flags: dict | None = None) -> dict:
     if is_lora_checkpoint(trained):  # a LoRA is judged as users get it: the exported file, loaded into the base
         trained = Path(manifest["outputs"]["export"])
     with events.stage("scoring subject fidelity, prompt fidelity and prior drift"):
-        (before, before_samples), (after, after_samples) = score_before_after(base, trained, FIDELITY_SAMPLES)
-    scores = fidelity_report(before, after, FIDELITY_SAMPLES, seed=0)
+        (before, before_samples), (after, after_samples) = score_before_after(
+            base, trained, FIDELITY_SAMPLES, FIDELITY_SEED
+        )
+    scores = fidelity_report(before, after, FIDELITY_SAMPLES, seed=FIDELITY_SEED)
     write_json(output / "fidelity.json", scores)
     grid = output / "samples" / "before_after.png"
-    draw_before_after(before_samples, after_samples, grid)
+    after_label = f"after: {Path(manifest['outputs']['final_checkpoint']).name}" + (" (LoRA)" if trained.suffix else "")
+    draw_before_after(before_samples, after_samples, grid, after_label)
     manifest["outputs"]["before_after_grid"] = str(grid)
     manifest["outputs"]["fidelity"] = str(output / "fidelity.json")
+    manifest["outputs"]["report_page"] = str(write_report_page(output))  # again: now with before/after and scores
     events.notice(
         f"subject fidelity {scores['subject_fidelity_before']:.2f} → {scores['subject_fidelity_after']:.2f}, "
         f"prompt fidelity {scores['prompt_fidelity_after']:.2f}, prior drift {scores['prior_drift']:.2f} "
@@ -85,12 +92,22 @@ def run_demo(output: Path, flags: dict | None = None) -> dict:
     return manifest
 
 
-def draw_before_after(before: dict[str, list], after: dict[str, list], dest: Path, count: int = 4) -> Path:
-    """A row per prompt ("a sks shape", "… on a green background", "a shape"): base model's rows above the trained's."""
-    from dreambooth.sample import image_grid
+def draw_before_after(
+    before: dict[str, list],
+    after: dict[str, list],
+    dest: Path,
+    after_label: str = "after: the fine-tune",
+    count: int = 4,
+) -> Path:
+    """Per prompt ("a sks shape", "… on a green background", "a shape") the base model's row above the trained one's,
+    each labelled, the seed under each image (both models drew from the same seeds)."""
+    from dreambooth.grids import comparison_grid
 
-    rows = [image for samples in (before, after) for images in samples.values() for image in images[:count]]
+    sections = [
+        (prompt, [("before: the base model", before[prompt][:count]), (after_label, after[prompt][:count])])
+        for prompt in before
+    ]
     dest.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(dest) as tmp:
-        image_grid(rows, columns=count).save(tmp, format="PNG")
+        comparison_grid(sections, seeds=list(range(FIDELITY_SEED, FIDELITY_SEED + count))).save(tmp, format="PNG")
     return dest
