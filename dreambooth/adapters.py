@@ -32,6 +32,10 @@ def _bytes(models: dict[str, torch.nn.Module], only_trainable: bool) -> int:
                if p.requires_grad or not only_trainable)  # fmt: skip
 
 
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
 def _provenance(c: Components, step: int, seed: int, **extra) -> dict:
     provenance = {}
     if (c.model_dir / PROVENANCE_FILE).is_file():
@@ -93,6 +97,12 @@ class Full:
         for folder in (f for f in c.model_dir.iterdir() if f.name.startswith(COPIED)):
             shutil.copytree(folder, tmp / folder.name, copy_function=link_or_copy)
         shutil.copy2(c.model_dir / "model_index.json", tmp / "model_index.json")
+        if c.extra.get("zero_terminal_snr"):
+            # the model now expects the rescaled schedule, sampled from its last step ("trailing"); write_json
+            # replaces the file, so a hard link to the base's copy is never written through
+            config = json.loads((tmp / "scheduler" / "scheduler_config.json").read_text())
+            config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+            write_json(tmp / "scheduler" / "scheduler_config.json", config)
         extras = c.model_dir / EXTRAS_FILE
         if extras.is_file():
             # the original file's EMA copy describes the untrained UNet: a trained checkpoint must not carry it
@@ -165,7 +175,7 @@ class Lora:
         return _bytes(trained, only_trainable=True) // 2
 
     def save(self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int) -> dict:
-        from dreambooth.checkpoint.lora import save_adapter
+        from dreambooth.checkpoint.lora import UNET_LAYOUT, save_adapter
 
         concept = cfg.concepts[0]
         info = {
@@ -186,6 +196,8 @@ class Lora:
             "conv_alpha": cfg.lora_conv_alpha,
             "targets": list(cfg.lora_targets),
             "text_encoder_targets": text_encoder_targets(cfg) if cfg.train_text_encoder else [],
+            # what names the UNet's modules in the original layout (SDXL's kohya files use it)
+            "unet_layout": {k: _plain(c.unet.config[k]) for k in UNET_LAYOUT},
         }
         save_adapter(tmp, trained, info)
         write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter="lora"))

@@ -27,6 +27,9 @@ class ModelType(StrEnum):
     sd1_v = "sd1-v"  # an SD 1.x fine-tune trained for v-prediction
     sd2 = "sd2"
     sd2_v = "sd2-v"
+    sdxl = "sdxl"  # SDXL base 1.0 and its fine-tunes
+    sdxl_v = "sdxl-v"  # an SDXL fine-tune trained for v-prediction
+    sdxl_refiner = "sdxl-refiner"
 
 
 class LogFormat(StrEnum):
@@ -115,25 +118,28 @@ def export(
 ) -> None:
     """Export a model as one A1111/ComfyUI-loadable file: a full checkpoint in the original SD layout, or a
     LoRA checkpoint as the kohya LoRA file (or merged into its base)."""
+    from dreambooth import runlock
     from dreambooth.checkpoint.lora import export_lora, is_lora_checkpoint
 
-    if is_lora_checkpoint(src):
-        with events.stage(f"exporting the LoRA {src}"):
-            summary = export_lora(
-                src, dest, fmt=(format or LoraFormat.kohya).value, merge=merge, half=half is not False, base=base
-            )
-    else:
-        from dreambooth.checkpoint.export import ExportOptions
-        from dreambooth.checkpoint.export import export as export_model
-
-        for given, name in ((format, "--format"), (merge, "--merge"), (base, "--base")):
-            if given:
-                raise UserError(
-                    f"{name} applies to LoRA checkpoints, and {src} is a full model folder",
-                    f"drop {name}, or pass a checkpoint of a `--adapter lora` run (checkpoints/step-N)",
+    # one writer per destination: a second export, or a run, writing there is refused and changes nothing
+    with runlock.hold(runlock.destination_folder(dest), runlock.this_command()):
+        if is_lora_checkpoint(src):
+            with events.stage(f"exporting the LoRA {src}"):
+                summary = export_lora(
+                    src, dest, fmt=(format or LoraFormat.kohya).value, merge=merge, half=half is not False, base=base
                 )
-        with events.stage(f"exporting {src}"):
-            summary = export_model(src, dest, ExportOptions(half=bool(half)))
+        else:
+            from dreambooth.checkpoint.export import ExportOptions
+            from dreambooth.checkpoint.export import export as export_model
+
+            for given, name in ((format, "--format"), (merge, "--merge"), (base, "--base")):
+                if given:
+                    raise UserError(
+                        f"{name} applies to LoRA checkpoints, and {src} is a full model folder",
+                        f"drop {name}, or pass a checkpoint of a `--adapter lora` run (checkpoints/step-N)",
+                    )
+            with events.stage(f"exporting {src}"):
+                summary = export_model(src, dest, ExportOptions(half=bool(half)))
     events.emit("exported", **summary)
     _report(summary, f"wrote {dest}")
 
@@ -244,7 +250,15 @@ def _train_flags(args: list[str]) -> dict:
     with command.make_context("dreambooth train", list(args)) as ctx:
         params = dict(ctx.params)
     params.pop("config", None)
-    return {k: (v.value if isinstance(v, StrEnum) else v) for k, v in params.items()}
+    return {k: _flag_value(v) for k, v in params.items()}
+
+
+def _flag_value(value):
+    """A parsed flag as the config takes it: an enum's value; None for a repeatable flag not given (click gives
+    an empty tuple, which would otherwise wipe run.toml's or the demo's list, e.g. its --save-sample-prompt)."""
+    if isinstance(value, StrEnum):
+        return value.value
+    return None if value == () else value
 
 
 class _TrainCommand(typer.core.TyperCommand):
@@ -258,6 +272,12 @@ class _TrainCommand(typer.core.TyperCommand):
         "--not_cache_latents": "--no-cache-latents",
         "--stop_text_encoder_training": "--text-encoder-steps",
         "--save_half": "--save-fp16",
+        # kohya sd-scripts' names
+        "--caption_dropout_rate": "--caption-dropout",
+        "--enable_bucket": "--buckets",
+        "--min_bucket_reso": "--bucket-min-side",
+        "--max_bucket_reso": "--bucket-max-side",
+        "--bucket_reso_steps": "--bucket-step",
     }
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"]
@@ -370,6 +390,37 @@ def train(
     resolution: Annotated[int | None, typer.Option(rich_help_panel=_DATA)] = None,
     center_crop: Annotated[bool | None, typer.Option(rich_help_panel=_DATA)] = None,
     random_flip: Annotated[bool | None, typer.Option(rich_help_panel=_DATA)] = None,
+    caption_extension: Annotated[
+        str | None,
+        typer.Option(
+            help="Per-image captions: the first line of photo.txt beside photo.jpg for '.txt' (UTF-8); none or empty: "
+            "the instance prompt. A caption without the instance prompt's identifier (its words that the class "
+            "prompt lacks, e.g. 'sks') gets the instance prompt in front: '<instance prompt>, <caption>'. Class "
+            "images: the class prompt, or their own caption files.",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    caption_dropout: Annotated[
+        float | None,
+        typer.Option(help="Share of instance examples trained with an empty caption, e.g. 0.1.", rich_help_panel=_DATA),
+    ] = None,
+    buckets: Annotated[
+        bool | None,
+        typer.Option(
+            help="Aspect-ratio buckets of about resolution² px (sides multiples of --bucket-step) instead of square "
+            "crops; each batch from one bucket; small images are never upscaled.",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
+    bucket_min_side: Annotated[
+        int | None, typer.Option(help="Shortest bucket side (default 256, or --resolution).", rich_help_panel=_DATA)
+    ] = None,
+    bucket_max_side: Annotated[
+        int | None, typer.Option(help="Longest bucket side (default 2 × --resolution).", rich_help_panel=_DATA)
+    ] = None,
+    bucket_step: Annotated[
+        int | None, typer.Option(help="Bucket sides are multiples of it (default 64).", rich_help_panel=_DATA)
+    ] = None,
     seed: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
     train_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
     max_train_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
@@ -430,6 +481,14 @@ def train(
     cache_latents: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
     offset_noise: Annotated[float | None, typer.Option(help="e.g. 0.05.", rich_help_panel=_OPT)] = None,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR weighting, e.g. 5.", rich_help_panel=_OPT)] = None,
+    zero_terminal_snr: Annotated[
+        bool | None,
+        typer.Option(
+            help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023): true black/white and the full "
+            "range at the last step. Needs a v-prediction model.",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     low_vram: Annotated[
         bool | None,
         typer.Option(
@@ -497,7 +556,7 @@ def train(
     from dreambooth import launch
     from dreambooth.config import build_train_config
 
-    flags = {k: (v.value if isinstance(v, StrEnum) else v) for k, v in given.items() if k != "config"}
+    flags = {k: _flag_value(v) for k, v in given.items() if k != "config"}
     cfg = build_train_config(config, flags)
     _training_done(launch.train(cfg))  # in this process, or in the processes it launches
 
@@ -537,6 +596,18 @@ def sample(
         paths = sample_model(model_dir, prompt, dest, num_images, seed, steps, guidance_scale)
     events.emit("sampled", files=[str(p) for p in paths])
     _report({"files": [str(p) for p in paths]}, f"wrote {dest}")
+
+
+@app.command()
+def report(
+    output: Annotated[Path, typer.Argument(help="A run's output folder (what --output named), finished or not.")],
+) -> None:
+    """Write OUTPUT/report.html: samples per checkpoint, before/after, loss, exported files, stages, settings."""
+    from dreambooth.report import write_report_page
+
+    page = write_report_page(output)
+    events.emit("report_written", path=str(page))
+    _report({"open": page.resolve().as_uri()}, f"wrote {page}")
 
 
 def _report(data: dict, title: str) -> None:

@@ -14,6 +14,7 @@ from dreambooth.checkpoint.convert import WEIGHT_FILES
 from dreambooth.config import TrainConfig
 from dreambooth.data import check_instance_dir, scan_images
 from dreambooth.errors import UserError
+from dreambooth.families.sdxl import refuse_refiner
 from dreambooth.fileio import atomic_dir, write_json
 
 
@@ -21,17 +22,22 @@ def check_model_folder(folder: Path, flag: str) -> None:
     """A diffusers folder with everything training needs; the message names what is missing."""
     if not folder.is_dir():
         raise UserError(f"{flag} {folder} is not a folder", "pass a diffusers folder or a .ckpt/.safetensors file")
+    if (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir():
+        refuse_refiner(folder)
     missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    for name, weights in WEIGHT_FILES.items():
+    sdxl = (folder / "text_encoder_2").is_dir() or "XL" in _pipeline_class(folder)
+    needed = ("unet", "vae", "text_encoder", *(("text_encoder_2",) if sdxl else ()))
+    for name in needed:
+        weights = WEIGHT_FILES.get(name, "model")
         if not (folder / name / "config.json").is_file():
             missing.append(f"{name}/config.json")
         if not any(
             p.name.startswith(weights) for p in (folder / name).glob("*") if p.suffix in (".safetensors", ".bin")
         ):
             missing.append(f"{name}/{weights}.safetensors")
-    tokenizer = folder / "tokenizer"
-    if not ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()):
-        missing.append("tokenizer/vocab.json + merges.txt")
+    for tokenizer in ("tokenizer", *(("tokenizer_2",) if sdxl else ())):
+        if not ((folder / tokenizer / "vocab.json").is_file() and (folder / tokenizer / "merges.txt").is_file()):
+            missing.append(f"{tokenizer}/vocab.json + merges.txt")
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler/scheduler_config.json")
     if missing:
@@ -39,6 +45,13 @@ def check_model_folder(folder: Path, flag: str) -> None:
             f"{flag} {folder} is an incomplete diffusers folder: missing {', '.join(missing)}",
             "point it at the folder's top (the one with model_index.json), or re-run `dreambooth convert`",
         )
+
+
+def _pipeline_class(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def check_output(output: Path) -> None:
@@ -99,12 +112,16 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
         from dreambooth.checkpoint.convert import component_config_file
         from dreambooth.checkpoint.vae_file import load_vae
 
+        family = vae_family(model_dir)
         folder = cache_entry(cfg.cache / "vae", src)
+        if family != "sd1":  # the same file, converted with SDXL's scaling factor, is another entry
+            folder = folder.with_name(f"{folder.name}-{family}")
         if not (folder / "config.json").is_file():
             from safetensors.torch import save_file
 
             with events.stage(f"converting the VAE {src.name} into {folder}"):
-                vae = load_vae(src, "sd1")  # SD 1.x and 2.x share the VAE's architecture and scaling factor
+                # one architecture, but SDXL's VAE has its own scaling factor (0.13025; SD 1.x/2.x: 0.18215)
+                vae = load_vae(src, family)
                 with atomic_dir(folder, overwrite=True) as tmp:
                     save_file(vae.state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
                     write_json(tmp / "config.json", component_config_file("vae", vae.config))
@@ -116,7 +133,21 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
             f"{unet_config.get('in_channels')}",
             "pass a VAE of the model's family (Stable Diffusion 1.x/2.x VAEs make 4 channels)",
         )
+    model_vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    ours, theirs = model_vae.get("scaling_factor"), vae_config.get("scaling_factor")
+    if ours and theirs and abs(ours - theirs) > 1e-6:
+        raise UserError(
+            f"--vae {src} is a VAE of another model family (latent scaling factor {theirs}; the model's VAE has "
+            f"{ours})",
+            "pass a VAE made for this model: SDXL takes an SDXL VAE (e.g. sdxl-vae-fp16-fix), SD 1.x/2.x theirs",
+        )
     return folder
+
+
+def vae_family(model_dir: Path) -> str:
+    """The family whose VAE config a single VAE file gets: SDXL's (its own scaling) or SD 1.x/2.x's (shared)."""
+    sdxl = (model_dir / "text_encoder_2").is_dir() or "XL" in _pipeline_class(model_dir)
+    return "sdxl" if sdxl else "sd1"
 
 
 def preflight(cfg: TrainConfig) -> dict[int, list[Path]]:

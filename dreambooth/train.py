@@ -26,13 +26,36 @@ import torch.nn.functional as F
 
 from dreambooth import adapters, events, families, performance, trackers
 from dreambooth.checkpoint.families import model_type_of
-from dreambooth.checkpoints import CHECKPOINTS, REPORT_FILE, STATE_FILE, checkpoint_dir, latest_checkpoint, prune
+from dreambooth.checkpoints import (
+    CHECKPOINTS,
+    REPORT_FILE,
+    STATE_FILE,
+    checkpoint_dir,
+    finished_checkpoints,
+    latest_checkpoint,
+    prune,
+    remove_scratch,
+)
 from dreambooth.config import TrainConfig
-from dreambooth.data import DataStream, Example, LatentSource, PromptCache, sample_latents, scan_images
+from dreambooth.data import (
+    DataStream,
+    Example,
+    LatentSource,
+    PromptCache,
+    assign_buckets,
+    bucket_grid,
+    bucket_name,
+    class_examples_of,
+    instance_examples,
+    sample_latents,
+    scan_images,
+)
 from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
-from dreambooth.fileio import atomic_dir, atomic_path, write_json
+from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
+from dreambooth.plots import loss_plot
 from dreambooth.preflight import preflight, resolve_model, resolve_vae
+from dreambooth.report import write_report_page
 
 __all__ = ["CHECKPOINTS", "REPORT_FILE", "STATE_FILE", "latest_checkpoint", "train"]
 
@@ -51,8 +74,8 @@ def check_disk(cfg: TrainConfig, adapter, c, trained: dict) -> dict:
     free = shutil.disk_usage(cfg.output).free
     if need > free:
         raise EnvironmentProblem(
-            f"--output {cfg.output}: the planned {saves} checkpoints need about {need / 2**30:.1f} GiB, "
-            f"and only {free / 2**30:.1f} GiB is free",
+            f"--output {cfg.output}: the planned {saves} checkpoints need about {human_bytes(need)} "
+            f"({need / 2**30:.2f} GiB) on the disk {mount_point(cfg.output)}, and only {human_bytes(free)} is free",
             "free space, pass --keep-last 1 or --save-fp16, or raise --save-interval",
         )
     return {"estimated_bytes": need, "free_bytes": free, "checkpoints_planned": saves}
@@ -188,6 +211,7 @@ class History:
     class_losses: list[float] = field(default_factory=list)
     lrs: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    skipped_steps: list[int] = field(default_factory=list)  # fp16 steps the gradient scaler threw away
 
 
 @dataclass
@@ -225,7 +249,7 @@ class Run:
 
 def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
-    with stop_on_signals() as should_stop:
+    with stop_on_signals() as should_stop, input_vanishes(cfg):
         run = setup(cfg, should_stop)
         if isinstance(run, dict):  # nothing left to train: the report of the finished run
             return run
@@ -240,6 +264,37 @@ def train(cfg: TrainConfig) -> dict:
         run.setup["steps_this_run"] = run.step - run.setup["first_step"]
         return _write_report(run.cfg, run.step, run.history, started, run.last_saved, run.setup,
                              run.accelerator.is_main_process)  # fmt: skip
+
+
+@contextmanager
+def input_vanishes(cfg: TrainConfig):
+    """An image (or its folder, or the volume) deleted or unmounted while training reads it is one line naming it,
+    not a traceback; the checkpoints written so far stay, and the same command resumes from the last one."""
+    try:
+        yield
+    except FileNotFoundError as exc:
+        if not exc.filename:
+            raise
+        last = latest_checkpoint(cfg.output)
+        raise UserError(
+            f"{exc.filename} disappeared while training was reading its inputs",
+            "put it (or its folder or volume) back and run the same command again: training resumes from "
+            + (str(last) if last else "the start"),
+        ) from exc
+
+
+def zero_terminal_snr(c, model_dir: Path):
+    """The base's beta schedule rescaled so that its last step is pure noise (SNR 0): what v-prediction needs to
+    learn the full range of brightness. An epsilon model has nothing to predict at SNR 0, so it is refused."""
+    if c.prediction_type != "v_prediction":
+        raise UserError(
+            f"--zero-terminal-snr needs a v-prediction model, and {model_dir} predicts {c.prediction_type}",
+            "drop --zero-terminal-snr, or train a v-prediction model (convert with --model-type sd2-v / sdxl-v)",
+        )
+    from diffusers import DDPMScheduler
+
+    c.extra["zero_terminal_snr"] = True
+    return DDPMScheduler.from_config(dict(c.scheduler.config), rescale_betas_zero_snr=True)
 
 
 def class_examples(cfg: TrainConfig, accelerator, model_dir: Path, seed: int, weight_dtype, should_stop):
@@ -261,8 +316,29 @@ def class_examples(cfg: TrainConfig, accelerator, model_dir: Path, seed: int, we
     for i, concept in enumerate(cfg.concepts):
         paths = scan_images(concept.class_data_dir, cfg.resolution, "--class-data-dir")
         # exactly --num-class-images of them, the same ones on every run (sorted names)
-        classes[i] = [Example(p, concept.class_prompt, i) for p in paths[: cfg.num_class_images]]
+        classes[i] = class_examples_of(paths[: cfg.num_class_images], concept.class_prompt, i, cfg.caption_extension)
     return classes
+
+
+def make_stream(cfg: TrainConfig, instances: list[Example], classes, seed: int, world: int, state) -> DataStream:
+    """The data order. With buckets each global micro-batch (per-device batch × processes) is one bucket, so the
+    order depends on that size: a checkpoint resumes with buckets only where it is the same."""
+    group = cfg.train_batch_size * world
+    buckets = None
+    if cfg.buckets:
+        grid = bucket_grid(cfg.resolution, cfg.bucket_min_side, cfg.bucket_max_side, cfg.bucket_step)
+        buckets = assign_buckets([e.path for e in instances], grid, cfg.bucket_step)
+        saved = state["config"]["train_batch_size"] * state.get("world_size", 1) if state is not None else group
+        if saved != group:
+            raise UserError(
+                f"--buckets: the checkpoint was trained {saved} images per global micro-batch (--train-batch-size × "
+                f"processes), and this run has {group}; each such batch is one bucket, so the order would change",
+                f"resume with --train-batch-size {cfg.train_batch_size} × processes = {saved}, or use another --output",
+            )
+    return DataStream(
+        instances, classes, seed, cfg.train_batch_size, cfg.random_flip,
+        buckets=buckets, group=group, caption_dropout=cfg.caption_dropout,
+    )  # fmt: skip
 
 
 def param_groups(trained: dict, lr: float, text_lr: float) -> list[dict]:
@@ -282,23 +358,29 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- check everything the user gave before anything heavy -----------------------------------------
     instance_images = preflight(cfg)
+    # captions are read (and a file that is not UTF-8 refused) before anything heavy
+    instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension)
     with accelerator.main_process_first():  # a single model or VAE file is converted once, into the shared cache
         model_dir = resolve_model(cfg)
         vae_dir = resolve_vae(cfg, model_dir)
     if vae_dir is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
         cfg = replace(cfg, vae=vae_dir)
+    family = families.of_folder(model_dir)  # before class images: a model that cannot train stops here
     if cfg.fused_backward and accelerator.num_processes > 1:
         raise UserError(
             f"--fused-backward updates each weight inside backward, and {accelerator.num_processes} processes run",
             "launch one process, or pass --no-fused-backward",
         )
-    resume_from = latest_checkpoint(cfg.output)
+    if accelerator.is_main_process:
+        remove_scratch(cfg.output)  # what a killed run left half-written
+    resume_from, state = resume_point(cfg, accelerator.is_main_process)
     if cfg.resume and resume_from is None:
         raise UserError(f"--resume: no checkpoint in {cfg.output / CHECKPOINTS}", "drop --resume to start afresh")
-    state = torch.load(resume_from / STATE_FILE, weights_only=False) if resume_from else None
     if state is not None and state["step"] >= cfg.max_train_steps:
         events.notice(f"{resume_from} already reached step {state['step']} (--max-train-steps {cfg.max_train_steps})")
-        return _write_report(cfg, state["step"], History(**state["history"]), started, resume_from, {},
+        # what set-up knows without loading the model: a killed run's rerun reports (and exports) the same seed
+        known = {"seed": state["seed"], "first_step": state["step"], "steps_this_run": 0}
+        return _write_report(cfg, state["step"], History(**state["history"]), started, resume_from, known,
                              accelerator.is_main_process)  # fmt: skip
     if state is not None and state["config"].get("adapter", "full") != cfg.adapter:
         raise UserError(
@@ -328,14 +410,14 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- class images for prior preservation (the base model, before its weights change) --------------
     classes = class_examples(cfg, accelerator, model_dir, seed, weight_dtype, should_stop)
-    instances = [Example(p, cfg.concepts[i].instance_prompt, i) for i, paths in instance_images.items() for p in paths]
 
     # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
-    family = families.of_folder(model_dir)
     adapter = adapters.get(cfg.adapter)
     with whole_on_load(accelerator):
         c = family.load(model_dir, vae_dir, adapter.dtypes(cfg, weight_dtype))
     c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
+    if cfg.zero_terminal_snr:
+        c.scheduler = zero_terminal_snr(c, model_dir)
     attention = set_attention(c.unet, cfg, device)
     trained = adapter.prepare(c, cfg)
     if state is not None:
@@ -386,16 +468,18 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         encoder.to(device)
 
     # --- caches: a frozen VAE / text encoder gives the same output every epoch, so compute it once -------
-    stream = DataStream(instances, classes, seed, cfg.train_batch_size, cfg.random_flip)
-    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, weight_dtype)
+    stream = make_stream(cfg, instances, classes, seed, world, state)
+    # in the VAE's own precision: the family may keep it in fp32 (SDXL's overflows in fp16)
+    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, next(c.vae.parameters()).dtype)
     prompts = PromptCache(lambda batch: family.encode(c, batch))
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
     if cfg.cache_latents:
-        with events.stage("caching VAE latents", images=len(all_examples)):
-            latents.build_cache(sorted({e.path for e in all_examples}), cfg.random_flip, seed)
+        entries = stream.cache_entries()  # with buckets: a class image once per bucket it may be cut to
+        with events.stage("caching VAE latents", images=len(entries)):
+            latents.build_cache(entries, cfg.random_flip, seed)
         c.vae.to("cpu")  # not needed on the GPU again until samples are drawn
     if not text_encoders_train:
-        prompts.build([e.prompt for e in all_examples])
+        prompts.build(stream.all_prompts())
         if not cfg.train_text_encoder:
             for encoder in c.text_encoders.values():
                 encoder.to("cpu")
@@ -420,6 +504,10 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         "model_dir": str(model_dir),
         "instance_images": len(instances),
         "class_images": sum(len(v) for v in (classes or {}).values()),
+        "caption_extension": cfg.caption_extension,
+        "captions": sum(e.captioned for e in all_examples),  # examples whose prompt came from a caption file
+        "caption_dropout": cfg.caption_dropout,
+        "buckets": {bucket_name(size): n for size, n in stream.bucket_counts().items()} if cfg.buckets else None,
         "trainable_parameters": sum(p.numel() for p in params),
         "disk": disk,
         # how the batch is made up: global = per device × accumulation × processes; lr already --scale-lr'd
@@ -500,7 +588,7 @@ def fit(run: Run, should_stop) -> None:
                 for name in (n for n in run.trained if n != "unet"):
                     run.trained[name].requires_grad_(False)
                     run.trained[name].eval()
-                run.prompts.build([e.prompt for e in run.all_examples])
+                run.prompts.build(run.stream.all_prompts())
 
             total, instance_total, class_total = 0.0, 0.0, 0.0
             for _ in range(accum):  # gradient accumulation: several micro-batches, one optimizer step
@@ -508,6 +596,7 @@ def fit(run: Run, should_stop) -> None:
                 run.samples_seen += world * cfg.train_batch_size
                 # latents from the VAE's distribution; noise and timesteps from the run's own generator
                 dist = run.latents.distributions(batch, run.stream)
+                check_finite_latents(dist, run)
                 generator = run.generator
                 latents = sample_latents(dist, scaling, shard.randn(generator, dist.shape[1] // 2, *dist.shape[2:]))
                 noise = shard.randn(generator, *latents.shape[1:]).to(device)
@@ -518,12 +607,13 @@ def fit(run: Run, should_stop) -> None:
                 target = family.target(c, latents, noise, timesteps)
                 # accumulate: DDP exchanges gradients after the last micro-batch only (and scales the loss by 1/accum)
                 with accelerator.autocast(), accelerator.accumulate(*run.trained.values()):
-                    cond = run.prompts([e.prompt for e in batch.examples])
+                    cond = run.prompts(batch.prompts)  # captions; "" where caption dropout struck
                     if input_dtype is not None:
                         noisy, cond = noisy.to(input_dtype), {k: v.to(input_dtype) for k, v in cond.items()}
                     if cfg.channels_last:
                         noisy = noisy.contiguous(memory_format=torch.channels_last)
-                    pred = family.predict(c, noisy, timesteps, cond)
+                    # (orig h, w, crop top, left, target h, w) per row: SDXL's size and crop conditioning
+                    pred = family.predict(c, noisy, timesteps, cond, batch.geometry.to(device))
                 instance_loss, class_loss = prior_preserving_loss(pred, target, timesteps, batch.num_instance, c, cfg)
                 loss = instance_loss + cfg.prior_loss_weight * class_loss
                 # divides by --gradient-accumulation-steps; with --fused-backward the weights update in here
@@ -545,6 +635,8 @@ def fit(run: Run, should_stop) -> None:
                 total, instance_total, class_total = (accelerator.reduce(stats, "sum") / world).tolist()
             log_step(run, total, instance_total, class_total, advance)
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            if skipped:
+                run.history.skipped_steps.append(run.step)
             check_diverged(run, total, skipped_in_a_row)
 
             stopping = should_stop()
@@ -579,6 +671,16 @@ def prior_preserving_loss(pred, target, timesteps, num_instance: int, c, cfg: Tr
 
 
 MAX_SKIPPED_IN_A_ROW = 20  # a scaler halves its scale at each: 2**-20 of the start means it will not recover
+
+
+def check_finite_latents(dist: torch.Tensor, run: Run) -> None:
+    """NaN latents come from a VAE that overflowed (SDXL's in fp16): every step on them would train on garbage."""
+    if not torch.isfinite(dist).all():
+        vae = run.c.vae_dir or run.c.model_dir / "vae"
+        raise UserError(
+            f"the VAE ({vae}) gives non-finite latents in {next(run.c.vae.parameters()).dtype} at step {run.step}",
+            "pass a VAE that is finite in fp16 (--vae, e.g. sdxl-vae-fp16-fix for SDXL) or --mixed-precision no",
+        )
 
 
 def check_diverged(run: Run, loss: float, skipped_in_a_row: int) -> None:
@@ -631,6 +733,34 @@ def log_step(run: Run, total: float, instance_loss: float, class_loss: float, ad
 # ───────────────────────────── checkpoints ─────────────────────────────
 
 
+def resume_point(cfg: TrainConfig, main_process: bool) -> tuple[Path | None, dict | None]:
+    """The newest finished checkpoint that reads back whole, and its training state. A damaged one — a truncated
+    state or weight file (a full disk, a copy cut short) — is set aside as step-N.damaged with a warning, and the
+    one before it is used: a run resumes from the last good checkpoint instead of failing on the latest."""
+    from dreambooth.checkpoint.load import check_safetensors
+
+    for step, folder in reversed(finished_checkpoints(cfg.output)):
+        try:
+            for weights in sorted(folder.rglob("*.safetensors")):
+                check_safetensors(weights)  # the header against the file's size: a truncated file fails here
+            state = torch.load(folder / STATE_FILE, weights_only=False)
+            if not isinstance(state, dict) or state.get("step") != step:
+                raise ValueError(f"{STATE_FILE} is not the training state of step {step}")
+            return folder, state
+        except Exception as exc:
+            why = (getattr(exc, "message", None) or str(exc) or type(exc).__name__).strip().splitlines()[0][:200]
+            aside = folder.with_name(f"{folder.name}.damaged")
+            if main_process:
+                n = 1
+                while aside.exists():
+                    n += 1
+                    aside = folder.with_name(f"{folder.name}.damaged-{n}")
+                os.replace(folder, aside)
+            events.warn(f"checkpoint {folder} is damaged ({why}): set aside as {aside.name}; resuming from the "
+                        "finished one before it, if any")  # fmt: skip
+    return None, None
+
+
 def save(run: Run) -> Path:
     """Every process takes part (ZeRO-3 gathers the weights); the first one writes, the others wait for it."""
     with whole_weights(run.accelerator, run.trained["unet"]):
@@ -648,7 +778,8 @@ def save_checkpoint(run: Run) -> Path:
     dest = checkpoint_dir(cfg.output, run.step)
     trained = {name: accelerator.unwrap_model(model) for name, model in run.trained.items()}
     check_finite_weights(run, trained)
-    with events.stage(f"saving checkpoint step-{run.step}"), atomic_dir(dest, overwrite=True) as tmp:
+    need = int(run.adapter.checkpoint_bytes(run.c, trained, cfg))  # for the message if the disk fills up
+    with events.stage(f"saving checkpoint step-{run.step}"), atomic_dir(dest, overwrite=True, need=need) as tmp:
         extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed)
         training_state = {
             "step": run.step,
@@ -696,7 +827,7 @@ def draw_samples(run: Run, folder: Path, trained: dict) -> None:
                 pipe, prompt, cfg.n_save_sample, run.seed, resolution=cfg.resolution, steps=cfg.save_infer_steps,
                 guidance_scale=cfg.save_guidance_scale, negative_prompt=cfg.save_sample_negative_prompt,
             )  # fmt: skip
-            save_images(images, folder, f"prompt{i}")
+            save_images(images, folder, f"prompt{i}", prompt=prompt, seed=run.seed, step=run.step)
         (folder / "prompts.txt").write_text("\n".join(cfg.save_sample_prompt) + "\n")
     for m, (where, training) in places.items():
         m.to(where).train(training)
@@ -731,50 +862,14 @@ def _write_report(cfg, step, history: History, started, checkpoint, setup, write
             "instance": history.instance_losses,
             "class": history.class_losses,
             "lr": history.lrs,
+            "skipped": history.skipped_steps,
         },
     }
     if not write:  # another process writes it
         return report
     write_json(cfg.output / REPORT_FILE, report)
     if history.losses:
-        with atomic_path(cfg.output / "loss_curve.png") as tmp:
-            loss_curve(history.losses).save(tmp, format="PNG")
+        steps = [step for step, _ in finished_checkpoints(cfg.output)]
+        loss_plot(report["losses"], cfg.output / "loss_curve.png", steps, title=f"training loss, {cfg.output.name}")
+    write_report_page(cfg.output)
     return report
-
-
-def loss_curve(losses: list[float], size: tuple[int, int] = (800, 400)):
-    """The loss per step (grey) and its moving average (blue), drawn with PIL (no matplotlib in the image)."""
-    from PIL import Image, ImageDraw
-
-    w, h = size
-    pad_l, pad_r, pad_t, pad_b = 60, 20, 20, 40
-    image = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(image)
-    values = [v for v in losses if math.isfinite(v)] or [0.0]
-    lo, hi = min(values), max(values)
-    hi = hi if hi > lo else lo + 1e-6
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        x = pad_l + (w - pad_l - pad_r) * (i / max(1, len(losses) - 1))
-        y = pad_t + (h - pad_t - pad_b) * (1 - (v - lo) / (hi - lo))
-        return x, y
-
-    draw.rectangle([pad_l, pad_t, w - pad_r, h - pad_b], outline="black")
-    for frac in (0.0, 0.5, 1.0):
-        v = lo + frac * (hi - lo)
-        y = xy(0, v)[1]
-        draw.text((5, y - 6), f"{v:.4f}", fill="black")
-    draw.text((pad_l, h - pad_b + 8), "step 1", fill="black")
-    draw.text((w - pad_r - 80, h - pad_b + 8), f"step {len(losses)}", fill="black")
-    draw.text((w // 2 - 20, h - 20), "loss", fill="black")
-    points = [xy(i, v) for i, v in enumerate(losses) if math.isfinite(v)]
-    if len(points) > 1:
-        draw.line(points, fill=(180, 180, 180), width=1)
-    smooth, ema = [], None
-    for v in losses:
-        if math.isfinite(v):
-            ema = v if ema is None else 0.9 * ema + 0.1 * v
-        smooth.append(ema if ema is not None else lo)
-    if len(smooth) > 1:
-        draw.line([xy(i, v) for i, v in enumerate(smooth)], fill=(30, 90, 200), width=2)
-    return image

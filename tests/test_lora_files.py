@@ -250,9 +250,9 @@ def test_kohya_names_match_the_published_convention_at_full_size(model_type):
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=UNET_TARGETS), unet)
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS), text)
     models = {"unet": unet, "text_encoder": text}
-    info = {"components": lora.describe_adapters(models)}
+    info = {"family": model_type, "components": lora.describe_adapters(models)}
     states = {name: lora.get_peft_model_state_dict(m) for name, m in models.items()}
-    keys = lora.to_kohya(info, states, lora.SD_PREFIXES)
+    keys = lora.to_kohya(info, states)
     modules = sorted({k.split(".")[0] for k in keys})
     expected = golden(f"lora-{model_type}-kohya.txt")
     assert modules == expected

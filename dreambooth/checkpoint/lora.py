@@ -19,7 +19,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
@@ -33,6 +33,7 @@ from dreambooth.checkpoint.export import (
     export_model,
     read_diffusers_folder,
 )
+from dreambooth.checkpoint.load import sort_safetensors_metadata
 from dreambooth.errors import UserError
 from dreambooth.fileio import atomic_dir, atomic_path, write_json
 
@@ -41,13 +42,15 @@ ADAPTER_INFO = "lora.json"
 ADAPTER_NAME = "default"  # peft's adapter name; we train one adapter per model
 FORMATS = ("kohya", "diffusers")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-# the kohya/A1111 prefix of each component (SDXL: lora_te1 / lora_te2)
-SD_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te"}
 # transformers 5 dropped CLIPTextModel's `text_model.` level from module paths; the published names keep it
 TEXT_MODEL = "text_model."
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
-# kohya's ss_base_model_version for SD 1.x/2.x (sd-scripts model_util.get_model_version_str_for_sd1_sd2)
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v"}
+# kohya's ss_base_model_version (sd-scripts model_util / sdxl_model_util); the WebUI tells SDXL by "sdxl_"
+BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
+# what a LoRA file's modelspec.implementation says its module names follow (kohya's sai_model_spec choice)
+IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
+# the UNet config fields that decide its original (SGM) module names; lora.json keeps them for the export
+UNET_LAYOUT = ("down_block_types", "up_block_types", "layers_per_block")
 
 
 # --- the training checkpoint's lora/ folder ---------------------------------------------------------------------
@@ -207,8 +210,27 @@ def kohya_module_name(prefix: str, component: str, module: str) -> str:
     return f"{prefix}_{module.replace('.', '_')}"
 
 
-def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: dict[str, str]) -> dict:
-    """peft keys → kohya/A1111 names: `.lora_down.weight`, `.lora_up.weight`, `.alpha` per module."""
+def kohya_prefixes(family: str) -> dict[str, str]:
+    from dreambooth.families import get
+
+    return get(family).lora_prefixes
+
+
+def sgm_unet_module(module: str, layout: dict) -> str:
+    """A diffusers UNet module path in the original layout (`down_blocks.1.attentions.0.…` →
+    `input_blocks.4.1.…`): kohya's SDXL LoRAs name the UNet's modules so, as its SDXL UNet is the original one."""
+    from dreambooth.checkpoint.keymap import unet_original_key
+
+    return unet_original_key(module + ".weight", layout).removesuffix(".weight")
+
+
+def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: dict[str, str] | None = None) -> dict:
+    """peft keys → kohya/A1111 names: `.lora_down.weight`, `.lora_up.weight`, `.alpha` per module. SD 1.x/2.x
+    UNets keep their diffusers module paths (kohya's convention there), SDXL's take the original ones."""
+    prefixes = prefixes or kohya_prefixes(info["family"])
+    sgm = info["family"] == "sdxl"
+    if sgm and not info.get("unet_layout"):
+        raise UserError(f"{ADAPTER_INFO} of this SDXL LoRA lacks unet_layout", "export a checkpoint this version wrote")
     out: dict[str, torch.Tensor] = {}
     for component, state in states.items():
         if component not in prefixes:
@@ -218,7 +240,8 @@ def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: d
             if not key.endswith(_DOWN):
                 continue
             module = _module_path(key.removesuffix(_DOWN))
-            name = kohya_module_name(prefixes[component], component, module)
+            published = sgm_unet_module(module, info["unet_layout"]) if sgm and component == "unet" else module
+            name = kohya_module_name(prefixes[component], component, published)
             down, up = state[key], state[module + _UP]
             out[f"{name}.lora_down.weight"] = down
             out[f"{name}.lora_up.weight"] = up
@@ -236,8 +259,9 @@ def kohya_metadata(info: dict) -> dict[str, str]:
     if info.get("conv_rank"):
         network_args = {"conv_dim": str(info["conv_rank"]), "conv_alpha": str(info.get("conv_alpha") or 1)}
     version = BASE_MODEL_VERSION.get(model_type, BASE_MODEL_VERSION[info["family"]])
-    if v_pred and not version.endswith("_v"):
+    if v_pred and not version.endswith("_v") and info["family"] != "sdxl":  # SDXL: modelspec.prediction_type says it
         version += "_v"
+    architecture = MODELSPEC_ARCHITECTURE.get(model_type, MODELSPEC_ARCHITECTURE.get(info["family"]))
     steps = info.get("step", 0)
     meta = {
         "ss_network_module": "networks.lora",
@@ -260,8 +284,9 @@ def kohya_metadata(info: dict) -> dict[str, str]:
         "dreambooth.prediction_type": info.get("prediction_type") or "epsilon",
         "dreambooth.trigger": trigger,
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{MODELSPEC_ARCHITECTURE[model_type]}/lora",
-        "modelspec.implementation": "diffusers",  # kohya's choice for SD 1.x/2.x LoRAs (diffusers module names)
+        "modelspec.architecture": f"{architecture}/lora",
+        # kohya's choice: SD 1.x/2.x LoRAs name diffusers modules, SDXL's the original (SGM) ones
+        "modelspec.implementation": IMPLEMENTATION.get(info["family"], "diffusers"),
         "modelspec.title": str(info.get("output_name") or "LoRA"),
         "modelspec.prediction_type": "v" if v_pred else "epsilon",
         "modelspec.resolution": f"{resolution}x{resolution}",
@@ -334,12 +359,13 @@ def _cast(state: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]
 def _export_kohya(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
     if dest.suffix != ".safetensors":
         raise UserError(f"{dest}: a kohya LoRA file is a .safetensors file", f"name it {dest.stem}.safetensors")
-    state = _cast(to_kohya(info, states, SD_PREFIXES), half)
+    state = _cast(to_kohya(info, states), half)
     state = dict(sorted(state.items()))
     metadata = kohya_metadata(info)
     metadata |= tensor_hashes(state, metadata)
     with atomic_path(dest) as tmp:
         save_file(state, tmp, metadata=metadata)
+        sort_safetensors_metadata(tmp)  # the same LoRA gives the same bytes, whichever process wrote it
     return {"file": str(dest), "size_bytes": dest.stat().st_size, "tensors": len(state), "half": half}
 
 
@@ -365,10 +391,11 @@ def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> di
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest} exists and is a file", "pass a folder path for the diffusers LoRA")
     kwargs = {}
-    for name in ("unet", "text_encoder"):
+    names = ("unet", "text_encoder", "text_encoder_2")
+    for name in names:
         if name in states:
             state, component = _cast(states[name], half), info["components"][name]
-            if name == "text_encoder":
+            if name.startswith("text_encoder"):
                 # keys as the published diffusers LoRAs have them (transformers 4's `text_model.` level: diffusers
                 # strips it for transformers 5); module names in the config without it, which peft matches as a
                 # suffix under either layout
@@ -379,11 +406,12 @@ def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> di
                 }
             kwargs[f"{name}_lora_layers"] = state
             kwargs[f"{name}_lora_adapter_metadata"] = diffusers_adapter_metadata(component)
+    pipeline = StableDiffusionXLPipeline if info["family"] == "sdxl" else StableDiffusionPipeline
     with atomic_dir(dest, overwrite=True) as tmp:
-        StableDiffusionPipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHTS, **kwargs)
+        pipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHTS, **kwargs)
         write_json(tmp / ADAPTER_INFO, {k: v for k, v in info.items() if k != "components"})
     file = dest / DIFFUSERS_WEIGHTS
-    tensors = sum(len(states[n]) for n in ("unet", "text_encoder") if n in states)
+    tensors = sum(len(states[n]) for n in names if n in states)
     return {"file": str(file), "folder": str(dest), "size_bytes": file.stat().st_size, "tensors": tensors, "half": half}
 
 

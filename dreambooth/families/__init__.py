@@ -11,10 +11,15 @@ from pathlib import Path
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Conditioning, Family
 from dreambooth.families.sd import StableDiffusion
+from dreambooth.families.sdxl import StableDiffusionXL, refuse_refiner
 
 __all__ = ["Components", "Conditioning", "Family", "get", "of_folder"]
 
-FAMILIES: dict[str, Family] = {"sd1": StableDiffusion("sd1"), "sd2": StableDiffusion("sd2")}
+FAMILIES: dict[str, Family] = {
+    "sd1": StableDiffusion("sd1"),
+    "sd2": StableDiffusion("sd2"),
+    "sdxl": StableDiffusionXL(),
+}
 
 
 def get(name: str) -> Family:
@@ -24,12 +29,15 @@ def get(name: str) -> Family:
 
 
 def of_folder(folder: Path) -> Family:
-    """The family of a diffusers folder: its provenance (written by `dreambooth convert`) or its text encoder."""
+    """The family of a diffusers folder: its provenance (written by `dreambooth convert`) or its text encoders."""
     provenance = folder / "dreambooth.json"
-    if provenance.is_file():
-        name = json.loads(provenance.read_text()).get("family")
-        if name in FAMILIES:
-            return FAMILIES[name]
+    name = json.loads(provenance.read_text()).get("family") if provenance.is_file() else None
+    if name == "sdxl-refiner" or (not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir()):
+        refuse_refiner(folder)
+    if name in FAMILIES:
+        return FAMILIES[name]
+    if (folder / "text_encoder_2").is_dir():
+        return FAMILIES["sdxl"]
     config = json.loads((folder / "text_encoder" / "config.json").read_text())
     # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
     return FAMILIES["sd1" if config.get("hidden_act") == "quick_gelu" else "sd2"]

@@ -36,9 +36,11 @@ class Components:
 
 
 class Family(Protocol):
-    name: str  # "sd1" | "sd2"
+    name: str  # "sd1" | "sd2" | "sdxl"
     title: str
     lora_prefixes: dict[str, str]  # component → kohya module prefix (lora_unet, lora_te, …)
+    pipeline_class: str  # the diffusers pipeline of a folder of this family (samples, class images)
+    pipeline_options: dict  # what its from_pretrained needs besides the folder
 
     def load(self, model_dir: Path, vae_dir: Path | None, dtypes: dict[str, torch.dtype]) -> Components: ...
 

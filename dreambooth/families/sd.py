@@ -35,6 +35,8 @@ class StableDiffusion:
         self.title = TITLES[name]
         # the kohya/A1111 convention: SD 1.x and 2.x share the names (the text encoder in the Hugging Face CLIP layout)
         self.lora_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+        self.pipeline_class = "StableDiffusionPipeline"  # what samples and class images come from
+        self.pipeline_options = {"safety_checker": None, "requires_safety_checker": False}
 
     def __repr__(self) -> str:
         return f"StableDiffusion({self.name!r})"
