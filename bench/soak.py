@@ -54,11 +54,18 @@ def versions() -> dict:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             out[name] = None
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    out["dreambooth_commit"] = commit.stdout.strip() or None
-    dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True)
-    out["dreambooth_tree_dirty"] = bool(dirty.stdout.strip())
+    out["dreambooth_commit"] = git("rev-parse", "HEAD") or None
+    out["dreambooth_tree_dirty"] = bool(git("status", "--porcelain"))
     return out
+
+
+def git(*args: str) -> str:
+    """git's answer, or "" where there is no git or no repository (the test image has neither)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+    except OSError:
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
 
 
 def prepare(work: Path) -> tuple[Path, Path]:
