@@ -196,8 +196,8 @@ class Lora:
             "conv_alpha": cfg.lora_conv_alpha,
             "targets": list(cfg.lora_targets),
             "text_encoder_targets": text_encoder_targets(cfg) if cfg.train_text_encoder else [],
-            # what names the UNet's modules in the original layout (SDXL's kohya files use it)
-            "unet_layout": {k: _plain(c.unet.config[k]) for k in UNET_LAYOUT},
+            # what names the UNet's modules in the original layout (SDXL's kohya files use it); unwrapped, not DDP's
+            "unet_layout": {k: _plain(trained["unet"].config[k]) for k in UNET_LAYOUT},
         }
         save_adapter(tmp, trained, info)
         write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter="lora"))
