@@ -502,22 +502,10 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         "prediction_type": c.prediction_type,
         "seed": seed,
         "model_dir": str(model_dir),
-        "instance_images": len(instances),
-        "class_images": sum(len(v) for v in (classes or {}).values()),
-        "caption_extension": cfg.caption_extension,
-        "captions": sum(e.captioned for e in all_examples),  # examples whose prompt came from a caption file
-        "caption_dropout": cfg.caption_dropout,
-        "buckets": {bucket_name(size): n for size, n in stream.bucket_counts().items()} if cfg.buckets else None,
+        **describe_data(cfg, instances, classes, all_examples, stream),
         "trainable_parameters": sum(p.numel() for p in params),
         "disk": disk,
-        # how the batch is made up: global = per device × accumulation × processes; lr already --scale-lr'd
-        "world_size": world,
-        "distributed": "deepspeed" if is_deepspeed(accelerator) else ("ddp" if world > 1 else "none"),
-        "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None,
-        "offload_optimizer": cfg.offload_optimizer,
-        "per_device_batch_size": cfg.train_batch_size,
-        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "global_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * world,
+        **describe_batch(cfg, accelerator),
         "learning_rate": lr,
         "learning_rate_from": cfg.lr_source,
         "text_encoder_lr": text_lr if text else None,
@@ -527,6 +515,32 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     run.last_saved = resume_from
     events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
     return run
+
+
+def describe_data(cfg: TrainConfig, instances, classes, all_examples, stream) -> dict:
+    """The report's account of what was trained on: images, captions, buckets."""
+    return {
+        "instance_images": len(instances),
+        "class_images": sum(len(v) for v in (classes or {}).values()),
+        "caption_extension": cfg.caption_extension,
+        "captions": sum(e.captioned for e in all_examples),  # examples whose prompt came from a caption file
+        "caption_dropout": cfg.caption_dropout,
+        "buckets": {bucket_name(size): n for size, n in stream.bucket_counts().items()} if cfg.buckets else None,
+    }
+
+
+def describe_batch(cfg: TrainConfig, accelerator) -> dict:
+    """How the batch is made up: global = per device × accumulation × processes (lr already --scale-lr'd)."""
+    world = accelerator.num_processes
+    return {
+        "world_size": world,
+        "distributed": "deepspeed" if is_deepspeed(accelerator) else ("ddp" if world > 1 else "none"),
+        "zero_stage": accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else None,
+        "offload_optimizer": cfg.offload_optimizer,
+        "per_device_batch_size": cfg.train_batch_size,
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "global_batch_size": cfg.train_batch_size * cfg.gradient_accumulation_steps * world,
+    }
 
 
 def resume(run: Run, state: dict, checkpoint: Path) -> None:
