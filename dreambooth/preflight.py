@@ -117,13 +117,13 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
         if family != "sd1":  # the same file, converted with SDXL's scaling factor, is another entry
             folder = folder.with_name(f"{folder.name}-{family}")
         if not (folder / "config.json").is_file():
-            from safetensors.torch import save_file
+            from dreambooth.checkpoint.tensorfile import write_safetensors
 
             with events.stage(f"converting the VAE {src.name} into {folder}"):
                 # one architecture, but SDXL's VAE has its own scaling factor (0.13025; SD 1.x/2.x: 0.18215)
                 vae = load_vae(src, family)
                 with atomic_dir(folder, overwrite=True) as tmp:
-                    save_file(vae.state, tmp / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
+                    write_safetensors(tmp / "diffusion_pytorch_model.safetensors", vae.state, {"format": "pt"})
                     write_json(tmp / "config.json", component_config_file("vae", vae.config))
     vae_config = json.loads((folder / "config.json").read_text())
     unet_config = json.loads((model_dir / "unet" / "config.json").read_text())

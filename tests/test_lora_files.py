@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from peft import LoraConfig, inject_adapter_in_model
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
@@ -251,7 +251,7 @@ def test_kohya_names_match_the_published_convention_at_full_size(model_type):
         inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=TEXT_TARGETS), text)
     models = {"unet": unet, "text_encoder": text}
     info = {"family": model_type, "components": lora.describe_adapters(models)}
-    states = {name: lora.get_peft_model_state_dict(m) for name, m in models.items()}
+    states = {name: get_peft_model_state_dict(m) for name, m in models.items()}
     keys = lora.to_kohya(info, states)
     modules = sorted({k.split(".")[0] for k in keys})
     expected = golden(f"lora-{model_type}-kohya.txt")

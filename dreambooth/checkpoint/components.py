@@ -1,49 +1,32 @@
 """Turn an original single file's tensors into diffusers component state dicts, and check them.
 
-The key mappings are diffusers' own (`diffusers.loaders.single_file_utils`), which work on plain dicts. We skip
-building the models — which is what makes `from_single_file` slow — and instead check every component against
-the state-dict shapes of a model built on the `meta` device (no memory, no init).
+The keys come from our key tables (`keymap`), read backwards: each component key is cut out of the original
+tensors by name, with no tensor read (they may be `tensorfile.StoredTensor` byte ranges). Every component is then
+checked against the state-dict shapes its diffusers / transformers class has for that config (`shapes`): exactly
+those keys, each with its shape, or one UserError naming the file and the first key that is wrong.
 """
 
 from dataclasses import dataclass
-from types import SimpleNamespace
-
-import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
-from diffusers.loaders import single_file_utils as sfu
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from typing import Any
 
 from dreambooth.checkpoint.families import FAMILIES
+from dreambooth.checkpoint.keymap import ema_key, from_original, text_sources, unet_sources, vae_sources
+from dreambooth.checkpoint.shapes import build_model, expected_shapes
 from dreambooth.errors import UserError
 
 COMPONENTS = ("unet", "vae", "text_encoder")  # SD 1.x/2.x; a family's own list: families.Family.components
+__all__ = ["COMPONENTS", "Component", "build_model", "checked", "expected_shapes"]
 
 
 @dataclass
 class Component:
     name: str
     config: dict
-    state: dict[str, torch.Tensor]
+    state: dict[str, Any]  # torch tensors, or StoredTensor byte ranges of the original file
 
     @property
     def num_params(self) -> int:
         return sum(t.numel() for t in self.state.values())
-
-
-def build_model(name: str, config: dict) -> torch.nn.Module:
-    if name == "unet":
-        return UNet2DConditionModel.from_config(config)
-    if name == "vae":
-        return AutoencoderKL.from_config(config)
-    if name == "text_encoder_2":  # SDXL's OpenCLIP bigG: its pooled output goes through text_projection
-        return CLIPTextModelWithProjection(CLIPTextConfig(**config))
-    return CLIPTextModel(CLIPTextConfig(**config))
-
-
-def expected_shapes(name: str, config: dict) -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        model = build_model(name, config)
-    return {k: v.shape for k, v in model.state_dict().items()}
 
 
 def checked(name: str, config: dict, state: dict, source: str, expected: dict | None = None) -> Component:
@@ -56,7 +39,7 @@ def checked(name: str, config: dict, state: dict, source: str, expected: dict | 
             f"(first: {missing[0]})",
             "the file is incomplete (a partial download?) or a different model architecture",
         )
-    wrong = [k for k, shape in expected.items() if state[k].shape != shape]
+    wrong = [k for k, shape in expected.items() if tuple(state[k].shape) != tuple(shape)]
     if wrong:
         k = wrong[0]
         raise UserError(
@@ -67,28 +50,34 @@ def checked(name: str, config: dict, state: dict, source: str, expected: dict | 
     return Component(name, config, {k: state[k] for k in expected})
 
 
+def _cut(name: str, config: dict, tensors: dict, sources: dict, source: str, expected: dict) -> Component:
+    state, missing = from_original(sources, tensors, expected)
+    if missing:
+        raise UserError(
+            f"{source} lacks {len(missing)} of the {len(sources)} original {name} weights this architecture needs "
+            f"(first: {missing[0]})",
+            "the file is incomplete (a partial download?) or a different model architecture",
+        )
+    return checked(name, config, state, source, expected)
+
+
 def unet_from_original(tensors: dict, config: dict, *, ema: bool, source: str) -> Component:
-    state = sfu.convert_ldm_unet_checkpoint(tensors, config, extract_ema=ema)
-    return checked("unet", config, state, source)
+    expected = expected_shapes("unet", config)
+    sources = unet_sources(list(expected), config)
+    if ema:  # LitEma's flattened names (`model_ema.diffusion_modelinput_blocks00weight`)
+        sources = {ema_key(original): src for original, src in sources.items()}
+    return _cut("unet", config, tensors, sources, source, expected)
 
 
 def vae_from_original(tensors: dict, config: dict, *, source: str) -> Component:
-    state = sfu.convert_ldm_vae_checkpoint(tensors, config)
-    return checked("vae", config, state, source)
+    expected = expected_shapes("vae", config)
+    return _cut("vae", config, tensors, vae_sources(list(expected), config), source, expected)
 
 
 def text_from_original(
     tensors: dict, config: dict, family: str, *, source: str, name: str = "text_encoder"
 ) -> Component:
     encoder = FAMILIES[family].text_encoders[name]
-    if encoder.kind == "clip":
-        state = sfu.convert_ldm_clip_checkpoint(tensors, remove_prefix=encoder.prefix)
-    else:
-        # the function only reads `text_model.config.hidden_size`, so no model needs to be built
-        stand_in = SimpleNamespace(config=SimpleNamespace(hidden_size=config["hidden_size"]))
-        state = sfu.convert_open_clip_checkpoint(stand_in, tensors, prefix=encoder.prefix)
-    # diffusers names keys as transformers 4 did (`text_model.…`); match whatever the installed version uses
-    expected = expected_shapes(name, config)  # built once: a meta bigG takes a moment
-    if not any(k.startswith("text_model.") for k in expected):
-        state = {k.removeprefix("text_model."): v for k, v in state.items()}
-    return checked(name, config, state, source, expected)
+    expected = expected_shapes(name, config)
+    sources = text_sources(list(expected), config, encoder.kind, encoder.prefix)
+    return _cut(name, config, tensors, sources, source, expected)

@@ -6,12 +6,9 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import resources
+from importlib import metadata, resources
 from pathlib import Path
-
-import diffusers
-import torch
-from safetensors.torch import save_file
+from typing import Any
 
 from dreambooth import __version__
 from dreambooth.checkpoint import components as comp
@@ -41,7 +38,8 @@ from dreambooth.checkpoint.keymap import (
     unet_sources,
     vae_sources,
 )
-from dreambooth.checkpoint.load import Checkpoint, check_input_file, load_checkpoint
+from dreambooth.checkpoint.load import Checkpoint, check_input_file, open_checkpoint
+from dreambooth.checkpoint.tensorfile import StoredTensor, write_safetensors
 from dreambooth.checkpoint.vae_file import load_vae
 from dreambooth.errors import UserError
 from dreambooth.fileio import BackgroundSha256, atomic_dir, write_json
@@ -80,7 +78,7 @@ class Analysis:
     file_bytes: int
     evidence: list[str]
     components: dict[str, comp.Component]
-    leftovers: dict[str, torch.Tensor] = field(repr=False)
+    leftovers: dict[str, Any] = field(repr=False)
     scheduler_overrides: dict = field(default_factory=dict)  # e.g. an SDXL file marked zero-terminal-SNR
 
     def summary(self) -> dict:
@@ -223,14 +221,18 @@ def leftovers(ckpt: Checkpoint, detection: Detection, components: dict, *, ema_u
     return {k: v for k, v in ckpt.tensors.items() if k not in produced and not (ema_used and k.startswith(EMA_PREFIX))}
 
 
-def _unet_module(unet: comp.Component) -> torch.nn.Module:
+def _unet_module(unet: comp.Component) -> Any:
+    """The UNet as a torch module, for the prediction probe (the only part of converting that runs a model)."""
+    import torch
+
+    state = {k: v.to_torch() if isinstance(v, StoredTensor) else v for k, v in unet.state.items()}
     with torch.device("meta"):
         model = comp.build_model("unet", unet.config)
-    model.load_state_dict(unet.state, assign=True)  # assign: use the loaded tensors, copy nothing
+    model.load_state_dict(state, assign=True)  # assign: use the loaded tensors, copy nothing
     return model.eval()
 
 
-def _dtype_summary(tensors: dict[str, torch.Tensor]) -> str:
+def _dtype_summary(tensors: dict[str, Any]) -> str:
     counts: dict[str, int] = {}
     for t in tensors.values():
         if t.is_floating_point():
@@ -246,7 +248,7 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -
     check_destination(dest, options.overwrite)
     digest = BackgroundSha256(check_input_file(src))  # alongside the conversion; the file is in the page cache
     try:
-        analysis = analyze(load_checkpoint(src), options)
+        analysis = analyze(open_checkpoint(src), options)
     except BaseException:
         digest.cancel()
         raise
@@ -312,14 +314,16 @@ def write_diffusers_folder(
     `from_pretrained(folder, local_files_only=True)`."""
     for name, component in components.items():
         (folder / name).mkdir(parents=True)
-        save_file(component.state, folder / name / f"{WEIGHT_FILES[name]}.safetensors", metadata={"format": "pt"})
+        weights = folder / name / f"{WEIGHT_FILES[name]}.safetensors"
+        write_safetensors(weights, component.state, metadata={"format": "pt"})
         write_json(folder / name / "config.json", component_config_file(name, component.config))
     if leftovers:
-        save_file(leftovers, folder / EXTRAS_FILE, metadata={"format": "pt"})
+        write_safetensors(folder / EXTRAS_FILE, leftovers, metadata={"format": "pt"})
     scheduler = scheduler_config(model_type) | (scheduler_overrides or {})
     (folder / "scheduler").mkdir()
     write_json(
-        folder / "scheduler" / "scheduler_config.json", {**scheduler, "_diffusers_version": diffusers.__version__}
+        folder / "scheduler" / "scheduler_config.json",
+        {**scheduler, "_diffusers_version": library_version("diffusers")},
     )
     for name, tokenizer_config in FAMILIES[family].tokenizers.items():
         write_tokenizer(folder / name, tokenizer_config)
@@ -330,7 +334,7 @@ def model_index(family: str, scheduler_class: str, components: dict) -> dict:
     spec = FAMILIES[family]
     index = {
         "_class_name": spec.pipeline,
-        "_diffusers_version": diffusers.__version__,
+        "_diffusers_version": library_version("diffusers"),
         "feature_extractor": [None, None],
         "image_encoder": [None, None],
         "scheduler": ["diffusers", scheduler_class],
@@ -348,13 +352,20 @@ def model_index(family: str, scheduler_class: str, components: dict) -> dict:
     return index | {name: LIBRARY_CLASS[name] for name in ("unet", "vae")}
 
 
-def component_config_file(name: str, config: dict) -> dict:
-    if name in ("text_encoder", "text_encoder_2"):
-        from transformers import CLIPTextConfig
+def library_version(name: str) -> str:
+    """An installed library's version, read from its metadata: importing diffusers to ask would cost seconds."""
+    return metadata.version(name)
 
-        return CLIPTextConfig(**config).to_dict()
+
+def component_config_file(name: str, config: dict) -> dict:
+    """config.json of a component. A text encoder's is the config as we hold it: transformers fills in the
+    defaults of whatever it leaves out when it loads it (a test checks that this gives the same CLIPTextConfig)."""
+    if name in ("text_encoder", "text_encoder_2"):
+        cls = "CLIPTextModelWithProjection" if name == "text_encoder_2" else "CLIPTextModel"
+        head = {"architectures": [cls], "model_type": "clip_text_model"}
+        return {**head, **config, "transformers_version": library_version("transformers")}
     cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
-    return {**config, "_class_name": cls, "_diffusers_version": diffusers.__version__}
+    return {**config, "_class_name": cls, "_diffusers_version": library_version("diffusers")}
 
 
 def write_tokenizer(folder: Path, family: str) -> None:

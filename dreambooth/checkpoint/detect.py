@@ -15,8 +15,8 @@ refiner bigG alone (as `embedders.0`).
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-import torch
 import yaml
 
 from dreambooth.checkpoint.keymap import (
@@ -175,8 +175,17 @@ V_BELOW = -1.0
 EPSILON_ABOVE = -0.5
 
 
-@torch.no_grad()
-def probe_prediction_type(unet: torch.nn.Module, detection: Detection) -> None:
+def probe_prediction_type(unet: Any, detection: Detection) -> None:
+    """Run the UNet (a torch module, so torch is loaded only for the files that need this) on the probe."""
+    import torch
+
+    with torch.no_grad():
+        _probe(unet, detection)
+
+
+def _probe(unet: Any, detection: Detection) -> None:
+    import torch
+
     param = next(unet.parameters())
     cross = unet.config.cross_attention_dim
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=param.dtype)

@@ -12,8 +12,7 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-
-import torch
+from typing import Any
 
 from dreambooth.checkpoint.keymap import (
     CLIP_PREFIX,
@@ -121,7 +120,7 @@ def _count(keys: list[str], pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := regex.match(k))})
 
 
-def infer_unet_config(tensors: dict[str, torch.Tensor], model_type: str) -> dict:
+def infer_unet_config(tensors: dict[str, Any], model_type: str) -> dict:
     cfg = bundled_config(model_type, "unet")
     sd = {k.removeprefix(UNET_PREFIX): v for k, v in tensors.items() if k.startswith(UNET_PREFIX)}
     keys = list(sd)
@@ -182,7 +181,7 @@ def _transformer_depths(depths: list[int], attention: list[bool], middle: int, c
     return [d if a or i == len(depths) - 1 else 1 for i, (d, a) in enumerate(zip(depths, attention, strict=True))]
 
 
-def _pooled_width(tensors: dict[str, torch.Tensor], model_type: str) -> int:
+def _pooled_width(tensors: dict[str, Any], model_type: str) -> int:
     """Width of the pooled text embedding SDXL's UNet takes: the OpenCLIP encoder's projection."""
     encoder = FAMILIES[family_of(model_type)].text_encoders["text_encoder_2"]
     projection = tensors.get(encoder.prefix + "text_projection")
@@ -191,7 +190,7 @@ def _pooled_width(tensors: dict[str, torch.Tensor], model_type: str) -> int:
     return projection.shape[1]
 
 
-def infer_vae_config(tensors: dict[str, torch.Tensor], model_type: str, prefix: str = VAE_PREFIX) -> dict:
+def infer_vae_config(tensors: dict[str, Any], model_type: str, prefix: str = VAE_PREFIX) -> dict:
     cfg = bundled_config(model_type, "vae")
     sd = {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
     keys = list(sd)
@@ -211,7 +210,7 @@ def infer_vae_config(tensors: dict[str, torch.Tensor], model_type: str, prefix: 
     return cfg
 
 
-def infer_text_config(tensors: dict[str, torch.Tensor], model_type: str, name: str = "text_encoder") -> dict:
+def infer_text_config(tensors: dict[str, Any], model_type: str, name: str = "text_encoder") -> dict:
     cfg = bundled_config(model_type, name)
     encoder = FAMILIES[family_of(model_type)].text_encoders[name]
     p = encoder.prefix

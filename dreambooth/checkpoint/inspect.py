@@ -5,12 +5,12 @@ from pathlib import Path
 from dreambooth.checkpoint.convert import ConvertOptions, analyze
 from dreambooth.checkpoint.detect import detect_family
 from dreambooth.checkpoint.families import FAMILIES
-from dreambooth.checkpoint.load import load_checkpoint
+from dreambooth.checkpoint.load import open_checkpoint
 from dreambooth.errors import UserError
 
 
 def inspect_file(path: Path, model_type: str = "auto", original_config: Path | None = None) -> dict:
-    ckpt = load_checkpoint(path)
+    ckpt = open_checkpoint(path)
     options = ConvertOptions(model_type=model_type, original_config=original_config)
     try:
         report = analyze(ckpt, options).summary()

@@ -1,15 +1,19 @@
-"""Diffusers component state dicts → the original single-file layout (LDM, as the SD releases), table-driven.
+"""Diffusers component state dicts ↔ the original single-file layout (LDM, as the SD releases), table-driven.
 
-Import uses diffusers' own `single_file_utils` mappings; the reverse direction has no library function, so it
-lives here, once. Each table is built from the component's config (block counts, layers per block), not
-hard-coded for SD's sizes, so tiny test models and future families use the same code. A round-trip test
-(original → convert → export) proves the two directions agree, key for key and bit for bit.
+Each table is built from the component's config (block counts, layers per block), not hard-coded for SD's
+sizes, so tiny test models and future families use the same code. One table serves both directions: export
+builds each original tensor from its `Source`, and convert (`from_original`) cuts the component's tensors back
+out of the original ones. Convert used diffusers' `single_file_utils` until importing it (diffusers' models, and
+with them torch, accelerate, peft) cost more than converting; tests check that both give the same tensors, key
+for key and bit for bit, for every family, and a round trip (original → convert → export) gives the file back.
+
+Nothing here imports torch: the tensors are torch's or `tensorfile.StoredTensor` (byte ranges of a file), and
+only indexing, `reshape` and `.T` are used on them, except to concatenate (export, which has torch loaded).
 """
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import Any
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -28,25 +32,27 @@ class Source:
     """Where one original tensor comes from: diffusers keys of one component, and how they combine."""
 
     keys: tuple[str, ...]
-    combine: Callable[..., torch.Tensor]
+    combine: Callable[..., Any]
 
 
-def _copy(t: torch.Tensor) -> torch.Tensor:
+def _copy(t: Any) -> Any:
     return t
 
 
-def _as_conv1x1(t: torch.Tensor) -> torch.Tensor:
+def _as_conv1x1(t: Any) -> Any:
     # The LDM VAE's attention uses 1x1 convolutions where diffusers uses linear layers: same numbers, 2 more dims.
     return t.reshape(*t.shape, 1, 1) if t.ndim == 2 else t
 
 
-def _transpose(t: torch.Tensor) -> torch.Tensor:
+def _transpose(t: Any) -> Any:
     # open_clip applies text_projection as x @ P ([hidden, proj]); HF stores a Linear weight ([proj, hidden])
     return t.T
 
 
-def _concat(*parts: torch.Tensor) -> torch.Tensor:
+def _concat(*parts: Any) -> Any:
     # open_clip keeps q, k, v as one fused in_proj (nn.MultiheadAttention); diffusers/HF split them.
+    import torch
+
     return torch.cat(parts, dim=0)
 
 
@@ -226,8 +232,38 @@ def text_sources(keys: list[str], config: dict, kind: str, prefix: str) -> dict[
     return TEXT_SOURCES[kind](keys, config, prefix)
 
 
-def build_original(sources: dict[str, Source], state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def build_original(sources: dict[str, Source], state: dict[str, Any]) -> dict[str, Any]:
     return {name: src.combine(*(state[k] for k in src.keys)) for name, src in sources.items()}
+
+
+def from_original(
+    sources: dict[str, Source], tensors: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]]
+) -> tuple[dict[str, Any], list[str]]:
+    """The inverse of `build_original`: each component key's tensor cut out of the original tensors, and the
+    original keys that are missing. `shapes` (the component's own) says where a fused q/k/v splits and what a
+    1x1 convolution's weight is as a linear one; every other tensor is taken as it is (its shape checked later)."""
+    state: dict[str, Any] = {}
+    missing = []
+    for original, src in sources.items():
+        t = tensors.get(original)
+        if t is None:
+            missing.append(original)
+        elif src.combine is _concat:  # rows of the fused tensor, in order
+            start = 0
+            for key in src.keys:
+                state[key], start = t[start : start + shapes[key][0]], start + shapes[key][0]
+        elif src.combine is _transpose:
+            state[src.keys[0]] = t.T
+        elif src.combine is _as_conv1x1 and t.ndim == 4 and len(shapes[src.keys[0]]) == 2:
+            state[src.keys[0]] = t.reshape(*shapes[src.keys[0]])
+        else:
+            state[src.keys[0]] = t
+    return state, missing
+
+
+def ema_key(original: str) -> str:
+    """Where LitEma keeps a UNet weight: `model.diffusion_model.a.b.weight` → `model_ema.diffusion_modelabweight`."""
+    return EMA_PREFIX + "".join(original.split(".")[1:])
 
 
 def unet_original_key(key: str, config: dict) -> str:

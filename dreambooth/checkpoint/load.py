@@ -7,7 +7,12 @@ A `.safetensors` header is read and checked here before safetensors sees the fil
 length, its JSON, every dtype, shape and byte range, against the file's real size. A header that lies (a range
 past the end, two tensors on the same bytes, a shape of 2**40 elements) is one UserError naming the file and the
 tensor, before anything is allocated for it.
+
+`open_checkpoint` reads a .safetensors file's header only: its tensors are `tensorfile.StoredTensor` byte ranges,
+and torch is not imported (what `dreambooth convert` and `inspect` need). `load_checkpoint` gives torch tensors.
 """
+
+from __future__ import annotations
 
 import itertools
 import json
@@ -19,12 +24,15 @@ import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import safe_open
 
+from dreambooth.checkpoint.tensorfile import StoredTensor, read_tensors
 from dreambooth.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
@@ -68,7 +76,7 @@ class Checkpoint:
     """The tensors of a single-file checkpoint, with what else the file said about itself."""
 
     path: Path
-    tensors: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor | StoredTensor]
     metadata: dict[str, str] = field(default_factory=dict)  # safetensors header metadata
     file_format: str = "safetensors"  # or "pickle"
     other_entries: dict[str, Any] = field(default_factory=dict)  # e.g. global_step of a .ckpt
@@ -112,9 +120,21 @@ def check_input_file(path: Path, what: str = "checkpoint") -> Path:
 
 def load_checkpoint(path: Path) -> Checkpoint:
     """Load every tensor of a single-file checkpoint; refuse anything that is not a plain checkpoint."""
+    return _open(path, lazy=False)
+
+
+def open_checkpoint(path: Path) -> Checkpoint:
+    """`load_checkpoint`, but a .safetensors file's tensors stay in the file (StoredTensor); a pickle is loaded."""
+    return _open(path, lazy=True)
+
+
+def _open(path: Path, *, lazy: bool) -> Checkpoint:
     path = check_input_file(path)
     kind = sniff_format(path)
-    if kind == "safetensors":
+    if kind == "safetensors" and lazy:
+        header = check_safetensors(path)
+        ckpt = Checkpoint(path, read_tensors(path, header), dict(header.get("__metadata__", {})), "safetensors")
+    elif kind == "safetensors":
         ckpt = _load_safetensors(path)
     elif kind == "pickle":
         ckpt = _load_pickle(path)
@@ -238,6 +258,12 @@ def load_safetensors_file(path: Path, what: str = "") -> dict[str, torch.Tensor]
             f"{path} is not a readable .safetensors file ({_first_line(exc)})",
             "the file is truncated or corrupt; download it again",
         ) from exc
+
+
+def open_safetensors_file(path: Path, what: str = "") -> dict[str, StoredTensor]:
+    """`load_safetensors_file` without reading the tensors: where each one is in the file."""
+    path = check_input_file(path, what or "file")
+    return read_tensors(path, check_safetensors(path, what))
 
 
 def _load_safetensors(path: Path) -> Checkpoint:
@@ -447,6 +473,8 @@ def prescan_pickle_checkpoint(path: Path) -> None:
 
 
 def _load_pickle(path: Path) -> Checkpoint:
+    import torch
+
     zipped = path.open("rb").read(4) == b"PK\x03\x04"
     prescan_pickle_checkpoint(path)  # globals and storage sizes, before torch.load allocates anything
     try:
@@ -474,6 +502,8 @@ def _load_pickle(path: Path) -> Checkpoint:
 
 def _flatten_checkpoint_object(obj: object, path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Find the state dict: top level, or nested under `state_dict` (Lightning) — tensors only."""
+    import torch
+
     if not isinstance(obj, dict):
         raise UserError(f"{path} holds a {type(obj).__name__}, not a state dict", "pass a model checkpoint file")
     inner = obj.get("state_dict")

@@ -19,9 +19,6 @@ from enum import Enum
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
@@ -58,6 +55,8 @@ UNET_LAYOUT = ("down_block_types", "up_block_types", "layers_per_block")
 
 def lora_layers(model: torch.nn.Module, adapter: str = ADAPTER_NAME) -> dict[str, torch.nn.Module]:
     """The peft LoRA layers of a wrapped model that hold `adapter`, by module path."""
+    from peft.tuners.lora import LoraLayer  # peft and diffusers only where the work needs them: `export` starts fast
+
     return {
         _module_path(name): m
         for name, m in model.named_modules()
@@ -84,6 +83,8 @@ def _jsonable(value: object) -> object:
 
 
 def _adapter_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft import get_peft_model_state_dict
+
     state = get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
     return {_module_path(k): v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
 
@@ -177,6 +178,8 @@ def load_adapter(src: Path, models: dict[str, torch.nn.Module]) -> dict:
                 f"{src}: {name} {k} is {tuple(saved[k].shape)}, this run's is {tuple(expected[k].shape)}",
                 _SAME_SETTINGS,
             )
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(model, saved, adapter_name=ADAPTER_NAME)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:  # cannot happen after the checks above, unless peft renames keys differently
@@ -406,6 +409,8 @@ def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> di
                 }
             kwargs[f"{name}_lora_layers"] = state
             kwargs[f"{name}_lora_adapter_metadata"] = diffusers_adapter_metadata(component)
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
     pipeline = StableDiffusionXLPipeline if info["family"] == "sdxl" else StableDiffusionPipeline
     with atomic_dir(dest, overwrite=True) as tmp:
         pipeline.save_lora_weights(tmp, weight_name=DIFFUSERS_WEIGHTS, **kwargs)

@@ -3,12 +3,10 @@
 import json
 from pathlib import Path
 
-from diffusers.loaders import single_file_utils as sfu
-
 from dreambooth.checkpoint import components as comp
 from dreambooth.checkpoint.families import infer_vae_config
 from dreambooth.checkpoint.keymap import VAE_PREFIX
-from dreambooth.checkpoint.load import load_checkpoint, load_safetensors_file
+from dreambooth.checkpoint.load import open_checkpoint, open_safetensors_file
 from dreambooth.errors import UserError
 
 
@@ -16,7 +14,7 @@ def load_vae(path: Path, model_type: str) -> comp.Component:
     path = Path(path)
     if path.is_dir():
         return _from_diffusers_folder(path)
-    ckpt = load_checkpoint(path)
+    ckpt = open_checkpoint(path)
     keys = list(ckpt.tensors)
     if any(k.startswith(VAE_PREFIX) for k in keys):
         prefix = VAE_PREFIX
@@ -29,7 +27,7 @@ def load_vae(path: Path, model_type: str) -> comp.Component:
         )
     tensors = {VAE_PREFIX + k.removeprefix(prefix): v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
     config = infer_vae_config(tensors, model_type)
-    return comp.checked("vae", config, sfu.convert_ldm_vae_checkpoint(tensors, config), f"--vae {path}")
+    return comp.vae_from_original(tensors, config, source=f"--vae {path}")
 
 
 def _from_diffusers_folder(path: Path) -> comp.Component:
@@ -41,4 +39,4 @@ def _from_diffusers_folder(path: Path) -> comp.Component:
             "pass a diffusers VAE folder, or a single VAE file",
         )
     config = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")}
-    return comp.checked("vae", config, load_safetensors_file(weights, "--vae"), f"--vae {path}")
+    return comp.checked("vae", config, open_safetensors_file(weights, "--vae"), f"--vae {path}")
