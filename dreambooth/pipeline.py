@@ -338,7 +338,7 @@ def stage_convert(cfg: RunConfig, manifest: Manifest) -> Path:
 
     def body() -> dict:
         with events.stage(f"convert {model.name} → {dest}"):
-            summary = convert(model, dest, cfg.convert)
+            summary = convert(model, dest, cfg.convert, sha256=inputs["model"]["sha256"])  # hashed once, not twice
         return {"folder": str(dest), "family": summary.get("family"), "model_type": summary.get("model_type")}
 
     def still_there(outputs: dict) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from dreambooth import events
 from dreambooth.checkpoint.convert import WEIGHT_FILES
+from dreambooth.checkpoint.families import folder_family
 from dreambooth.config import TrainConfig
 from dreambooth.data import check_instance_dir, scan_images
 from dreambooth.errors import UserError
@@ -22,10 +23,11 @@ def check_model_folder(folder: Path, flag: str) -> None:
     """A diffusers folder with everything training needs; the message names what is missing."""
     if not folder.is_dir():
         raise UserError(f"{flag} {folder} is not a folder", "pass a diffusers folder or a .ckpt/.safetensors file")
-    if (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir():
+    family = folder_family(folder)
+    if family == "sdxl-refiner":
         refuse_refiner(folder)
     missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    sdxl = (folder / "text_encoder_2").is_dir() or "XL" in _pipeline_class(folder)
+    sdxl = family == "sdxl"
     needed = ("unet", "vae", "text_encoder", *(("text_encoder_2",) if sdxl else ()))
     for name in needed:
         weights = WEIGHT_FILES.get(name, "model")
@@ -45,13 +47,6 @@ def check_model_folder(folder: Path, flag: str) -> None:
             f"{flag} {folder} is an incomplete diffusers folder: missing {', '.join(missing)}",
             "point it at the folder's top (the one with model_index.json), or re-run `dreambooth convert`",
         )
-
-
-def _pipeline_class(folder: Path) -> str:
-    try:
-        return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
-    except (OSError, ValueError, AttributeError):
-        return ""
 
 
 def check_output(output: Path) -> None:
@@ -146,8 +141,7 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
 
 def vae_family(model_dir: Path) -> str:
     """The family whose VAE config a single VAE file gets: SDXL's (its own scaling) or SD 1.x/2.x's (shared)."""
-    sdxl = (model_dir / "text_encoder_2").is_dir() or "XL" in _pipeline_class(model_dir)
-    return "sdxl" if sdxl else "sd1"
+    return "sdxl" if folder_family(model_dir).startswith("sdxl") else "sd1"
 
 
 def preflight(cfg: TrainConfig) -> dict[int, list[Path]]:

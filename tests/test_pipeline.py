@@ -127,6 +127,9 @@ def test_run_toml_with_convert_and_export_tables(cli, tmp_path, tiny_sd1):
         assert str(f.get_slice("model.diffusion_model.out.2.weight").get_dtype()) == "F32"
     # class images defaulted to OUTPUT/class_images/<class prompt>
     assert len(list((out / "class_images" / "a-photo-of-thing").glob("*.png"))) == 2
+    # the model was hashed once, for the manifest, and the conversion's provenance records that digest
+    provenance = json.loads((out / "base" / "dreambooth.json").read_text())
+    assert provenance["sha256"] == data["stages"]["convert"]["inputs"]["model"]["sha256"] == _sha256(tiny_sd1)
 
 
 @pytest.mark.parametrize(

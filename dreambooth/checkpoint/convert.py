@@ -241,12 +241,14 @@ def _dtype_summary(tensors: dict[str, Any]) -> str:
     return max(counts, key=counts.get) if counts else "unknown"
 
 
-def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -> dict:
-    """Convert and write; returns the summary (also written to DEST/dreambooth.json)."""
+def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions(), *, sha256: str | None = None) -> dict:
+    """Convert and write; returns the summary (also written to DEST/dreambooth.json). `sha256`: the source's,
+    when the caller has hashed it already (`run` has, for its manifest); else it is hashed beside the conversion."""
     started = time.perf_counter()
     src, dest = Path(src), Path(dest)
     check_destination(dest, options.overwrite)
-    digest = BackgroundSha256(check_input_file(src))  # alongside the conversion; the file is in the page cache
+    # alongside the conversion (the file is in the page cache), unless it is known
+    digest = KnownSha256(sha256) if sha256 else BackgroundSha256(check_input_file(src))
     try:
         analysis = analyze(open_checkpoint(src), options)
     except BaseException:
@@ -275,6 +277,19 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions()) -
         digest.cancel()  # a failed write: the hash is not needed
         raise
     return summary
+
+
+class KnownSha256:
+    """A digest already computed, where convert would start a BackgroundSha256."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+
+    def result(self) -> str:
+        return self.digest
+
+    def cancel(self) -> None:
+        pass
 
 
 def check_destination(dest: Path, overwrite: bool) -> None:

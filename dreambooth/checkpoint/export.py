@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from dreambooth import __version__
 from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
 from dreambooth.checkpoint.detect import V_PRED_KEY, ZTSNR_KEY
-from dreambooth.checkpoint.families import FAMILIES, model_type_of
+from dreambooth.checkpoint.families import FAMILIES, folder_family, model_type_of
 from dreambooth.checkpoint.keymap import (
     build_original,
     clip_position_ids_key,
@@ -68,7 +68,7 @@ def read_diffusers_folder(folder: Path) -> DiffusersModel:
     if not (folder / "model_index.json").is_file():
         raise UserError(f"{folder} has no model_index.json: not a diffusers model folder", "pass its top folder")
     provenance = read_json_file(folder / PROVENANCE_FILE, "provenance") if (folder / PROVENANCE_FILE).is_file() else {}
-    family = provenance.get("family") or _family_of_folder(folder)
+    family = provenance.get("family") or folder_family(folder)
     if family not in FAMILIES:
         raise UserError(
             f"{folder}: model family {family!r} cannot be exported", "only SD 1.x, 2.x and SDXL are supported"
@@ -88,16 +88,6 @@ def read_diffusers_folder(folder: Path) -> DiffusersModel:
     scheduler_config = read_json_file(scheduler, "scheduler config") if scheduler.is_file() else {}
     prediction = scheduler_config.get("prediction_type", "epsilon")
     return DiffusersModel(folder, configs, states, family, prediction, provenance, scheduler_config)
-
-
-def _family_of_folder(folder: Path) -> str:
-    """A folder without our provenance (e.g. from diffusers' own tools): told by its text encoders."""
-    if (folder / "text_encoder_2").is_dir():
-        return "sdxl" if (folder / "text_encoder").is_dir() else "sdxl-refiner"
-    config_path = folder / "text_encoder" / "config.json"
-    config = read_json_file(config_path, "text_encoder config") if config_path.is_file() else {}
-    # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
-    return "sd1" if config.get("hidden_act") == "quick_gelu" else "sd2"
 
 
 def to_original(model: DiffusersModel) -> dict[str, torch.Tensor]:

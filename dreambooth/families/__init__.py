@@ -5,9 +5,9 @@ conditioning and says what the denoiser learns to predict; the training loop (dr
 to an adapter (dreambooth/adapters.py) only, so a new family is one new module here, not a branch in the loop.
 """
 
-import json
 from pathlib import Path
 
+from dreambooth.checkpoint.families import folder_family
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Conditioning, Family
 from dreambooth.families.sd import StableDiffusion
@@ -29,15 +29,8 @@ def get(name: str) -> Family:
 
 
 def of_folder(folder: Path) -> Family:
-    """The family of a diffusers folder: its provenance (written by `dreambooth convert`) or its text encoders."""
-    provenance = folder / "dreambooth.json"
-    name = json.loads(provenance.read_text()).get("family") if provenance.is_file() else None
-    if name == "sdxl-refiner" or (not (folder / "text_encoder").is_dir() and (folder / "text_encoder_2").is_dir()):
+    """The family of a diffusers folder (`checkpoint.families.folder_family`); the refiner is refused."""
+    name = folder_family(folder)
+    if name == "sdxl-refiner":
         refuse_refiner(folder)
-    if name in FAMILIES:
-        return FAMILIES[name]
-    if (folder / "text_encoder_2").is_dir():
-        return FAMILIES["sdxl"]
-    config = json.loads((folder / "text_encoder" / "config.json").read_text())
-    # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
-    return FAMILIES["sd1" if config.get("hidden_act") == "quick_gelu" else "sd2"]
+    return get(name)
