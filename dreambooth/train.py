@@ -394,19 +394,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     device = accelerator.device
     world = accelerator.num_processes
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
-    if state is not None:
-        seed = state["seed"]
-    else:
-        seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    if world > 1:  # each process drew its own random seed: all take the first one's
-        from accelerate.utils import broadcast_object_list
-
-        seed = broadcast_object_list([seed])[0]
-    if state is None:
-        # the same seed gives the same run: the loop draws from its own generator, this covers the libraries
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
+    seed = choose_seed(cfg, state, world)
 
     # --- class images for prior preservation (the base model, before its weights change) --------------
     classes = class_examples(cfg, accelerator, model_dir, seed, weight_dtype, should_stop)
@@ -435,24 +423,14 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     )
 
     # --- optimizer and schedule: the text encoders may have their own learning rate ----------------------
-    lr = cfg.lr
-    if cfg.scale_lr:
-        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * accelerator.num_processes
-    text_lr = lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
+    lr, text_lr = learning_rates(cfg, accelerator.num_processes)
     text = {n: m for n, m in trained.items() if n != "unet"}
     groups = param_groups(trained, lr, text_lr)
     params = [p for g in groups for p in g["params"]]
     optimizer, optimizer_name = make_optimizer(groups, cfg, device)
     # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
     fused = optimizer if isinstance(optimizer, performance.FusedBackwardOptimizer) else None
-    # counted in optimizer steps whatever the number of processes, and stepped by the loop itself (not handed to
-    # accelerate, which would step it once per process): so its saved state resumes with any number of processes
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
-    )  # fmt: skip
+    lr_scheduler = make_lr_scheduler(cfg, optimizer)
     names = list(trained)
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(names, prepared, strict=True))
@@ -469,20 +447,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- caches: a frozen VAE / text encoder gives the same output every epoch, so compute it once -------
     stream = make_stream(cfg, instances, classes, seed, world, state)
-    # in the VAE's own precision: the family may keep it in fp32 (SDXL's overflows in fp16)
-    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, next(c.vae.parameters()).dtype)
-    prompts = PromptCache(lambda batch: family.encode(c, batch))
+    latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train)
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
-    if cfg.cache_latents:
-        entries = stream.cache_entries()  # with buckets: a class image once per bucket it may be cut to
-        with events.stage("caching VAE latents", images=len(entries)):
-            latents.build_cache(entries, cfg.random_flip, seed)
-        c.vae.to("cpu")  # not needed on the GPU again until samples are drawn
-    if not text_encoders_train:
-        prompts.build(stream.all_prompts())
-        if not cfg.train_text_encoder:
-            for encoder in c.text_encoders.values():
-                encoder.to("cpu")
 
     run = Run(
         cfg=cfg, accelerator=accelerator, family=family, adapter=adapter, c=c, trained=trained, params=params,
@@ -515,6 +481,62 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     run.last_saved = resume_from
     events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
     return run
+
+
+def choose_seed(cfg: TrainConfig, state: dict | None, world: int) -> int:
+    """The run's seed: the checkpoint's when resuming, else --seed, else a random one (recorded in the report)."""
+    if state is not None:
+        seed = state["seed"]
+    else:
+        seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    if world > 1:  # each process drew its own random seed: all take the first one's
+        from accelerate.utils import broadcast_object_list
+
+        seed = broadcast_object_list([seed])[0]
+    if state is None:
+        # the same seed gives the same run: the loop draws from its own generator, this covers the libraries
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+    return seed
+
+
+def learning_rates(cfg: TrainConfig, processes: int) -> tuple[float, float]:
+    """(UNet's, text encoders') learning rates; --scale-lr multiplies by the examples per optimizer step."""
+    lr = cfg.lr
+    if cfg.scale_lr:
+        lr *= cfg.gradient_accumulation_steps * cfg.train_batch_size * processes
+    return lr, lr if cfg.text_encoder_lr is None else cfg.text_encoder_lr
+
+
+def make_lr_scheduler(cfg: TrainConfig, optimizer):
+    """Counted in optimizer steps whatever the number of processes, and stepped by the loop itself (not handed to
+    accelerate, which would step it once per process): so its saved state resumes with any number of processes."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_train_steps, num_cycles=cfg.lr_num_cycles, power=cfg.lr_power,
+    )  # fmt: skip
+
+
+def make_caches(cfg: TrainConfig, family, c, stream: DataStream, seed: int, device, text_encoders_train: bool):
+    """The latent source and the prompt cache. A frozen VAE or text encoder gives the same output every epoch:
+    with --cache-latents, or text encoders that do not train, it is computed once and the model leaves the GPU."""
+    # in the VAE's own precision: the family may keep it in fp32 (SDXL's overflows in fp16)
+    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, next(c.vae.parameters()).dtype)
+    prompts = PromptCache(lambda batch: family.encode(c, batch))
+    if cfg.cache_latents:
+        entries = stream.cache_entries()  # with buckets: a class image once per bucket it may be cut to
+        with events.stage("caching VAE latents", images=len(entries)):
+            latents.build_cache(entries, cfg.random_flip, seed)
+        c.vae.to("cpu")  # not needed on the GPU again until samples are drawn
+    if not text_encoders_train:
+        prompts.build(stream.all_prompts())
+        if not cfg.train_text_encoder:
+            for encoder in c.text_encoders.values():
+                encoder.to("cpu")
+    return latents, prompts
 
 
 def describe_data(cfg: TrainConfig, instances, classes, all_examples, stream) -> dict:
