@@ -231,6 +231,16 @@ def write_json(path: Path, data: object) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def read_json_object(path: Path) -> dict:
+    """A JSON object from a file, or {} where the file is missing, unreadable or not an object: for what is only
+    worth knowing when it is there (a run's reports, a folder's provenance)."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def sha256_file(path: Path, chunk: int = 16 << 20) -> str:
     """Full-file SHA-256 (A1111 shows its first 10 hex digits as the model hash)."""
     import hashlib

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dreambooth.checkpoints import REPORT_FILE, STATE_FILE, finished_checkpoints
 from dreambooth.errors import UserError
-from dreambooth.fileio import atomic_path, human_bytes, sha256_file
+from dreambooth.fileio import atomic_path, human_bytes, read_json_object, sha256_file
 from dreambooth.grids import READABLE_SIDE
 from dreambooth.plots import loss_plot, smoothed
 
@@ -72,14 +72,6 @@ def write_report_page(output: Path) -> Path:
 # ───────────────────────────── what the run left ─────────────────────────────
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _history_of(checkpoint: Path) -> tuple[dict, dict]:
     """(losses, config) from a checkpoint's training state: an interrupted run wrote no train_report.json, and its
     last checkpoint holds the loss history up to there. Memory-mapped, so a multi-GB optimizer state is not read.
@@ -99,8 +91,8 @@ def _history_of(checkpoint: Path) -> tuple[dict, dict]:
 
 
 def read_run(output: Path) -> dict:
-    manifest = _read_json(output / MANIFEST)
-    train_report = _read_json(output / REPORT_FILE)
+    manifest = read_json_object(output / MANIFEST)
+    train_report = read_json_object(output / REPORT_FILE)
     checkpoints = finished_checkpoints(output)
     losses, losses_mtime = train_report.get("losses", {}), 0.0
     if train_report:
@@ -117,7 +109,7 @@ def read_run(output: Path) -> dict:
         "losses": losses,
         "losses_mtime": losses_mtime,
         "checkpoints": checkpoints,
-        "fidelity": _read_json(output / FIDELITY),
+        "fidelity": read_json_object(output / FIDELITY),
     }
 
 

@@ -24,6 +24,7 @@ from dreambooth.checkpoint.keymap import (
     UNET_PREFIX,
     VAE_PREFIX,
 )
+from dreambooth.fileio import read_json_object
 
 MODEL_TYPES = ("sd1", "sd1-v", "sd2", "sd2-v", "sdxl", "sdxl-v", "sdxl-refiner")
 
@@ -97,24 +98,16 @@ def folder_family(folder: Path) -> str:
     """The family of a diffusers folder: what its provenance says (`dreambooth convert` and training write it), else
     what its text encoders and pipeline class tell. A part that is missing or unreadable counts as absent: the
     folder's own checks name it."""
-    provenance = _read_json(folder / "dreambooth.json").get("family")
+    provenance = read_json_object(folder / "dreambooth.json").get("family")
     if provenance in FAMILIES:
         return provenance
     if (folder / "text_encoder_2").is_dir():
         return "sdxl" if (folder / "text_encoder").is_dir() else "sdxl-refiner"
-    if "XL" in str(_read_json(folder / "model_index.json").get("_class_name", "")):
+    if "XL" in str(read_json_object(folder / "model_index.json").get("_class_name", "")):
         return "sdxl"
     # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
-    activation = _read_json(folder / "text_encoder" / "config.json").get("hidden_act", "quick_gelu")
+    activation = read_json_object(folder / "text_encoder" / "config.json").get("hidden_act", "quick_gelu")
     return "sd1" if activation == "quick_gelu" else "sd2"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def family_of(model_type: str) -> str:
