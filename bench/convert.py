@@ -37,7 +37,7 @@ t0 = time.perf_counter()
 from dreambooth.checkpoint.convert import ConvertOptions, convert
 imported = time.perf_counter() - t0
 t = time.perf_counter()
-convert(sys.argv[1], sys.argv[2], ConvertOptions(model_type="sd1"))
+convert(sys.argv[1], sys.argv[2], ConvertOptions(model_type=sys.argv[3]))  # sd1, sdxl
 print(time.perf_counter() - t, imported)
 """
 
@@ -96,7 +96,8 @@ def main() -> None:
             best = None
             for i in range(args.repeat):
                 dest = tmp / f"{name}-{i}"
-                extra = [str(tmp / "ours-0")] if name == "diffusers" else []  # config: our folder, offline
+                # diffusers: a config folder (ours, offline); ours: the model type
+                extra = {"diffusers": [str(tmp / "ours-0")], "ours": ["sd1"]}.get(name, [])
                 r = run(code, str(src), str(dest), *extra)
                 best = r if best is None or r["seconds"] < best["seconds"] else best
                 if name != "ours" or i:
@@ -157,16 +158,6 @@ write_json(folder / "model_index.json", model_index("sdxl", scheduler["_class_na
 print(0, 0)
 """
 
-OURS_SDXL = """
-import sys, time
-t0 = time.perf_counter()
-from dreambooth.checkpoint.convert import ConvertOptions, convert
-imported = time.perf_counter() - t0
-t = time.perf_counter()
-convert(sys.argv[1], sys.argv[2], ConvertOptions(model_type="sdxl"))
-print(time.perf_counter() - t, imported)
-"""
-
 # fp16 in, fp16 out, as ours: without torch_dtype diffusers would upcast everything to fp32 (twice the bytes)
 DIFFUSERS_SDXL = """
 import sys, time
@@ -211,7 +202,7 @@ def sdxl_main(argv: list[str]) -> None:
         (tmp / "warm").unlink()
 
         results: dict[str, dict] = {}
-        for name, code in (("raw_read_write", RAW), ("ours", OURS_SDXL), ("diffusers", DIFFUSERS_SDXL)):
+        for name, code in (("raw_read_write", RAW), ("ours", OURS), ("diffusers", DIFFUSERS_SDXL)):
             free = available_gb()
             if name == "diffusers" and free < args.min_free_gb:
                 results[name] = {"skipped": f"MemAvailable {free:.1f} GB < {args.min_free_gb} GB (shared machine)"}
@@ -220,7 +211,7 @@ def sdxl_main(argv: list[str]) -> None:
             best = None
             for i in range(args.repeat):
                 dest = tmp / f"{name}-{i}"
-                r = run(code, str(src), str(dest), *([str(configs)] if name == "diffusers" else []))
+                r = run(code, str(src), str(dest), *{"diffusers": [str(configs)], "ours": ["sdxl"]}.get(name, []))
                 r["mem_available_gb_before"] = round(free, 1)
                 best = r if best is None or r["seconds"] < best["seconds"] else best
                 shutil.rmtree(dest, ignore_errors=True) if dest.is_dir() else dest.unlink(missing_ok=True)

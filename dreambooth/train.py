@@ -382,12 +382,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         known = {"seed": state["seed"], "first_step": state["step"], "steps_this_run": 0}
         return _write_report(cfg, state["step"], History(**state["history"]), started, resume_from, known,
                              accelerator.is_main_process)  # fmt: skip
-    if state is not None and state["config"].get("adapter", "full") != cfg.adapter:
-        raise UserError(
-            f"{resume_from} was trained with --adapter {state['config'].get('adapter', 'full')}, "
-            f"and this run asks for --adapter {cfg.adapter}",
-            "use another --output for the other adapter, or the same --adapter to continue",
-        )
+    check_same_adapter(cfg, resume_from, state)
     quiet_progress_bars()
 
     # --- device, precision, seed -------------------------------------------------------------------------
@@ -401,22 +396,9 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
     adapter = adapters.get(cfg.adapter)
-    with whole_on_load(accelerator):
-        c = family.load(model_dir, vae_dir, adapter.dtypes(cfg, weight_dtype))
-    c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
-    if cfg.zero_terminal_snr:
-        c.scheduler = zero_terminal_snr(c, model_dir)
-    attention = set_attention(c.unet, cfg, device)
-    trained = adapter.prepare(c, cfg)
-    if state is not None:
-        adapter.restore(c, resume_from, state)
-    if cfg.gradient_checkpointing:
-        for name, model in trained.items():
-            enable_gradient_checkpointing(name, model)
-    if cfg.channels_last:
-        performance.use_channels_last(c.unet)
-    if cfg.torch_compile:
-        events.notice(f"--torch-compile: {performance.compile_blocks(c.unet)} UNet blocks compile on first use")
+    c, trained, attention = load_model(
+        cfg, accelerator, family, adapter, model_dir, vae_dir, weight_dtype, resume_from=resume_from, state=state
+    )
     disk = check_disk(cfg, adapter, c, trained)
     text_encoders_train = cfg.train_text_encoder and (
         cfg.text_encoder_steps is None or (state["step"] if state else 0) < cfg.text_encoder_steps
@@ -481,6 +463,39 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     run.last_saved = resume_from
     events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
     return run
+
+
+def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict | None) -> None:
+    if state is not None and state["config"].get("adapter", "full") != cfg.adapter:
+        raise UserError(
+            f"{resume_from} was trained with --adapter {state['config'].get('adapter', 'full')}, "
+            f"and this run asks for --adapter {cfg.adapter}",
+            "use another --output for the other adapter, or the same --adapter to continue",
+        )
+
+
+def load_model(
+    cfg: TrainConfig, accelerator, family, adapter, model_dir: Path, vae_dir, weight_dtype, *, resume_from, state
+):
+    """The family loads the base, the adapter decides what trains, the checkpoint resumed from (if any) restores
+    it, and the speed levers apply: (components, the trained models by name, the attention implementation)."""
+    with whole_on_load(accelerator):
+        c = family.load(model_dir, vae_dir, adapter.dtypes(cfg, weight_dtype))
+    c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
+    if cfg.zero_terminal_snr:
+        c.scheduler = zero_terminal_snr(c, model_dir)
+    attention = set_attention(c.unet, cfg, accelerator.device)
+    trained = adapter.prepare(c, cfg)
+    if state is not None:  # before the levers: compiled blocks would rename the weights it loads
+        adapter.restore(c, resume_from, state)
+    if cfg.gradient_checkpointing:
+        for name, model in trained.items():
+            enable_gradient_checkpointing(name, model)
+    if cfg.channels_last:
+        performance.use_channels_last(c.unet)
+    if cfg.torch_compile:
+        events.notice(f"--torch-compile: {performance.compile_blocks(c.unet)} UNet blocks compile on first use")
+    return c, trained, attention
 
 
 def choose_seed(cfg: TrainConfig, state: dict | None, world: int) -> int:
@@ -618,13 +633,7 @@ def fit(run: Run, should_stop) -> None:
     with trackers.session(accelerator, cfg), progress as advance:
         while run.step < cfg.max_train_steps:
             if run.text_encoders_train and cfg.text_encoder_steps is not None and run.step >= cfg.text_encoder_steps:
-                # the text encoders have learned the token; from here on they are frozen (their grads stay None, so
-                # the optimizer skips them) and their embeddings can be cached like frozen ones'
-                run.text_encoders_train = False
-                for name in (n for n in run.trained if n != "unet"):
-                    run.trained[name].requires_grad_(False)
-                    run.trained[name].eval()
-                run.prompts.build(run.stream.all_prompts())
+                freeze_text_encoders(run)
 
             total, instance_total, class_total = 0.0, 0.0, 0.0
             for _ in range(accum):  # gradient accumulation: several micro-batches, one optimizer step
@@ -658,27 +667,17 @@ def fit(run: Run, should_stop) -> None:
                 instance_total += instance_loss.item() / accum
                 class_total += class_loss.item() / accum
 
-            if cfg.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(run.params, cfg.max_grad_norm)
-            run.optimizer.step()
-            skipped = run.fused.step_was_skipped if run.fused else run.optimizer.step_was_skipped
-            if not skipped:  # an fp16 overflow skips the step, and the schedule waits for it
-                run.lr_scheduler.step()
-            run.optimizer.zero_grad(set_to_none=True)
+            skipped = optimizer_step(run)
             run.step += 1
-            if world > 1:  # what is logged is the whole batch's loss, the mean over the processes' slices
-                stats = torch.tensor([total, instance_total, class_total], dtype=torch.float64, device=device)
-                total, instance_total, class_total = (accelerator.reduce(stats, "sum") / world).tolist()
+            # what is logged is the whole batch's loss, the mean over the processes' slices
+            total, instance_total, class_total = mean_over_processes(accelerator, total, instance_total, class_total)
             log_step(run, total, instance_total, class_total, advance)
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             if skipped:
                 run.history.skipped_steps.append(run.step)
             check_diverged(run, total, skipped_in_a_row)
 
-            stopping = should_stop()
-            if world > 1:  # a signal reaches one process, or each at its own moment: all stop at the same step
-                asked = torch.tensor([float(stopping)], device=device)
-                stopping = accelerator.reduce(asked, "sum").item() > 0
+            stopping = any_process_stops(accelerator, should_stop())
             if run.step in saves or stopping:
                 run.history.seconds += time.perf_counter() - loop_started
                 loop_started = time.perf_counter()
@@ -689,6 +688,43 @@ def fit(run: Run, should_stop) -> None:
                               "resume.")  # fmt: skip
                 raise KeyboardInterrupt
     run.history.seconds += time.perf_counter() - loop_started
+
+
+def freeze_text_encoders(run: Run) -> None:
+    """At --text-encoder-steps the text encoders have learned the token; from here on they are frozen (their grads
+    stay None, so the optimizer skips them) and their embeddings can be cached like frozen ones'."""
+    run.text_encoders_train = False
+    for name in (n for n in run.trained if n != "unet"):
+        run.trained[name].requires_grad_(False)
+        run.trained[name].eval()
+    run.prompts.build(run.stream.all_prompts())
+
+
+def optimizer_step(run: Run) -> bool:
+    """Clip, step, schedule, clear; whether the step was skipped (an fp16 overflow: the schedule waits for it)."""
+    if run.cfg.max_grad_norm > 0:
+        run.accelerator.clip_grad_norm_(run.params, run.cfg.max_grad_norm)
+    run.optimizer.step()
+    skipped = run.fused.step_was_skipped if run.fused else run.optimizer.step_was_skipped
+    if not skipped:
+        run.lr_scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def mean_over_processes(accelerator, *values: float) -> list[float]:
+    if accelerator.num_processes == 1:
+        return list(values)
+    stats = torch.tensor(values, dtype=torch.float64, device=accelerator.device)
+    return (accelerator.reduce(stats, "sum") / accelerator.num_processes).tolist()
+
+
+def any_process_stops(accelerator, stopping: bool) -> bool:
+    """A signal reaches one process, or each at its own moment: all stop at the same step."""
+    if accelerator.num_processes == 1:
+        return stopping
+    asked = torch.tensor([float(stopping)], device=accelerator.device)
+    return accelerator.reduce(asked, "sum").item() > 0
 
 
 def prior_preserving_loss(pred, target, timesteps, num_instance: int, c, cfg: TrainConfig):

@@ -179,18 +179,12 @@ def probe_prediction_type(unet: Any, detection: Detection) -> None:
     """Run the UNet (a torch module, so torch is loaded only for the files that need this) on the probe."""
     import torch
 
-    with torch.no_grad():
-        _probe(unet, detection)
-
-
-def _probe(unet: Any, detection: Detection) -> None:
-    import torch
-
     param = next(unet.parameters())
     cross = unet.config.cross_attention_dim
     x = torch.full((1, unet.config.in_channels, 8, 8), 0.5, dtype=param.dtype)
     context = torch.full((1, 2, cross), 0.5, dtype=param.dtype)
-    out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
+    with torch.no_grad():
+        out = unet(x, torch.tensor([999]), encoder_hidden_states=context).sample
     score = (out.float() - x.float()).mean().item()
     if score < V_BELOW:
         detection.prediction_type, detection.prediction_rule = "v_prediction", "probe"

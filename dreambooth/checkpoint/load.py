@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from safetensors import safe_open
 
-from dreambooth.checkpoint.tensorfile import StoredTensor, read_tensors
+from dreambooth.checkpoint.tensorfile import ELEMENT_BYTES, StoredTensor, read_tensors
 from dreambooth.errors import UserError
 
 if TYPE_CHECKING:
@@ -153,11 +153,6 @@ def _open(path: Path, *, lazy: bool) -> Checkpoint:
     return ckpt
 
 
-# safetensors' dtype names → bytes per element; the ones torch can hold (F8_E8M0, F4, F6 … cannot be loaded)
-SAFETENSORS_DTYPES = {
-    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
-}  # fmt: skip
 MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit
 
 
@@ -200,7 +195,7 @@ def check_safetensors(path: Path, what: str = "") -> dict:
         if not isinstance(entry, dict):
             raise UserError(f"{where} has no dtype/shape/data_offsets entry in the header", fix)
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if dtype not in SAFETENSORS_DTYPES:
+        if dtype not in ELEMENT_BYTES:
             raise UserError(
                 f"{where} has dtype {str(dtype)[:20]!r}, which is not one this program can load",
                 "convert the file to F16/BF16/F32 weights with the tool that made it",
@@ -215,10 +210,10 @@ def check_safetensors(path: Path, what: str = "") -> dict:
                 f"{where} claims bytes {begin:,}–{end:,}, outside the {data_bytes:,} data bytes of the file", fix
             )
         elements = math.prod(shape)
-        if elements * SAFETENSORS_DTYPES[dtype] != end - begin:
+        if elements * ELEMENT_BYTES[dtype] != end - begin:
             raise UserError(
                 f"{where}: shape {shape} of {dtype} ({elements:,} elements) needs "
-                f"{elements * SAFETENSORS_DTYPES[dtype]:,} bytes, but its data_offsets span {end - begin:,}",
+                f"{elements * ELEMENT_BYTES[dtype]:,} bytes, but its data_offsets span {end - begin:,}",
                 fix,
             )
         ranges.append((begin, end, name))

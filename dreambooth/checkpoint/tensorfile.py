@@ -21,6 +21,8 @@ from typing import Any
 DTYPE_ORDER = (
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
 )  # fmt: skip
+# → bytes per element; the ones torch can hold (F8_E8M0, F4, F6 … cannot be loaded): `load.check_safetensors`
+# refuses a file with any other
 ELEMENT_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8,
@@ -124,10 +126,6 @@ def read_tensors(path: Path, header: dict) -> dict[str, StoredTensor]:
             path, name, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end
         )
     return tensors
-
-
-def is_stored(tensors: dict) -> bool:
-    return any(isinstance(t, StoredTensor) for t in tensors.values())
 
 
 def _torch_dtype_name(tensor: Any) -> str:
