@@ -15,9 +15,9 @@ import torch
 from dreambooth import __version__
 from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
 from dreambooth.checkpoints import link_or_copy
-from dreambooth.config import LORA_TARGET_GROUPS, TrainConfig
+from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.families import Components
+from dreambooth.families import Components, Dtypes, Family
 from dreambooth.fileio import write_json
 
 COPIED = ("tokenizer", "scheduler")  # frozen folders a full checkpoint carries as they are
@@ -50,18 +50,19 @@ class Full:
 
     name = "full"
 
-    def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
+    def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> Dtypes:
         # what trains stays fp32 ("master weights"): fp16 gradients cannot be unscaled in place, which is the
         # "Attempting to unscale FP16 gradients" failure; the frozen parts run in half precision
         text = torch.float32 if cfg.train_text_encoder else weight_dtype
-        return {"unet": torch.float32, "text_encoder": text, "text_encoder_2": text, "vae": weight_dtype}
+        return Dtypes(denoiser=torch.float32, trained_text=text, frozen=weight_dtype)
 
-    def prepare(self, c: Components, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+    def prepare(self, c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
         c.vae.requires_grad_(False)
-        c.unet.requires_grad_(True)
-        for encoder in c.text_encoders.values():
-            encoder.requires_grad_(cfg.train_text_encoder)
-        return {"unet": c.unet, **(c.text_encoders if cfg.train_text_encoder else {})}
+        c.denoiser.requires_grad_(True)
+        text = trained_text_encoders(c, cfg, family)
+        for name, encoder in c.text_encoders.items():
+            encoder.requires_grad_(name in text)
+        return {c.denoiser_name: c.denoiser, **text}
 
     def restore(self, c: Components, checkpoint: Path, state: dict) -> None:
         from safetensors.torch import load_file
@@ -70,7 +71,7 @@ class Full:
         for name, model in c.models.items():
             if name in master:
                 model.load_state_dict(master[name])
-            elif name == "unet" or state["config"].get("train_text_encoder"):
+            elif name == c.denoiser_name or state["config"].get("train_text_encoder"):
                 model.load_state_dict(load_file(checkpoint / name / f"{WEIGHT_FILES[name]}.safetensors"))
 
     def checkpoint_bytes(self, c: Components, trained: dict, cfg: TrainConfig) -> int:
@@ -132,19 +133,21 @@ class Lora:
 
     name = "lora"
 
-    def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> dict[str, torch.dtype]:
-        return {"unet": weight_dtype, "text_encoder": weight_dtype, "text_encoder_2": weight_dtype, "vae": weight_dtype}
+    def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> Dtypes:
+        return Dtypes(denoiser=weight_dtype, trained_text=weight_dtype, frozen=weight_dtype)
 
-    def prepare(self, c: Components, cfg: TrainConfig) -> dict[str, torch.nn.Module]:
+    def prepare(self, c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
         from peft import LoraConfig, inject_adapter_in_model
 
         c.vae.requires_grad_(False)
-        trained = {"unet": c.unet, **(c.text_encoders if cfg.train_text_encoder else {})}
+        trained = {c.denoiser_name: c.denoiser, **trained_text_encoders(c, cfg, family)}
+        targets = family.lora_targets(cfg.lora_targets)
+        c.extra["lora_targets"] = targets  # lora.json records the modules the groups expanded to
         for name, model in c.models.items():
             model.requires_grad_(False)
             if name not in trained:
                 continue
-            linear, convs = lora_modules(model, cfg, text=name != "unet")
+            linear, convs = lora_modules(model, cfg, family, targets, text=name != c.denoiser_name)
             # exact module names (escaped: peft reads pattern keys as regular expressions); convs at their own rank
             config = LoraConfig(
                 r=cfg.lora_rank,
@@ -164,8 +167,9 @@ class Lora:
     def restore(self, c: Components, checkpoint: Path, state: dict) -> None:
         from dreambooth.checkpoint.lora import load_adapter
 
-        load_adapter(checkpoint, {n: m for n, m in c.models.items() if n == "unet" or state["config"].get(
-            "train_text_encoder")})  # fmt: skip
+        trains_text = state["config"].get("train_text_encoder")
+        load_adapter(checkpoint, {n: m for n, m in c.models.items() if n == c.denoiser_name or (
+            trains_text and n in trainable_text_encoders(c))})  # fmt: skip
 
     def checkpoint_bytes(self, c: Components, trained: dict, cfg: TrainConfig) -> int:
         weights = _bytes(trained, only_trainable=True)
@@ -178,6 +182,7 @@ class Lora:
         from dreambooth.checkpoint.lora import UNET_LAYOUT, save_adapter
 
         concept = cfg.concepts[0]
+        targets = c.extra["lora_targets"]
         info = {
             "family": c.extra["family"],
             "model_type": c.extra["model_type"],
@@ -194,11 +199,12 @@ class Lora:
             "dropout": cfg.lora_dropout,
             "conv_rank": cfg.lora_conv_rank,
             "conv_alpha": cfg.lora_conv_alpha,
-            "targets": list(cfg.lora_targets),
-            "text_encoder_targets": text_encoder_targets(cfg) if cfg.train_text_encoder else [],
-            # what names the UNet's modules in the original layout (SDXL's kohya files use it); unwrapped, not DDP's
-            "unet_layout": {k: _plain(trained["unet"].config[k]) for k in UNET_LAYOUT},
+            "targets": list(targets.denoiser),
+            "text_encoder_targets": list(targets.text) if cfg.train_text_encoder else [],
         }
+        if c.denoiser_name == "unet":
+            # what names the UNet's modules in the original layout (SDXL's kohya files use it); unwrapped, not DDP's
+            info["unet_layout"] = {k: _plain(trained["unet"].config[k]) for k in UNET_LAYOUT}
         save_adapter(tmp, trained, info)
         write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter="lora"))
         return {}
@@ -220,37 +226,33 @@ class Lora:
         }
 
 
-def text_encoder_targets(cfg: TrainConfig) -> list[str]:
-    """CLIP's attention projections; its MLP too when the UNet's feed-forward layers are asked for."""
-    names = ["q_proj", "k_proj", "v_proj", "out_proj"]
-    return names + (["fc1", "fc2"] if "ff.net.0.proj" in cfg.lora_targets else [])
+def trainable_text_encoders(c: Components) -> dict[str, torch.nn.Module]:
+    """The text encoders --train-text-encoder may train: all of SD's and SDXL's; Flux's CLIP-L, never its T5."""
+    return {n: m for n, m in c.text_encoders.items() if n in c.extra.get("trainable_text", c.text_encoders)}
 
 
-def lora_modules(model: torch.nn.Module, cfg: TrainConfig, text: bool) -> tuple[list[str], list[str]]:
+def trained_text_encoders(c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
+    return trainable_text_encoders(c) if cfg.train_text_encoder else {}
+
+
+def lora_modules(model: torch.nn.Module, cfg: TrainConfig, family: Family, targets, text: bool):
     """The full names of the modules that get LoRA layers: (linear and 1×1 ones at --lora-rank, 3×3 convolutions
-    at --lora-conv-rank). UNet: the --lora-targets inside its transformer blocks, and with --lora-conv-rank the
-    ResNet and resampling convolutions (LoCon); text encoder: see text_encoder_targets."""
-    suffixes = text_encoder_targets(cfg) if text else list(cfg.lora_targets)
-    linear, convs = [], []
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and any(
-            name == s or name.endswith("." + s) for s in suffixes
-        ):
-            if text or ".attentions." in name:  # the UNet's transformer blocks, not its time embedding
-                linear.append(name)
-        elif (
-            not text
-            and cfg.lora_conv_rank
-            and isinstance(module, torch.nn.Conv2d)
-            and module.kernel_size != (1, 1)
-            and re.search(r"\.(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$", name)
-        ):
-            convs.append(name)
+    at --lora-conv-rank). The denoiser's are the family's choice (its --lora-targets groups); a text encoder's are
+    its attention projections (and MLP, when the denoiser's feed-forward layers train)."""
+    if not text:
+        linear, convs = family.lora_modules(model, targets.denoiser, cfg.lora_conv_rank)
+    else:
+        linear = [
+            name
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and any(name.endswith("." + s) for s in targets.text)
+        ]
+        convs = []  # fmt: skip
     if not linear:
         raise UserError(
             f"--lora-targets {','.join(cfg.lora_targets)} matches no module of the "
-            f"{'text encoder' if text else 'UNet'}",
-            f"use names from: {', '.join(LORA_TARGET_GROUPS)} or {', '.join(sorted(set(sum(LORA_TARGET_GROUPS.values(), ()))))}",  # noqa: E501
+            f"{'text encoder' if text else family.title + ' ' + family.denoiser_name}",
+            "name the family's groups or modules (see --help)",
         )
     return linear, convs
 

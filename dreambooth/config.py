@@ -33,13 +33,6 @@ LOW_VRAM = {
     "max_grad_norm": 0.0,
 }
 ADAPTERS = ("full", "lora")
-# --lora-targets: groups of the UNet's transformer-block modules, or the modules' own names
-LORA_TARGET_GROUPS = {
-    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
-    "feed-forward": ("ff.net.0.proj", "ff.net.2"),
-    "projections": ("proj_in", "proj_out"),
-}
-LORA_TARGET_NAMES = tuple(name for group in LORA_TARGET_GROUPS.values() for name in group)
 # what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
 DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
@@ -166,7 +159,9 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None  # = --lora-rank when not given (scale 1)
     lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = LORA_TARGET_GROUPS["attention"]
+    # the family's groups (attention, feed-forward, …) or module names; None: the family's default (its module tables
+    # live with the family, which expands and checks them once the model is known)
+    lora_targets: tuple[str, ...] | None = None
     lora_conv_rank: int = 0  # > 0: LoCon, the ResNet and resampling 3×3 convolutions too
     lora_conv_alpha: float | None = None  # = --lora-conv-rank when not given
     # speed and memory (dreambooth/performance.py); all off unless asked, --low-vram turns on the memory ones
@@ -186,8 +181,8 @@ class TrainConfig:
     save_sample_prompt: tuple[str, ...] = ()
     save_sample_negative_prompt: str | None = None
     n_save_sample: int = 4
-    save_guidance_scale: float = 7.5
-    save_infer_steps: int = 20
+    save_guidance_scale: float | None = None  # None: the family's (SD 7.5; Flux.1-dev its distilled 3.5)
+    save_infer_steps: int | None = None  # None: the family's (20; Flux.1-schnell 4)
     resume: bool = False
     # scaling out (dreambooth/launch.py starts the processes through accelerate; train.py shards the work)
     num_processes: int = 1  # over all machines together, as accelerate counts: 2 machines × 4 GPUs = 8
@@ -220,7 +215,7 @@ class TrainConfig:
         for name in ("train_batch_size", "max_train_steps", "gradient_accumulation_steps", "save_interval",
                      "sample_batch_size", "n_save_sample", "save_infer_steps", "class_inference_steps",
                      "lr_num_cycles"):  # fmt: skip
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise UserError(
                     f"{flag(name)} must be at least 1 (got {getattr(self, name)})", "pass a positive number"
                 )
@@ -315,20 +310,12 @@ class TrainConfig:
     def _check_adapter(self) -> None:
         if self.adapter not in ADAPTERS:
             raise UserError(f"--adapter {self.adapter!r} is unknown", f"use {' | '.join(ADAPTERS)}")
-        if isinstance(self.lora_targets, str):
-            object.__setattr__(self, "lora_targets", tuple(t for t in self.lora_targets.split(",") if t.strip()))
-        targets = []
-        for name in (t.strip() for t in self.lora_targets):
-            if name not in LORA_TARGET_GROUPS and name not in LORA_TARGET_NAMES:
-                raise UserError(
-                    f"--lora-targets: unknown target {name!r}",
-                    f"use groups ({', '.join(LORA_TARGET_GROUPS)}) or modules ({', '.join(LORA_TARGET_NAMES)}), "
-                    "comma-separated",
-                )
-            targets += LORA_TARGET_GROUPS.get(name, (name,))
-        if not targets:
-            raise UserError("--lora-targets is empty", f"e.g. --lora-targets {','.join(LORA_TARGET_GROUPS)}")
-        object.__setattr__(self, "lora_targets", tuple(dict.fromkeys(targets)))
+        if self.lora_targets is not None:
+            tokens = self.lora_targets.split(",") if isinstance(self.lora_targets, str) else self.lora_targets
+            targets = tuple(dict.fromkeys(t.strip() for t in tokens if str(t).strip()))
+            if not targets:
+                raise UserError("--lora-targets is empty", "e.g. --lora-targets attention,feed-forward")
+            object.__setattr__(self, "lora_targets", targets)
         if self.lora_rank < 1:
             raise UserError(f"--lora-rank must be at least 1 (got {self.lora_rank})", "e.g. --lora-rank 16")
         if self.lora_conv_rank < 0:

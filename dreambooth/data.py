@@ -448,12 +448,14 @@ class LatentSource:
         return self._encode(torch.stack([pixels for pixels, _ in made]))
 
 
-def sample_latents(params: torch.Tensor, scaling_factor: float, eps: torch.Tensor) -> torch.Tensor:
-    """Draw latents from the VAE's diagonal Gaussian. `eps` (standard normal, the latents' shape) comes from the
-    training generator, so a resumed run, or several processes, replay exactly the same draw."""
+def sample_latents(params: torch.Tensor, eps: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:
+    """Draw latents from the VAE's diagonal Gaussian, as the denoiser takes them: (sample − shift) · scale. `eps`
+    (standard normal, the latents' shape) comes from the training generator, so a resumed run, or several processes,
+    replay exactly the same draw."""
     mean, logvar = params.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    return (mean + std * eps.to(mean.device)) * scaling_factor
+    sample = mean + std * eps.to(mean.device)
+    return (sample - shift if shift else sample) * scale
 
 
 class PromptCache:

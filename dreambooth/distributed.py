@@ -160,3 +160,6 @@ class Shard:
 
     def randint(self, generator: torch.Generator, high: int) -> torch.Tensor:
         return torch.randint(0, high, (self.total,), generator=generator)[self.rows]
+
+    def rand(self, generator: torch.Generator) -> torch.Tensor:
+        return torch.rand((self.total,), generator=generator)[self.rows]

@@ -150,13 +150,8 @@ def use_channels_last(unet: torch.nn.Module) -> None:
     unet.to(memory_format=torch.channels_last)
 
 
-def compile_blocks(unet: torch.nn.Module) -> int:
-    """Compile the UNet's transformer and ResNet blocks in place (state_dict keys stay as they are); returns how
-    many were compiled. Blocks of one kind and size share their compiled code."""
-    from diffusers.models.attention import BasicTransformerBlock
-    from diffusers.models.resnet import ResnetBlock2D
-
-    blocks = [m for m in unet.modules() if isinstance(m, BasicTransformerBlock | ResnetBlock2D)]
+def compile_blocks(blocks: list[torch.nn.Module]) -> None:
+    """Compile the denoiser's repeated blocks in place (the family names them; state_dict keys stay as they are).
+    Blocks of one kind and size share their compiled code."""
     for block in blocks:
         block.compile()
-    return len(blocks)

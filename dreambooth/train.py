@@ -53,6 +53,7 @@ from dreambooth.data import (
 from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
+from dreambooth.objectives import Objective
 from dreambooth.plots import loss_plot
 from dreambooth.preflight import preflight, resolve_model, resolve_vae
 from dreambooth.report import write_report_page
@@ -136,24 +137,9 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device):
     return make(groups), name
 
 
-def set_attention(unet, cfg: TrainConfig, device: torch.device) -> str:
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    if cfg.attention == "xformers":
-        try:
-            if device.type != "cuda":
-                raise RuntimeError("xformers needs a CUDA GPU")
-            unet.enable_xformers_memory_efficient_attention()
-            return "xformers"
-        except Exception as exc:
-            events.notice(f"--attention xformers: not usable here ({exc}); using PyTorch SDPA")
-    unet.set_attn_processor(AttnProcessor2_0())
-    return "sdpa"
-
-
-def enable_gradient_checkpointing(name: str, model) -> None:
+def enable_gradient_checkpointing(model, denoiser: bool) -> None:
     """Recompute activations in backward: far less memory for ~25 % more time."""
-    if name == "unet":
+    if denoiser:  # a diffusers model (UNet or transformer): checkpoints its own blocks
         model.enable_gradient_checkpointing()
     else:
         # non-reentrant: with a frozen embedding (LoRA) the reentrant form would give the layers' LoRA no gradient
@@ -223,6 +209,8 @@ class Run:
     family: families.Family
     adapter: object
     c: families.Components
+    objective: Objective
+    latent_format: families.LatentFormat
     trained: dict[str, torch.nn.Module]  # as prepared by accelerate (DDP / DeepSpeed wrappers)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -283,20 +271,6 @@ def input_vanishes(cfg: TrainConfig):
         ) from exc
 
 
-def zero_terminal_snr(c, model_dir: Path):
-    """The base's beta schedule rescaled so that its last step is pure noise (SNR 0): what v-prediction needs to
-    learn the full range of brightness. An epsilon model has nothing to predict at SNR 0, so it is refused."""
-    if c.prediction_type != "v_prediction":
-        raise UserError(
-            f"--zero-terminal-snr needs a v-prediction model, and {model_dir} predicts {c.prediction_type}",
-            "drop --zero-terminal-snr, or train a v-prediction model (convert with --model-type sd2-v / sdxl-v)",
-        )
-    from diffusers import DDPMScheduler
-
-    c.extra["zero_terminal_snr"] = True
-    return DDPMScheduler.from_config(dict(c.scheduler.config), rescale_betas_zero_snr=True)
-
-
 def class_examples(cfg: TrainConfig, accelerator, model_dir: Path, seed: int, weight_dtype, should_stop):
     """Prior preservation's class examples per concept, the missing class images generated first by the base model
     (before its weights change), each process making its share; None without prior preservation."""
@@ -341,11 +315,11 @@ def make_stream(cfg: TrainConfig, instances: list[Example], classes, seed: int, 
     )  # fmt: skip
 
 
-def param_groups(trained: dict, lr: float, text_lr: float) -> list[dict]:
+def param_groups(c, trained: dict, lr: float, text_lr: float) -> list[dict]:
     """The optimizer's param groups: the text encoders' own when their learning rate differs."""
-    text = {n: m for n, m in trained.items() if n != "unet"}
+    text = c.text_models(trained)
     if text and text_lr != lr:
-        return [{"params": adapters.trainable({"unet": trained["unet"]}), "lr": lr},
+        return [{"params": adapters.trainable({c.denoiser_name: trained[c.denoiser_name]}), "lr": lr},
                 {"params": adapters.trainable(text), "lr": text_lr}]  # fmt: skip
     # one group: the layout of the optimizer state that checkpoints have always had
     return [{"params": adapters.trainable(trained), "lr": lr}]
@@ -366,6 +340,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     if vae_dir is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
         cfg = replace(cfg, vae=vae_dir)
     family = families.of_folder(model_dir)  # before class images: a model that cannot train stops here
+    family.check(cfg)
+    cfg = with_family_defaults(cfg, family)
     if cfg.fused_backward and accelerator.num_processes > 1:
         raise UserError(
             f"--fused-backward updates each weight inside backward, and {accelerator.num_processes} processes run",
@@ -396,7 +372,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
     adapter = adapters.get(cfg.adapter)
-    c, trained, attention = load_model(
+    c, objective, trained, attention = load_model(
         cfg, accelerator, family, adapter, model_dir, vae_dir, weight_dtype, resume_from=resume_from, state=state
     )
     disk = check_disk(cfg, adapter, c, trained)
@@ -406,8 +382,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
 
     # --- optimizer and schedule: the text encoders may have their own learning rate ----------------------
     lr, text_lr = learning_rates(cfg, accelerator.num_processes)
-    text = {n: m for n, m in trained.items() if n != "unet"}
-    groups = param_groups(trained, lr, text_lr)
+    text = c.text_models(trained)
+    groups = param_groups(c, trained, lr, text_lr)
     params = [p for g in groups for p in g["params"]]
     optimizer, optimizer_name = make_optimizer(groups, cfg, device)
     # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
@@ -416,8 +392,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     names = list(trained)
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(names, prepared, strict=True))
-    c.unet = trained["unet"]
-    c.text_encoders.update({n: m for n, m in trained.items() if n != "unet"})
+    c.denoiser = trained[c.denoiser_name]
+    c.text_encoders.update(c.text_models(trained))
     if cfg.train_text_encoder and not text_encoders_train:
         # resumed past --text-encoder-steps: they stay in the optimizer (so the saved state fits) but get no grads
         # (after prepare: DDP refuses to wrap a model of which nothing trains)
@@ -433,7 +409,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
 
     run = Run(
-        cfg=cfg, accelerator=accelerator, family=family, adapter=adapter, c=c, trained=trained, params=params,
+        cfg=cfg, accelerator=accelerator, family=family, adapter=adapter, c=c, objective=objective,
+        latent_format=family.latent_format(c), trained=trained, params=params,
         optimizer=optimizer, fused=fused, lr_scheduler=lr_scheduler, stream=stream, latents=latents, prompts=prompts,
         all_examples=all_examples, with_classes=classes is not None, generator=torch.Generator().manual_seed(seed),
         history=History(), seed=seed, setup={}, weight_dtype=weight_dtype, text_encoders_train=text_encoders_train,
@@ -448,6 +425,7 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         "optimizer": optimizer_name,
         "attention": attention,
         "prediction_type": c.prediction_type,
+        "objective": objective.name,
         "seed": seed,
         "model_dir": str(model_dir),
         **describe_data(cfg, instances, classes, all_examples, stream),
@@ -465,6 +443,16 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     return run
 
 
+def with_family_defaults(cfg: TrainConfig, family) -> TrainConfig:
+    """What the user left to the family: its LoRA targets, its samples' guidance and steps."""
+    defaults = {
+        "lora_targets": family.default_lora_targets,
+        "save_guidance_scale": family.sample_guidance,
+        "save_infer_steps": family.sample_steps,
+    }
+    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+
+
 def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict | None) -> None:
     if state is not None and state["config"].get("adapter", "full") != cfg.adapter:
         raise UserError(
@@ -477,25 +465,27 @@ def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict |
 def load_model(
     cfg: TrainConfig, accelerator, family, adapter, model_dir: Path, vae_dir, weight_dtype, *, resume_from, state
 ):
-    """The family loads the base, the adapter decides what trains, the checkpoint resumed from (if any) restores
-    it, and the speed levers apply: (components, the trained models by name, the attention implementation)."""
+    """The family loads the base and names its objective, the adapter decides what trains, the checkpoint resumed
+    from (if any) restores it, and the speed levers apply: (components, the objective, the trained models by name,
+    the attention implementation)."""
     with whole_on_load(accelerator):
         c = family.load(model_dir, vae_dir, adapter.dtypes(cfg, weight_dtype))
     c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
-    if cfg.zero_terminal_snr:
-        c.scheduler = zero_terminal_snr(c, model_dir)
-    attention = set_attention(c.unet, cfg, accelerator.device)
-    trained = adapter.prepare(c, cfg)
+    objective = family.objective(c, cfg)
+    attention = family.set_attention(c, cfg.attention, accelerator.device)
+    trained = adapter.prepare(c, cfg, family)
     if state is not None:  # before the levers: compiled blocks would rename the weights it loads
         adapter.restore(c, resume_from, state)
     if cfg.gradient_checkpointing:
         for name, model in trained.items():
-            enable_gradient_checkpointing(name, model)
+            enable_gradient_checkpointing(model, denoiser=name == c.denoiser_name)
     if cfg.channels_last:
-        performance.use_channels_last(c.unet)
+        performance.use_channels_last(c.denoiser)
     if cfg.torch_compile:
-        events.notice(f"--torch-compile: {performance.compile_blocks(c.unet)} UNet blocks compile on first use")
-    return c, trained, attention
+        blocks = family.blocks(c)
+        performance.compile_blocks(blocks)
+        events.notice(f"--torch-compile: {len(blocks)} {c.denoiser_name} blocks compile on first use")
+    return c, objective, trained, attention
 
 
 def choose_seed(cfg: TrainConfig, state: dict | None, world: int) -> int:
@@ -618,8 +608,7 @@ def fit(run: Run, should_stop) -> None:
     cfg, accelerator, family, c = run.cfg, run.accelerator, run.family, run.c
     device = accelerator.device
     rank, world = accelerator.process_index, accelerator.num_processes
-    scaling = c.vae.config.scaling_factor
-    num_timesteps = c.scheduler.config.num_train_timesteps
+    latent_format, objective = run.latent_format, run.objective
     accum = cfg.gradient_accumulation_steps
     saves = set(save_steps(cfg))
     shard = Shard.of(rank, world, cfg.train_batch_size, with_classes=run.with_classes)
@@ -643,13 +632,11 @@ def fit(run: Run, should_stop) -> None:
                 dist = run.latents.distributions(batch, run.stream)
                 check_finite_latents(dist, run)
                 generator = run.generator
-                latents = sample_latents(dist, scaling, shard.randn(generator, dist.shape[1] // 2, *dist.shape[2:]))
-                noise = shard.randn(generator, *latents.shape[1:]).to(device)
-                if cfg.offset_noise:  # lets the model learn overall brightness (very dark / very bright images)
-                    noise += cfg.offset_noise * shard.randn(generator, latents.shape[1], 1, 1).to(device)
-                timesteps = shard.randint(generator, num_timesteps).to(device)
-                noisy = c.scheduler.add_noise(latents, noise, timesteps)
-                target = family.target(c, latents, noise, timesteps)
+                eps = shard.randn(generator, dist.shape[1] // 2, *dist.shape[2:])
+                latents = sample_latents(dist, eps, latent_format.scale, latent_format.shift)
+                noised = objective.draw(latents, shard, generator)  # noise, timesteps (or σ), the noisy input
+                target = objective.target(latents, noised)
+                noisy = noised.input
                 # accumulate: DDP exchanges gradients after the last micro-batch only (and scales the loss by 1/accum)
                 with accelerator.autocast(), accelerator.accumulate(*run.trained.values()):
                     cond = run.prompts(batch.prompts)  # captions; "" where caption dropout struck
@@ -658,8 +645,9 @@ def fit(run: Run, should_stop) -> None:
                     if cfg.channels_last:
                         noisy = noisy.contiguous(memory_format=torch.channels_last)
                     # (orig h, w, crop top, left, target h, w) per row: SDXL's size and crop conditioning
-                    pred = family.predict(c, noisy, timesteps, cond, batch.geometry.to(device))
-                instance_loss, class_loss = prior_preserving_loss(pred, target, timesteps, batch.num_instance, c, cfg)
+                    pred = family.predict(c, noisy, noised.timesteps, cond, batch.geometry.to(device))
+                weights = objective.weights(noised)
+                instance_loss, class_loss = prior_preserving_loss(pred, target, weights, batch.num_instance)
                 loss = instance_loss + cfg.prior_loss_weight * class_loss
                 # divides by --gradient-accumulation-steps; with --fused-backward the weights update in here
                 accelerator.backward(run.fused.scale_loss(loss) if run.fused else loss)
@@ -694,7 +682,7 @@ def freeze_text_encoders(run: Run) -> None:
     """At --text-encoder-steps the text encoders have learned the token; from here on they are frozen (their grads
     stay None, so the optimizer skips them) and their embeddings can be cached like frozen ones'."""
     run.text_encoders_train = False
-    for name in (n for n in run.trained if n != "unet"):
+    for name in run.c.text_models(run.trained):
         run.trained[name].requires_grad_(False)
         run.trained[name].eval()
     run.prompts.build(run.stream.all_prompts())
@@ -727,16 +715,12 @@ def any_process_stops(accelerator, stopping: bool) -> bool:
     return accelerator.reduce(asked, "sum").item() > 0
 
 
-def prior_preserving_loss(pred, target, timesteps, num_instance: int, c, cfg: TrainConfig):
+def prior_preserving_loss(pred, target, weights, num_instance: int):
     """(instance loss, class loss): the batch's instance rows, then its class rows (prior preservation: the class
-    half keeps the model's idea of the class). min-SNR reweights each example when asked."""
+    half keeps the model's idea of the class). `weights`: the objective's per-example weights (min-SNR, …)."""
     per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
-    if cfg.snr_gamma is not None:  # min-SNR: easy (low-noise) timesteps stop dominating the loss
-        from diffusers.training_utils import compute_snr
-
-        snr = compute_snr(c.scheduler, timesteps)
-        clipped = torch.minimum(snr, torch.full_like(snr, cfg.snr_gamma))
-        per_example = per_example * (clipped / (snr + 1 if c.prediction_type == "v_prediction" else snr))
+    if weights is not None:
+        per_example = per_example * weights
     instance_loss = per_example[:num_instance].mean()
     class_loss = per_example[num_instance:].mean() if num_instance < len(per_example) else per_example.new_zeros(())
     return instance_loss, class_loss
@@ -835,7 +819,7 @@ def resume_point(cfg: TrainConfig, main_process: bool) -> tuple[Path | None, dic
 
 def save(run: Run) -> Path:
     """Every process takes part (ZeRO-3 gathers the weights); the first one writes, the others wait for it."""
-    with whole_weights(run.accelerator, run.trained["unet"]):
+    with whole_weights(run.accelerator, run.trained[run.c.denoiser_name]):
         if run.accelerator.is_main_process:
             save_checkpoint(run)
         run.accelerator.wait_for_everyone()  # none runs ahead, or exits, before it is complete
@@ -886,14 +870,14 @@ def draw_samples(run: Run, folder: Path, trained: dict) -> None:
     from dreambooth.sample import generate, save_images
 
     cfg, c, device = run.cfg, run.c, run.accelerator.device
-    unet = trained["unet"]
+    denoiser = trained[c.denoiser_name]
     text_encoders = {n: trained.get(n, m) for n, m in c.text_encoders.items()}
-    places = {m: (next(m.parameters()).device, m.training) for m in (unet, c.vae, *text_encoders.values())}
+    places = {m: (next(m.parameters()).device, m.training) for m in (denoiser, c.vae, *text_encoders.values())}
     # the loop's random streams must not move because samples were drawn (a resumed run draws none here)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), run.accelerator.autocast():
         for m in places:
             m.to(device).eval()
-        pipe = run.family.sampling_pipeline(c, unet, text_encoders, c.vae)
+        pipe = run.family.sampling_pipeline(c, denoiser, text_encoders, c.vae)
         for i, prompt in enumerate(cfg.save_sample_prompt):
             images = generate(
                 pipe, prompt, cfg.n_save_sample, run.seed, resolution=cfg.resolution, steps=cfg.save_infer_steps,

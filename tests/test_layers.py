@@ -13,7 +13,7 @@ PACKAGE = Path(dreambooth.__file__).parent
 # lowest first; a name is a module, or a package and everything in it (checkpoint, families, demo)
 LAYERS = [
     ["dreambooth", "errors", "events", "fileio", "checkpoints", "runlock"],
-    ["config", "performance", "grids", "plots"],
+    ["config", "performance", "grids", "plots", "objectives"],
     ["families", "checkpoint", "tiny_model"],
     ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report"],
     ["prior", "train"],

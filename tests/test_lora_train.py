@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreambooth.families import Dtypes
 from tests.train_helpers import base_args, sigterm_at_step
 
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--lora-alpha", 2, "--save-interval", 100)
@@ -165,12 +166,12 @@ def test_exported_lora_files_reproduce_the_trained_model_in_diffusers(cli, model
     (tmp_path / "settings.json").write_text(json.dumps(state["config"]))
     cfg = read_settings(tmp_path / "settings.json")
     family = families.of_folder(model)
-    c = family.load(model, None, {"unet": torch.float32, "text_encoder": torch.float32, "vae": torch.float32})
+    c = family.load(model, None, Dtypes(torch.float32, torch.float32, torch.float32))
     lora = adapters.get("lora")
-    lora.prepare(c, cfg)
+    lora.prepare(c, cfg, family)
     lora.restore(c, checkpoint, state)
-    ours = _outputs(c.unet, c.text_encoders["text_encoder"], c.tokenizers["text_encoder"])
-    modules = _lora_layers(c.unet) + _lora_layers(c.text_encoders["text_encoder"])
+    ours = _outputs(c.denoiser, c.text_encoders["text_encoder"], c.tokenizers["text_encoder"])
+    modules = _lora_layers(c.denoiser) + _lora_layers(c.text_encoders["text_encoder"])
     base = _outputs(*(lambda p: (p.unet, p.text_encoder, p.tokenizer))(StableDiffusionPipeline.from_pretrained(model)))
     assert not torch.allclose(ours[1], base[1], atol=1e-3), "the LoRA did not change the model"
 

@@ -10,11 +10,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from dreambooth.families import Dtypes
 from dreambooth.tiny_model import write_tiny_diffusers
 from tests.test_buckets import BUCKET_FLAGS, _captioned_photos
 from tests.train_helpers import base_args, sigterm_at_step
 
-F32 = {"unet": torch.float32, "text_encoder": torch.float32, "text_encoder_2": torch.float32, "vae": torch.float32}
+F32 = Dtypes(torch.float32, torch.float32, torch.float32)
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--lora-alpha", 2, "--save-interval", 100)
 
 
@@ -150,11 +151,11 @@ def test_sdxl_lora_kohya_file_loads_in_diffusers_and_computes_what_we_trained(cl
     cfg = read_settings(tmp_path / "settings.json")
     c = families.of_folder(sdxl).load(sdxl, None, F32)
     lora = adapters.get("lora")
-    lora.prepare(c, cfg)
+    lora.prepare(c, cfg, families.get("sdxl"))
     lora.restore(c, checkpoint, state)
     mine = pipeline(sdxl)
     mine.unet, mine.text_encoder, mine.text_encoder_2 = (
-        c.unet,
+        c.denoiser,
         c.text_encoders["text_encoder"],
         c.text_encoders["text_encoder_2"],
     )

@@ -2,12 +2,13 @@
 it is meant to), and each is checked here on the CPU. What they save on a GPU is measured by bench/train.py."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dreambooth import performance
+from dreambooth import families, performance
 from dreambooth.config import build_train_config
 from dreambooth.errors import UserError
 from dreambooth.tiny_model import write_tiny_diffusers
@@ -118,8 +119,9 @@ def test_torch_compile_compiles_the_repeated_blocks_in_place(model, monkeypatch)
     keys = list(unet.state_dict())
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
-    count = performance.compile_blocks(unet)
-    assert count == len(compiled) > 0 and set(compiled) <= {"BasicTransformerBlock", "ResnetBlock2D"}
+    blocks = families.get("sd1").blocks(SimpleNamespace(denoiser=unet))
+    performance.compile_blocks(blocks)
+    assert len(blocks) == len(compiled) > 0 and set(compiled) <= {"BasicTransformerBlock", "ResnetBlock2D"}
     assert list(unet.state_dict()) == keys  # checkpoints keep their keys
 
 

@@ -103,7 +103,7 @@ def test_text_encoder_trains_only_when_asked(cli, model, photos, tmp_path):
 def test_v_prediction_models_learn_the_velocity(cli, photos, tmp_path):
     from diffusers import DDPMScheduler
 
-    from dreambooth.families.sd import training_target
+    from dreambooth.objectives import DDPM, Noised
 
     folder = tmp_path / "tiny-v"
     write_diffusers_folder(folder, tiny_components(0, "sd2-v"), "sd2", "sd2-v")
@@ -111,9 +111,10 @@ def test_v_prediction_models_learn_the_velocity(cli, photos, tmp_path):
     x0, noise, t = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.tensor([10, 900])
     abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
     velocity = abar.sqrt() * noise - (1 - abar).sqrt() * x0
-    assert torch.allclose(training_target(scheduler, x0, noise, t), velocity, atol=1e-6)
+    noised = Noised(noise, t, scheduler.add_noise(x0, noise, t))
+    assert torch.allclose(DDPM(scheduler).target(x0, noised), velocity, atol=1e-6)
     epsilon = DDPMScheduler.from_config({**scheduler.config, "prediction_type": "epsilon"})
-    assert torch.equal(training_target(epsilon, x0, noise, t), noise)
+    assert torch.equal(DDPM(epsilon).target(x0, noised), noise)
     result = cli(*base_args(folder, photos, tmp_path / "out", "--max-train-steps", 2))
     assert result.exit_code == 0, result.stderr
     report = json.loads((tmp_path / "out" / "train_report.json").read_text())

@@ -9,11 +9,11 @@ from pathlib import Path
 
 from dreambooth.checkpoint.families import folder_family
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning, Family
+from dreambooth.families.base import Components, Conditioning, Dtypes, Family, LatentFormat, LoraTargets
 from dreambooth.families.sd import StableDiffusion
 from dreambooth.families.sdxl import StableDiffusionXL, refuse_refiner
 
-__all__ = ["Components", "Conditioning", "Family", "get", "of_folder"]
+__all__ = ["Components", "Conditioning", "Dtypes", "Family", "LatentFormat", "LoraTargets", "get", "of_folder"]
 
 FAMILIES: dict[str, Family] = {
     "sd1": StableDiffusion("sd1"),

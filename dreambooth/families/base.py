@@ -1,4 +1,9 @@
-"""The family seam: the components a family loads, and the protocol the training loop calls it through."""
+"""The family seam: the components a family loads, and the protocol the training loop calls it through.
+
+A family declares (its objective, its latent format, its components by role, its LoRA target groups) and implements
+the few things that really differ: loading, encoding a prompt, calling the denoiser, the sampling pipeline. The loop
+(train.py) and the adapters (adapters.py) ask it; they never test which family they have.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -6,43 +11,93 @@ from typing import Any, Protocol
 
 import torch
 
-# One prompt's conditioning, by name: SD 1.x/2.x {"hidden": [B, 77, D]}; SDXL adds {"pooled": [B, D2]}. A dict of
-# tensors caches, stacks and moves the same way for every family.
+from dreambooth.objectives import Objective
+
+# One prompt's conditioning, by name: SD 1.x/2.x {"hidden": [B, 77, D]}; SDXL adds {"pooled": [B, D2]}; Flux
+# {"hidden": T5's [B, L, 4096], "pooled": CLIP-L's [B, 768]}. A dict of tensors caches, stacks and moves the same
+# way for every family.
 Conditioning = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Dtypes:
+    """What each part is loaded in (the adapter decides: what trains in full keeps fp32 master weights)."""
+
+    denoiser: torch.dtype
+    trained_text: torch.dtype  # text encoders that train (--train-text-encoder)
+    frozen: torch.dtype  # everything else: the VAE, frozen text encoders
+
+    def text(self, trains: bool) -> torch.dtype:
+        return self.trained_text if trains else self.frozen
+
+
+@dataclass(frozen=True)
+class LatentFormat:
+    """How a VAE sample becomes the denoiser's latent: (sample − shift) · scale (SD: no shift; Flux's VAE has one)."""
+
+    scale: float
+    shift: float = 0.0
+
+    @classmethod
+    def of(cls, vae_config) -> "LatentFormat":
+        return cls(float(vae_config.scaling_factor), float(getattr(vae_config, "shift_factor", None) or 0.0))
+
+
+@dataclass(frozen=True)
+class LoraTargets:
+    """Module-name suffixes that get LoRA layers: the denoiser's, and the text encoders' (--train-text-encoder)."""
+
+    denoiser: tuple[str, ...]
+    text: tuple[str, ...]
 
 
 @dataclass
 class Components:
-    """A model's parts, as loaded for training. `text_encoders` and `tokenizers` are keyed by their folder names
-    (text_encoder, text_encoder_2, …): those are the names checkpoints, LoRA files and exports use too."""
+    """A model's parts, as loaded for training, by role. `text_encoders` and `tokenizers` are keyed by their folder
+    names (text_encoder, text_encoder_2, …), and the denoiser by `denoiser_name` (unet, transformer): those are the
+    names checkpoints, LoRA files and exports use too."""
 
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     vae: torch.nn.Module
     text_encoders: dict[str, torch.nn.Module]
     tokenizers: dict[str, Any]
-    scheduler: Any  # the training noise scheduler (DDPM)
-    model_dir: Path
+    scheduler: Any  # the base's noise schedule as its folder has it (DDPM for SD; the flow sampler's for Flux)
+    model_dir: Path | None
+    prediction_type: str  # epsilon | v_prediction | flow
     vae_dir: Path | None = None
+    denoiser_name: str = "unet"
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def models(self) -> dict[str, torch.nn.Module]:
         """Everything an adapter may train, by name."""
-        return {"unet": self.unet, **self.text_encoders}
+        return {self.denoiser_name: self.denoiser, **self.text_encoders}
 
-    @property
-    def prediction_type(self) -> str:
-        return self.scheduler.config.prediction_type
+    def text_models(self, trained: dict[str, torch.nn.Module]) -> dict[str, torch.nn.Module]:
+        """The text encoders among `trained` (what is not the denoiser)."""
+        return {n: m for n, m in trained.items() if n != self.denoiser_name}
 
 
 class Family(Protocol):
-    name: str  # "sd1" | "sd2" | "sdxl"
+    name: str  # "sd1" | "sd2" | "sdxl" | "flux"
     title: str
+    denoiser_name: str  # the denoiser's folder: unet | transformer
     lora_prefixes: dict[str, str]  # component → kohya module prefix (lora_unet, lora_te, …)
     pipeline_class: str  # the diffusers pipeline of a folder of this family (samples, class images)
     pipeline_options: dict  # what its from_pretrained needs besides the folder
+    side_multiple: int  # image sides are multiples of it (VAE downsampling × the denoiser's own)
+    sample_guidance: float  # samples' default guidance scale (classifier-free; Flux-dev: its distilled guidance)
+    sample_steps: int  # samples' default denoising steps
+    default_lora_targets: tuple[str, ...]  # --lora-targets when not given
 
-    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: dict[str, torch.dtype]) -> Components: ...
+    def check(self, cfg) -> None:
+        """Refuse settings that mean nothing for this family (one UserError naming the flag)."""
+
+    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: Dtypes) -> Components: ...
+
+    def objective(self, c: Components, cfg) -> Objective: ...
+
+    def latent_format(self, c: Components) -> LatentFormat: ...
 
     def encode(self, c: Components, prompts: list[str]) -> Conditioning: ...
 
@@ -50,6 +105,14 @@ class Family(Protocol):
         self, c: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, geometry=None
     ) -> torch.Tensor: ...
 
-    def target(self, c: Components, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor): ...
+    def set_attention(self, c: Components, attention: str, device: torch.device) -> str: ...
 
-    def sampling_pipeline(self, c: Components, unet, text_encoders: dict, vae): ...
+    def blocks(self, c: Components) -> list[torch.nn.Module]:
+        """The denoiser's repeated blocks: what --torch-compile compiles one by one."""
+
+    def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets: ...
+
+    def lora_modules(self, model: torch.nn.Module, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list, list]:
+        """(linear modules at --lora-rank, convolutions at --lora-conv-rank) of the denoiser, by full name."""
+
+    def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae): ...

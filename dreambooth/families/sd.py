@@ -1,14 +1,26 @@
 """Stable Diffusion 1.x and 2.x: one CLIP text encoder, a UNet conditioned on its last (SD 2.x: penultimate,
-already cut off at conversion) hidden states, epsilon or v-prediction."""
+already cut off at conversion) hidden states, epsilon or v-prediction on a DDPM schedule."""
 
+import re
 from pathlib import Path
 
 import torch
 
+from dreambooth import events
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning
+from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets
+from dreambooth.objectives import DDPM
 
 TITLES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
+# --lora-targets groups: modules of the UNet's transformer blocks (kohya's and diffusers' defaults: attention)
+UNET_LORA_GROUPS = {
+    "attention": ("to_q", "to_k", "to_v", "to_out.0"),
+    "feed-forward": ("ff.net.0.proj", "ff.net.2"),
+    "projections": ("proj_in", "proj_out"),
+}
+DEFAULT_LORA_TARGETS = ("attention",)
+CLIP_ATTENTION = ("q_proj", "k_proj", "v_proj", "out_proj")
+CLIP_MLP = ("fc1", "fc2")
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -17,19 +29,104 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     ).input_ids
 
 
-def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
-    """What the UNet learns to predict: the noise (SD 1.x, SD 2.x base) or the velocity (SD 2.x 768-v)."""
-    if noise_scheduler.config.prediction_type == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if noise_scheduler.config.prediction_type == "epsilon":
-        return noise
-    raise UserError(
-        f"the model's scheduler has prediction_type {noise_scheduler.config.prediction_type!r}",
-        "only epsilon and v_prediction models can be trained",
-    )
+def ddpm_objective(c: Components, cfg) -> DDPM:
+    """The base's own DDPM schedule; with --zero-terminal-snr rescaled so that its last step is pure noise."""
+    if c.prediction_type not in ("epsilon", "v_prediction"):
+        raise UserError(
+            f"the model's scheduler has prediction_type {c.prediction_type!r}",
+            "only epsilon and v_prediction models can be trained",
+        )
+    if cfg.zero_terminal_snr:
+        c.scheduler = zero_terminal_snr(c)
+    return DDPM(c.scheduler, offset_noise=cfg.offset_noise, snr_gamma=cfg.snr_gamma)
+
+
+def zero_terminal_snr(c: Components):
+    """The base's beta schedule rescaled so that its last step is pure noise (SNR 0): what v-prediction needs to
+    learn the full range of brightness. An epsilon model has nothing to predict at SNR 0, so it is refused."""
+    if c.prediction_type != "v_prediction":
+        raise UserError(
+            f"--zero-terminal-snr needs a v-prediction model, and {c.model_dir} predicts {c.prediction_type}",
+            "drop --zero-terminal-snr, or train a v-prediction model (convert with --model-type sd2-v / sdxl-v)",
+        )
+    from diffusers import DDPMScheduler
+
+    c.extra["zero_terminal_snr"] = True
+    return DDPMScheduler.from_config(dict(c.scheduler.config), rescale_betas_zero_snr=True)
+
+
+def set_unet_attention(unet, attention: str, device: torch.device) -> str:
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    if attention == "xformers":
+        try:
+            if device.type != "cuda":
+                raise RuntimeError("xformers needs a CUDA GPU")
+            unet.enable_xformers_memory_efficient_attention()
+            return "xformers"
+        except Exception as exc:
+            events.notice(f"--attention xformers: not usable here ({exc}); using PyTorch SDPA")
+    unet.set_attn_processor(AttnProcessor2_0())
+    return "sdpa"
+
+
+def unet_blocks(unet) -> list[torch.nn.Module]:
+    """The UNet's transformer and ResNet blocks: blocks of one kind and size share their compiled code."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock | ResnetBlock2D)]
+
+
+def expand_lora_targets(tokens: tuple[str, ...], groups: dict[str, tuple[str, ...]], what: str) -> tuple[str, ...]:
+    """--lora-targets' groups and module names → module-name suffixes; an unknown one is one line naming it."""
+    names = tuple(dict.fromkeys(n for group in groups.values() for n in group))
+    suffixes = []
+    for token in tokens:
+        if token not in groups and token not in names:
+            raise UserError(
+                f"--lora-targets: unknown target {token!r} for {what}",
+                f"use groups ({', '.join(groups)}) or modules ({', '.join(names)}), comma-separated",
+            )
+        suffixes += groups.get(token, (token,))
+    return tuple(dict.fromkeys(suffixes))
+
+
+def unet_lora_targets(tokens: tuple[str, ...], what: str) -> LoraTargets:
+    """The UNet's modules; CLIP's attention projections, its MLP too when the UNet's feed-forward layers are asked
+    for."""
+    denoiser = expand_lora_targets(tokens, UNET_LORA_GROUPS, what)
+    text = CLIP_ATTENTION + (CLIP_MLP if "ff.net.0.proj" in denoiser else ())
+    return LoraTargets(denoiser, text)
+
+
+def unet_lora_modules(unet, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
+    """The suffixes inside the UNet's transformer blocks (not its time embedding), and with --lora-conv-rank the
+    ResNet and resampling 3×3 convolutions (LoCon)."""
+    linear, convs = [], []
+    for name, module in unet.named_modules():
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d) and any(
+            name == s or name.endswith("." + s) for s in suffixes
+        ):
+            if ".attentions." in name:
+                linear.append(name)
+        elif (
+            conv_rank
+            and isinstance(module, torch.nn.Conv2d)
+            and module.kernel_size != (1, 1)
+            and re.search(r"\.(resnets\.\d+\.conv[12]|(down|up)samplers\.\d+\.conv)$", name)
+        ):
+            convs.append(name)
+    return linear, convs
 
 
 class StableDiffusion:
+    denoiser_name = "unet"
+    side_multiple = 8  # the VAE's 8; the UNet pads odd latent sizes itself
+    sample_guidance = 7.5
+    sample_steps = 20
+    default_lora_targets = DEFAULT_LORA_TARGETS
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.title = TITLES[name]
@@ -41,22 +138,33 @@ class StableDiffusion:
     def __repr__(self) -> str:
         return f"StableDiffusion({self.name!r})"
 
-    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: dict[str, torch.dtype]) -> Components:
-        """The base model's parts; `dtypes` per part (unet, text_encoder, vae), fp32 for what trains in full."""
+    def check(self, cfg) -> None:
+        self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
+
+    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: Dtypes) -> Components:
+        """The base model's parts, each in the dtype the adapter asked for."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
         return Components(
-            unet=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes["unet"]),
-            vae=AutoencoderKL.from_pretrained(vae_dir or model_dir / "vae", dtype=dtypes["vae"]),
+            denoiser=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes.denoiser),
+            vae=AutoencoderKL.from_pretrained(vae_dir or model_dir / "vae", dtype=dtypes.frozen),
             text_encoders={
-                "text_encoder": CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtypes["text_encoder"])
+                "text_encoder": CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtypes.trained_text)
             },
             tokenizers={"text_encoder": CLIPTokenizer.from_pretrained(model_dir / "tokenizer")},
-            scheduler=DDPMScheduler.from_pretrained(model_dir / "scheduler"),
+            scheduler=scheduler,
             model_dir=model_dir,
+            prediction_type=scheduler.config.prediction_type,
             vae_dir=vae_dir,
         )
+
+    def objective(self, c: Components, cfg) -> DDPM:
+        return ddpm_objective(c, cfg)
+
+    def latent_format(self, c: Components) -> LatentFormat:
+        return LatentFormat.of(c.vae.config)
 
     def encode(self, c: Components, prompts: list[str]) -> Conditioning:
         encoder = c.text_encoders["text_encoder"]
@@ -64,12 +172,21 @@ class StableDiffusion:
         return {"hidden": encoder(ids)[0]}
 
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
-        return c.unet(noisy, timesteps, cond["hidden"]).sample
+        return c.denoiser(noisy, timesteps, cond["hidden"]).sample
 
-    def target(self, c: Components, latents, noise, timesteps) -> torch.Tensor:
-        return training_target(c.scheduler, latents, noise, timesteps)
+    def set_attention(self, c: Components, attention: str, device: torch.device) -> str:
+        return set_unet_attention(c.denoiser, attention, device)
 
-    def sampling_pipeline(self, c: Components, unet, text_encoders: dict, vae):
+    def blocks(self, c: Components) -> list[torch.nn.Module]:
+        return unet_blocks(c.denoiser)
+
+    def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets:
+        return unet_lora_targets(tokens, self.title)
+
+    def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
+        return unet_lora_modules(model, suffixes, conv_rank)
+
+    def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae):
         """A pipeline over the models being trained (no copies), sampling with DDIM like the classic script."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
@@ -77,7 +194,7 @@ class StableDiffusion:
             vae=vae,
             text_encoder=text_encoders["text_encoder"],
             tokenizer=c.tokenizers["text_encoder"],
-            unet=unet,
+            unet=denoiser,
             scheduler=DDIMScheduler.from_config(dict(c.scheduler.config)),
             safety_checker=None,
             feature_extractor=None,

@@ -8,8 +8,17 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning
-from dreambooth.families.sd import tokenize, training_target
+from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets
+from dreambooth.families.sd import (
+    DEFAULT_LORA_TARGETS,
+    ddpm_objective,
+    set_unet_attention,
+    tokenize,
+    unet_blocks,
+    unet_lora_modules,
+    unet_lora_targets,
+)
+from dreambooth.objectives import DDPM
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -37,6 +46,11 @@ def vae_dtype(vae_config: dict, wanted: torch.dtype) -> torch.dtype:
 class StableDiffusionXL:
     name = "sdxl"
     title = "Stable Diffusion XL"
+    denoiser_name = "unet"
+    side_multiple = 8
+    sample_guidance = 7.5
+    sample_steps = 20
+    default_lora_targets = DEFAULT_LORA_TARGETS
 
     def __init__(self) -> None:
         # kohya's sdxl_train_network names: lora_te1 (CLIP ViT-L), lora_te2 (OpenCLIP ViT-bigG); the UNet's
@@ -48,30 +62,41 @@ class StableDiffusionXL:
     def __repr__(self) -> str:
         return "StableDiffusionXL()"
 
-    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: dict[str, torch.dtype]) -> Components:
+    def check(self, cfg) -> None:
+        self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
+
+    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: Dtypes) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
         vae_folder = vae_dir or model_dir / "vae"
         vae_config = AutoencoderKL.load_config(vae_folder)
+        # the release ships an Euler sampler's config; training noises with DDPM on the same beta schedule
+        scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
         return Components(
-            unet=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes["unet"]),
-            vae=AutoencoderKL.from_pretrained(vae_folder, dtype=vae_dtype(vae_config, dtypes["vae"])),
+            denoiser=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes.denoiser),
+            vae=AutoencoderKL.from_pretrained(vae_folder, dtype=vae_dtype(vae_config, dtypes.frozen)),
             text_encoders={
-                "text_encoder": CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtypes["text_encoder"]),
+                "text_encoder": CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtypes.trained_text),
                 "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                    model_dir / "text_encoder_2", dtype=dtypes["text_encoder_2"]
+                    model_dir / "text_encoder_2", dtype=dtypes.trained_text
                 ),
             },
             tokenizers={
                 "text_encoder": CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
                 "text_encoder_2": CLIPTokenizer.from_pretrained(model_dir / "tokenizer_2"),
             },
-            # the release ships an Euler sampler's config; training noises with DDPM on the same beta schedule
-            scheduler=DDPMScheduler.from_pretrained(model_dir / "scheduler"),
+            scheduler=scheduler,
             model_dir=model_dir,
+            prediction_type=scheduler.config.prediction_type,
             vae_dir=vae_dir,
         )
+
+    def objective(self, c: Components, cfg) -> DDPM:
+        return ddpm_objective(c, cfg)
+
+    def latent_format(self, c: Components) -> LatentFormat:
+        return LatentFormat.of(c.vae.config)
 
     def encode(self, c: Components, prompts: list[str]) -> Conditioning:
         """Both encoders' penultimate hidden states, concatenated ([B, 77, 768 + 1280] at full size), and encoder
@@ -90,12 +115,21 @@ class StableDiffusionXL:
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         ids = time_ids(geometry, noisy, vae_scale_factor(c.vae)).to(cond["hidden"].dtype)
         added = {"text_embeds": cond["pooled"], "time_ids": ids}
-        return c.unet(noisy, timesteps, cond["hidden"], added_cond_kwargs=added).sample
+        return c.denoiser(noisy, timesteps, cond["hidden"], added_cond_kwargs=added).sample
 
-    def target(self, c: Components, latents, noise, timesteps) -> torch.Tensor:
-        return training_target(c.scheduler, latents, noise, timesteps)
+    def set_attention(self, c: Components, attention: str, device: torch.device) -> str:
+        return set_unet_attention(c.denoiser, attention, device)
 
-    def sampling_pipeline(self, c: Components, unet, text_encoders: dict, vae):
+    def blocks(self, c: Components) -> list[torch.nn.Module]:
+        return unet_blocks(c.denoiser)
+
+    def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets:
+        return unet_lora_targets(tokens, self.title)
+
+    def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
+        return unet_lora_modules(model, suffixes, conv_rank)
+
+    def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae):
         """A pipeline over the models being trained (no copies), with the release's own Euler sampler."""
         from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
@@ -105,7 +139,7 @@ class StableDiffusionXL:
             text_encoder_2=text_encoders["text_encoder_2"],
             tokenizer=c.tokenizers["text_encoder"],
             tokenizer_2=c.tokenizers["text_encoder_2"],
-            unet=unet,
+            unet=denoiser,
             scheduler=EulerDiscreteScheduler.from_config(dict(c.scheduler.config)),
         )
         pipe.set_progress_bar_config(disable=True)
