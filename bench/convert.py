@@ -141,7 +141,8 @@ SDXL_CONFIGS = """
 import sys
 from pathlib import Path
 import diffusers
-from dreambooth.checkpoint.convert import component_config_file, model_index, write_tokenizer
+from dreambooth.checkpoint.convert import component_config_file, model_index
+from dreambooth.checkpoint.tokenizers import write_tokenizer
 from dreambooth.checkpoint.families import FAMILIES, bundled_config
 from dreambooth.fileio import write_json
 folder = Path(sys.argv[1])

@@ -17,7 +17,7 @@ from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_F
 from dreambooth.checkpoints import link_or_copy
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.families import Components, Dtypes, Family
+from dreambooth.families.base import Components, Dtypes, Family, ResolvedModel
 from dreambooth.fileio import write_json
 
 COPIED = ("tokenizer", "scheduler")  # frozen folders a full checkpoint carries as they are
@@ -32,17 +32,22 @@ def _bytes(models: dict[str, torch.nn.Module], only_trainable: bool) -> int:
                if p.requires_grad or not only_trainable)  # fmt: skip
 
 
-def _plain(value):
-    return list(value) if isinstance(value, tuple | list) else value
-
-
 def _provenance(c: Components, step: int, seed: int, **extra) -> dict:
     provenance = {}
-    if (c.model_dir / PROVENANCE_FILE).is_file():
+    if c.model_dir is not None and (c.model_dir / PROVENANCE_FILE).is_file():
         provenance = json.loads((c.model_dir / PROVENANCE_FILE).read_text())
-    provenance["trained"] = {"by": f"dreambooth {__version__}", "step": step, "base": str(c.model_dir), "seed": seed,
-                             **extra}  # fmt: skip
+    base = c.extra["base"]
+    provenance["trained"] = {"by": f"dreambooth {__version__}", "step": step, "base": str(base_path(base)),
+                             "seed": seed, **extra}  # fmt: skip
+    if base.folder is None:  # original files: what the checkpoint needs besides its own weights
+        provenance["base_model"] = base.describe()
+    provenance.setdefault("family", c.extra["family"])
     return provenance
+
+
+def base_path(base: ResolvedModel) -> Path:
+    """The base as one path: its folder, or its transformer's file (Flux's original files)."""
+    return base.folder if base.folder is not None else base.parts["transformer"].path
 
 
 class Full:
@@ -85,14 +90,32 @@ class Full:
     def export_bytes(self, c: Components, trained: dict) -> int:
         return (_bytes(c.models, False) + _bytes({"vae": c.vae}, False)) // 2  # fp16
 
-    def save(self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int) -> dict:
-        """A complete diffusers folder; returns what the training state must add (fp32 master weights)."""
+    def save(
+        self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int, family: Family
+    ) -> dict:
+        """A complete diffusers folder (SD, SDXL), or what trained and a record of the base (Flux, whose frozen T5
+        alone is 9.5 GB); returns what the training state must add (fp32 master weights)."""
+        from safetensors.torch import load_file, save_file
+
+        for name in trained:
+            trained[name].save_pretrained(tmp / name, safe_serialization=True)
+        if family.checkpoint_holds_base:
+            self._link_base(tmp, c, trained)
+        write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed))
+        if not cfg.save_fp16:
+            return {}
+        for name in trained:
+            for path in (tmp / name).glob("*.safetensors"):
+                half = {k: (v.to(family.half) if v.is_floating_point() else v) for k, v in load_file(path).items()}
+                save_file(half, path, metadata={"format": "pt"})
+        return {"master_weights": {name: model.state_dict() for name, model in trained.items()}}
+
+    def _link_base(self, tmp: Path, c: Components, trained: dict) -> None:
+        """The frozen parts, the tokenizers and the schedule, hard-linked from the base where the disk allows."""
         from safetensors.torch import load_file, save_file
 
         for name in c.models:
-            if name in trained:
-                trained[name].save_pretrained(tmp / name, safe_serialization=True)
-            else:
+            if name not in trained:
                 shutil.copytree(c.model_dir / name, tmp / name, copy_function=link_or_copy)
         shutil.copytree(c.vae_dir or c.model_dir / "vae", tmp / "vae", copy_function=link_or_copy)
         for folder in (f for f in c.model_dir.iterdir() if f.name.startswith(COPIED)):
@@ -110,14 +133,6 @@ class Full:
             kept = {k: v for k, v in load_file(extras).items() if not k.startswith("model_ema.")}
             if kept:
                 save_file(kept, tmp / EXTRAS_FILE, metadata={"format": "pt"})
-        write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed))
-        if not cfg.save_fp16:
-            return {}
-        for name in trained:
-            for path in (tmp / name).glob("*.safetensors"):
-                half = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(path).items()}
-                save_file(half, path, metadata={"format": "pt"})
-        return {"master_weights": {name: model.state_dict() for name, model in trained.items()}}
 
     def export(self, checkpoint: Path, export_dir: Path, name: str, step: int) -> dict:
         from dreambooth.checkpoint.export import ExportOptions, export
@@ -178,8 +193,10 @@ class Lora:
     def export_bytes(self, c: Components, trained: dict) -> int:
         return _bytes(trained, only_trainable=True) // 2
 
-    def save(self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int) -> dict:
-        from dreambooth.checkpoint.lora import UNET_LAYOUT, save_adapter
+    def save(
+        self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int, family: Family
+    ) -> dict:
+        from dreambooth.checkpoint.lora import save_adapter
 
         concept = cfg.concepts[0]
         targets = c.extra["lora_targets"]
@@ -187,7 +204,8 @@ class Lora:
             "family": c.extra["family"],
             "model_type": c.extra["model_type"],
             "prediction_type": c.prediction_type,
-            "base": str(c.model_dir),
+            "base": str(base_path(c.extra["base"])),
+            "base_model": c.extra["base"].describe(),
             "base_sha256": _provenance(c, step, seed).get("sha256"),
             "step": step,
             "seed": seed,
@@ -202,9 +220,8 @@ class Lora:
             "targets": list(targets.denoiser),
             "text_encoder_targets": list(targets.text) if cfg.train_text_encoder else [],
         }
-        if c.denoiser_name == "unet":
-            # what names the UNet's modules in the original layout (SDXL's kohya files use it); unwrapped, not DDP's
-            info["unet_layout"] = {k: _plain(trained["unet"].config[k]) for k in UNET_LAYOUT}
+        # what names the denoiser's modules in the original layout (SDXL's and Flux's kohya files use it)
+        info |= family.lora_info(trained[c.denoiser_name], cfg)
         save_adapter(tmp, trained, info)
         write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter="lora"))
         return {}

@@ -80,12 +80,16 @@ def convert(
         None
     ),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty DEST_DIR.")] = False,
+    clip_l: Annotated[Path | None, typer.Option("--clip-l", help="Flux: CLIP-L (clip_l.safetensors).")] = None,
+    t5xxl: Annotated[Path | None, typer.Option("--t5xxl", help="Flux: T5-XXL (t5xxl_fp16.safetensors).")] = None,
+    ae: Annotated[Path | None, typer.Option("--ae", help="Flux: the VAE (ae.safetensors).")] = None,
 ) -> None:
-    """Convert a single-file Stable Diffusion checkpoint into a diffusers folder (no network)."""
+    """Convert a single-file checkpoint into a diffusers folder (no network): Stable Diffusion 1.x/2.x/XL, or a
+    Flux.1 transformer with --clip-l, --t5xxl and --ae (or ComfyUI's all-in-one Flux checkpoint)."""
     from dreambooth.checkpoint.convert import ConvertOptions
     from dreambooth.checkpoint.convert import convert as convert_checkpoint
 
-    options = ConvertOptions(model_type.value, original_config, ema, vae, overwrite)
+    options = ConvertOptions(model_type.value, original_config, ema, vae, overwrite, clip_l, t5xxl, ae)
     with events.stage(f"converting {src.name}"):
         summary = convert_checkpoint(src, dest, options)
     events.emit("converted", **summary)
@@ -274,6 +278,9 @@ class _TrainCommand(typer.core.TyperCommand):
         "--save_half": "--save-fp16",
         # kohya sd-scripts' names
         "--caption_dropout_rate": "--caption-dropout",
+        "--t5xxl_max_token_length": "--t5-max-length",
+        "--discrete_flow_shift": "--flow-shift",
+        "--weighting_scheme": "--flow-weighting",
         "--enable_bucket": "--buckets",
         "--min_bucket_reso": "--bucket-min-side",
         "--max_bucket_reso": "--bucket-max-side",
@@ -349,6 +356,20 @@ class Offload(StrEnum):
     cpu = "cpu"
 
 
+class TimestepSampling(StrEnum):
+    uniform = "uniform"
+    sigmoid = "sigmoid"
+    logit_normal = "logit-normal"
+    shift = "shift"
+    flux_shift = "flux-shift"
+
+
+class FlowWeighting(StrEnum):
+    none = "none"
+    sigma_sqrt = "sigma-sqrt"
+    cosmap = "cosmap"
+
+
 _DATA = "Data"
 _PRIOR = "Prior preservation"
 _OPT = "Optimisation"
@@ -356,6 +377,7 @@ _SAVE = "Saving"
 _SPEED = "Speed and memory"
 _SCALE = "Scaling out (several GPUs or machines)"
 _ADAPTER = "What trains: the whole model or a LoRA"
+_FLOW = "Flow matching (Flux.1)"
 
 
 @app.command(cls=_TrainCommand, epilog="The classic script's snake_case flags (--max_train_steps, …) also work.")
@@ -366,6 +388,26 @@ def train(
     ] = None,
     vae: Annotated[
         Path | None, typer.Option("--vae", help="Replacement VAE: a diffusers VAE folder or a .safetensors/.ckpt file.")
+    ] = None,
+    clip_l: Annotated[
+        Path | None,
+        typer.Option(
+            "--clip-l", help="Flux given as its transformer's file: CLIP-L (clip_l.safetensors).", rich_help_panel=_FLOW
+        ),
+    ] = None,
+    t5xxl: Annotated[
+        Path | None,
+        typer.Option(
+            "--t5xxl",
+            help="Flux given as its transformer's file: T5-XXL (t5xxl_fp16.safetensors).",
+            rich_help_panel=_FLOW,
+        ),
+    ] = None,
+    ae: Annotated[
+        Path | None,
+        typer.Option(
+            "--ae", help="Flux given as its transformer's file: the VAE (ae.safetensors).", rich_help_panel=_FLOW
+        ),
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Where checkpoints and reports go.")] = None,
     cache_dir: Annotated[
@@ -488,6 +530,30 @@ def train(
             "range at the last step. Needs a v-prediction model.",
             rich_help_panel=_OPT,
         ),
+    ] = None,
+    timestep_sampling: Annotated[
+        TimestepSampling | None,
+        typer.Option(
+            help="How σ is drawn: uniform, sigmoid/logit-normal (of --logit-mean/--logit-std), shift (sigmoid then "
+            "--flow-shift), flux-shift (sigmoid then Flux-dev's resolution-dependent shift). Default: the model's.",
+            rich_help_panel=_FLOW,
+        ),
+    ] = None,
+    flow_shift: Annotated[
+        float | None,
+        typer.Option(help="--timestep-sampling shift: σ' = kσ/(1+(k−1)σ), default 3.", rich_help_panel=_FLOW),
+    ] = None,
+    logit_mean: Annotated[float | None, typer.Option(help="Default 0.", rich_help_panel=_FLOW)] = None,
+    logit_std: Annotated[float | None, typer.Option(help="Default 1.", rich_help_panel=_FLOW)] = None,
+    flow_weighting: Annotated[
+        FlowWeighting | None, typer.Option(help="Loss weighting over σ (SD3's), default none.", rich_help_panel=_FLOW)
+    ] = None,
+    guidance_scale: Annotated[
+        float | None,
+        typer.Option(help="FLUX.1-dev's guidance input while training (default 1.0).", rich_help_panel=_FLOW),
+    ] = None,
+    t5_max_length: Annotated[
+        int | None, typer.Option(help="T5 tokens per prompt (default: dev 512, schnell 256).", rich_help_panel=_FLOW)
     ] = None,
     low_vram: Annotated[
         bool | None,

@@ -33,6 +33,9 @@ LOW_VRAM = {
     "max_grad_norm": 0.0,
 }
 ADAPTERS = ("full", "lora")
+# flow matching (dreambooth/objectives.py): how σ is drawn, and how the loss is weighted over σ
+TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")
+FLOW_WEIGHTING = ("none", "sigma-sqrt", "cosmap")
 # what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
 DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
@@ -154,6 +157,18 @@ class TrainConfig:
     offset_noise: float = 0.0
     snr_gamma: float | None = None
     zero_terminal_snr: bool = False
+    # flow matching (Flux): how σ is drawn (None: the family's choice), and the dev model's guidance input
+    timestep_sampling: str | None = None
+    flow_shift: float = 3.0  # for --timestep-sampling shift
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    flow_weighting: str = "none"
+    guidance_scale: float = 1.0  # FLUX.1-dev's distilled-guidance input while training (kohya's recommendation)
+    t5_max_length: int | None = None  # T5's tokens per prompt: None is the family's (dev 512, schnell 256)
+    # the text encoders and VAE of a model given as its transformer's single file (ComfyUI keeps Flux in four)
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    ae: Path | None = None
     # what trains (dreambooth/adapters.py): the whole model, or LoRA layers beside the frozen base
     adapter: str = "full"
     lora_rank: int = 16
@@ -197,7 +212,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("model", "output"):
             object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("vae", "cache_dir"):
+        for name in ("vae", "cache_dir", "clip_l", "t5xxl", "ae"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "concepts", tuple(self.concepts))
@@ -265,6 +280,22 @@ class TrainConfig:
         self._check_speed_levers()
         self._check_scaling()
         self._check_captions_and_buckets()
+        self._check_flow_matching()
+
+    def _check_flow_matching(self) -> None:
+        if self.timestep_sampling is not None and self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise UserError(
+                f"--timestep-sampling {self.timestep_sampling!r} is unknown", f"use {' | '.join(TIMESTEP_SAMPLING)}"
+            )
+        if self.flow_weighting not in FLOW_WEIGHTING:
+            raise UserError(f"--flow-weighting {self.flow_weighting!r} is unknown", f"use {' | '.join(FLOW_WEIGHTING)}")
+        for name in ("flow_shift", "logit_std"):
+            if not getattr(self, name) > 0:
+                raise UserError(f"{flag(name)} must be positive (got {getattr(self, name)})", "e.g. 3.0 and 1.0")
+        if self.guidance_scale < 0:
+            raise UserError(f"--guidance-scale must not be negative (got {self.guidance_scale})", "e.g. 1.0")
+        if self.t5_max_length is not None and not 1 <= self.t5_max_length <= 512:
+            raise UserError(f"--t5-max-length must be in 1…512 (got {self.t5_max_length})", "dev: 512, schnell: 256")
 
     def _check_captions_and_buckets(self) -> None:
         if self.caption_extension is not None:
@@ -489,7 +520,7 @@ def read_toml(path: Path) -> dict:
     settings = _normalise_keys({**data, **train}, f"--config {path}")
     base = path.parent  # relative paths in a config file are relative to the file, like in any config format
     for key in ("model", "output", "vae", "cache_dir", "concepts_list", "instance_data_dir", "class_data_dir",
-                "accelerate_config"):  # fmt: skip
+                "accelerate_config", "clip_l", "t5xxl", "ae"):  # fmt: skip
         if isinstance(settings.get(key), str):
             settings[key] = base / settings[key]
     if "concepts" in settings:

@@ -24,8 +24,6 @@ from typing import Protocol
 
 import torch
 
-TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")
-FLOW_WEIGHTING = ("none", "sigma-sqrt", "cosmap")
 # Flux.1-dev's resolution-dependent shift (diffusers' FluxPipeline.calculate_shift, BFL's get_lin_function)
 BASE_SEQ_LEN, MAX_SEQ_LEN, BASE_SHIFT, MAX_SHIFT = 256, 4096, 0.5, 1.15
 

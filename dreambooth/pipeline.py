@@ -363,6 +363,7 @@ def stage_classes(cfg: RunConfig, manifest: Manifest, base_digest: dict) -> dict
     def body() -> dict:
         import torch
 
+        from dreambooth.families.base import ResolvedModel
         from dreambooth.prior import generate_class_images
         from dreambooth.train import stop_on_signals
 
@@ -371,9 +372,8 @@ def stage_classes(cfg: RunConfig, manifest: Manifest, base_digest: dict) -> dict
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train.mixed_precision if cuda else "no")
         seed = train.seed if train.seed is not None else 0
         with stop_on_signals() as should_stop:
-            made = generate_class_images(
-                train, Path(base_digest["path"]), seed, device, dtype or torch.float32, should_stop
-            )
+            base = ResolvedModel.of_folder(Path(base_digest["path"]), vae=train.vae)
+            made = generate_class_images(train, base, seed, device, dtype or torch.float32, should_stop)
         return {"generated": made, "images": _class_image_digests(train, manifest)}
 
     def still_there(outputs: dict) -> bool:

@@ -7,6 +7,7 @@ Every stage that takes a model folder or writes an output checks it here, so the
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 from dreambooth import events
@@ -15,8 +16,21 @@ from dreambooth.checkpoint.families import folder_family
 from dreambooth.config import TrainConfig
 from dreambooth.data import check_instance_dir, scan_images
 from dreambooth.errors import UserError
+from dreambooth.families.base import ResolvedModel
+from dreambooth.families.flux import parts as flux_parts
 from dreambooth.families.sdxl import refuse_refiner
 from dreambooth.fileio import atomic_dir, write_json
+
+# what a diffusers folder of each family holds: (components, tokenizers and the files each needs)
+CLIP_TOKENIZER = ("vocab.json", "merges.txt")
+T5_TOKENIZER = ("tokenizer.json",)
+FOLDER_PARTS = {
+    "sd": (("unet", "vae", "text_encoder"), {"tokenizer": CLIP_TOKENIZER}),
+    "sdxl": (("unet", "vae", "text_encoder", "text_encoder_2"),
+             {"tokenizer": CLIP_TOKENIZER, "tokenizer_2": CLIP_TOKENIZER}),
+    "flux": (("transformer", "vae", "text_encoder", "text_encoder_2"),
+             {"tokenizer": CLIP_TOKENIZER, "tokenizer_2": T5_TOKENIZER}),
+}  # fmt: skip
 
 
 def check_model_folder(folder: Path, flag: str) -> None:
@@ -27,8 +41,7 @@ def check_model_folder(folder: Path, flag: str) -> None:
     if family == "sdxl-refiner":
         refuse_refiner(folder)
     missing = [] if (folder / "model_index.json").is_file() else ["model_index.json"]
-    sdxl = family == "sdxl"
-    needed = ("unet", "vae", "text_encoder", *(("text_encoder_2",) if sdxl else ()))
+    needed, tokenizers = FOLDER_PARTS["flux" if family.startswith("flux") else family if family == "sdxl" else "sd"]
     for name in needed:
         weights = WEIGHT_FILES.get(name, "model")
         if not (folder / name / "config.json").is_file():
@@ -37,9 +50,9 @@ def check_model_folder(folder: Path, flag: str) -> None:
             p.name.startswith(weights) for p in (folder / name).glob("*") if p.suffix in (".safetensors", ".bin")
         ):
             missing.append(f"{name}/{weights}.safetensors")
-    for tokenizer in ("tokenizer", *(("tokenizer_2",) if sdxl else ())):
-        if not ((folder / tokenizer / "vocab.json").is_file() and (folder / tokenizer / "merges.txt").is_file()):
-            missing.append(f"{tokenizer}/vocab.json + merges.txt")
+    for tokenizer, files in tokenizers.items():
+        if not all((folder / tokenizer / f).is_file() for f in files):
+            missing.append(f"{tokenizer}/{' + '.join(files)}")
     if not (folder / "scheduler" / "scheduler_config.json").is_file():
         missing.append("scheduler/scheduler_config.json")
     if missing:
@@ -66,16 +79,28 @@ def cache_entry(root: Path, src: Path) -> Path:
     return root / f"{src.stem}-{key}"
 
 
-def resolve_model(cfg: TrainConfig) -> Path:
-    """The base model as a diffusers folder; a single file is converted once into the cache."""
+def resolve_model(cfg: TrainConfig) -> ResolvedModel:
+    """The base model, resolved once: a diffusers folder (an SD/SDXL single file is converted once into the cache),
+    or Flux's original files by role (its transformer, CLIP-L, T5-XXL and VAE, or one all-in-one checkpoint);
+    with the replacement VAE (--vae) as a folder."""
     src = cfg.model
     if src.is_dir():
         check_model_folder(src, "--model")
-        return src
-    if not src.exists():
+        model = ResolvedModel.of_folder(src)
+    elif not src.exists():
         raise UserError(f"--model {src} does not exist", "pass a diffusers folder or a .ckpt/.safetensors file")
-    if src.suffix.lower() not in (".ckpt", ".safetensors"):
+    elif src.suffix.lower() not in (".ckpt", ".safetensors"):
         raise UserError(f"--model {src} is neither a folder nor a .ckpt/.safetensors file", "convert it first")
+    elif src.suffix.lower() == ".safetensors" and flux_parts.is_flux_file(src):
+        model = resolve_flux_files(cfg, src)
+    else:
+        model = ResolvedModel.of_folder(convert_into_cache(cfg, src))
+    check_flux_flags(cfg, model)
+    vae = resolve_vae(cfg, model)
+    return replace(model, vae=vae)
+
+
+def convert_into_cache(cfg: TrainConfig, src: Path) -> Path:
     from dreambooth.checkpoint.convert import ConvertOptions, convert
 
     dest = cache_entry(cfg.cache / "converted", src)
@@ -86,12 +111,54 @@ def resolve_model(cfg: TrainConfig) -> Path:
     return dest
 
 
-def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
+def resolve_flux_files(cfg: TrainConfig, src: Path) -> ResolvedModel:
+    """Flux from its transformer's file and the --clip-l / --t5xxl / --ae files (or one all-in-one checkpoint):
+    read in place, never copied (a 12 B transformer and T5-XXL are 33 GB)."""
+    ae = cfg.ae
+    given = {"text_encoder": cfg.clip_l, "text_encoder_2": cfg.t5xxl, "vae": ae if ae and not ae.is_dir() else None}
+    for role, path in given.items():
+        if path is not None and not path.exists():
+            flag = flux_parts.ROLES[role][0]
+            raise UserError(f"{flag} {path} does not exist", f"pass {flux_parts.ROLES[role][1]}")
+    parts = flux_parts.resolve(src, given)
+    from dreambooth.checkpoint.load import open_safetensors_file
+
+    transformer = parts["transformer"]
+    guidance = f"{transformer.prefix}guidance_in.in_layer.weight" in open_safetensors_file(transformer.path)
+    return ResolvedModel("flux-dev" if guidance else "flux-schnell", parts=parts)
+
+
+def check_flux_flags(cfg: TrainConfig, model: ResolvedModel) -> None:
+    """--clip-l, --t5xxl and --ae name the parts of a Flux transformer file; anything else does not take them."""
+    given = [flag for flag, value in (("--clip-l", cfg.clip_l), ("--t5xxl", cfg.t5xxl), ("--ae", cfg.ae)) if value]
+    if not given:
+        return
+    if not model.family.startswith("flux"):
+        raise UserError(
+            f"{given[0]} names a part of a Flux.1 model, and --model {cfg.model} is {model.family}",
+            f"drop {given[0]} (a Stable Diffusion file holds its own text encoders and VAE; --vae replaces the VAE)",
+        )
+    if model.folder is not None and given != ["--ae"]:
+        raise UserError(
+            f"{given[0]}: --model {cfg.model} is a diffusers folder, which holds its own text encoders",
+            f"drop {given[0]}; it goes with the transformer's single file (flux1-dev.safetensors)",
+        )
+
+
+def resolve_vae(cfg: TrainConfig, model: ResolvedModel) -> Path | None:
     """--vae as a diffusers VAE folder: given as one (or a model folder with vae/), or a single file (e.g.
-    vae-ft-mse-840000-ema-pruned.safetensors) converted once into the cache. Checkpoints and exports carry it."""
+    vae-ft-mse-840000-ema-pruned.safetensors) converted once into the cache. Checkpoints and exports carry it.
+    Flux: --ae given as a folder is the same; its single file is one of the model's parts (resolve_flux_files)."""
     src = cfg.vae
+    if src is None and model.family.startswith("flux") and cfg.ae is not None and cfg.ae.is_dir():
+        src = cfg.ae
     if src is None:
         return None
+    if model.family.startswith("flux") and not src.is_dir():
+        raise UserError(
+            f"--vae {src}: a Flux VAE file goes with --ae (as ComfyUI's ae.safetensors); --vae takes a folder",
+            f"pass --ae {src}",
+        )
     if src.is_dir():
         folder = src / "vae" if (src / "vae" / "config.json").is_file() else src
         if not (folder / "config.json").is_file() or not any(folder.glob("diffusion_pytorch_model*")):
@@ -107,7 +174,7 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
         from dreambooth.checkpoint.convert import component_config_file
         from dreambooth.checkpoint.vae_file import load_vae
 
-        family = vae_family(model_dir)
+        family = "sdxl" if model.family.startswith("sdxl") else "sd1"
         folder = cache_entry(cfg.cache / "vae", src)
         if family != "sd1":  # the same file, converted with SDXL's scaling factor, is another entry
             folder = folder.with_name(f"{folder.name}-{family}")
@@ -121,14 +188,16 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
                     write_safetensors(tmp / "diffusion_pytorch_model.safetensors", vae.state, {"format": "pt"})
                     write_json(tmp / "config.json", component_config_file("vae", vae.config))
     vae_config = json.loads((folder / "config.json").read_text())
-    unet_config = json.loads((model_dir / "unet" / "config.json").read_text())
-    if vae_config.get("latent_channels", 4) != unet_config.get("in_channels", 4):
+    channels = latent_channels(model)
+    if vae_config.get("latent_channels", 4) != channels:
         raise UserError(
-            f"--vae {src} makes {vae_config.get('latent_channels')}-channel latents, and the model's UNet takes "
-            f"{unet_config.get('in_channels')}",
-            "pass a VAE of the model's family (Stable Diffusion 1.x/2.x VAEs make 4 channels)",
+            f"--vae {src} makes {vae_config.get('latent_channels')}-channel latents, and {model.family}'s denoiser "
+            f"takes {channels}",
+            "pass a VAE of the model's family (Stable Diffusion 1.x/2.x/XL VAEs make 4 channels, Flux.1's 16)",
         )
-    model_vae = json.loads((model_dir / "vae" / "config.json").read_text())
+    if model.folder is None:
+        return folder
+    model_vae = json.loads((model.folder / "vae" / "config.json").read_text())
     ours, theirs = model_vae.get("scaling_factor"), vae_config.get("scaling_factor")
     if ours and theirs and abs(ours - theirs) > 1e-6:
         raise UserError(
@@ -139,9 +208,11 @@ def resolve_vae(cfg: TrainConfig, model_dir: Path) -> Path | None:
     return folder
 
 
-def vae_family(model_dir: Path) -> str:
-    """The family whose VAE config a single VAE file gets: SDXL's (its own scaling) or SD 1.x/2.x's (shared)."""
-    return "sdxl" if folder_family(model_dir).startswith("sdxl") else "sd1"
+def latent_channels(model: ResolvedModel) -> int:
+    """The latent channels the model's denoiser works on: its UNet's input, or Flux's packed input / 4."""
+    if model.family.startswith("flux"):
+        return flux_parts.LATENT_CHANNELS
+    return json.loads((model.folder / "unet" / "config.json").read_text()).get("in_channels", 4)
 
 
 def preflight(cfg: TrainConfig) -> dict[int, list[Path]]:

@@ -8,12 +8,12 @@ the same images one process would make.
 
 import hashlib
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from dreambooth import events
 from dreambooth.config import Concept, TrainConfig
+from dreambooth.families.base import ResolvedModel
 from dreambooth.fileio import atomic_path
 from dreambooth.preflight import missing_class_images
 from dreambooth.sample import generate, load_pipeline
@@ -21,7 +21,7 @@ from dreambooth.sample import generate, load_pipeline
 
 def generate_class_images(
     cfg: TrainConfig,
-    model_dir: Path,
+    model: ResolvedModel,
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
@@ -43,7 +43,8 @@ def generate_class_images(
     if not mine:
         return 0
     total = sum(n for _, _, n in mine)
-    pipe = load_pipeline(model_dir, vae_dir=cfg.vae, dtype=dtype).to(device)
+    pipe, call_kwargs = load_pipeline(model, dtype=dtype)
+    pipe.to(device)
     made = 0
     with events.progress("class images", total) as advance:
         for i, first, n in mine:
@@ -61,6 +62,7 @@ def generate_class_images(
                 resolution=cfg.resolution,
                 steps=cfg.class_inference_steps,
                 batch_size=n,
+                **call_kwargs,
             )
             for k, image in enumerate(images):
                 # atomically: a half-written PNG would later count as an image

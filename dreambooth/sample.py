@@ -5,27 +5,32 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from dreambooth.families.base import ResolvedModel
 from dreambooth.fileio import atomic_path
 from dreambooth.grids import image_grid, labelled_grid
 from dreambooth.preflight import check_model_folder
 
 
-def load_pipeline(model_dir: Path, *, vae_dir: Path | None = None, dtype: torch.dtype = torch.float32):
-    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline) from a local folder, without
-    safety checker, progress bars or network."""
+def load_pipeline(model: ResolvedModel, *, dtype: torch.dtype = torch.float32):
+    """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline), without safety
+    checker, progress bars or network; and what its calls need besides the prompt (Flux: T5's length)."""
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
     from dreambooth import families
+    from dreambooth.families.base import Dtypes
 
-    family = families.of_folder(model_dir)
+    family = families.get(model.family)
     diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar would cut through ours
-    extra = {"vae": diffusers.AutoencoderKL.from_pretrained(vae_dir, dtype=dtype)} if vae_dir else {}
+    if model.folder is None:  # original-layout files: the family loads them, the pipeline wraps its models
+        c = family.load(model, Dtypes(dtype, dtype, dtype))
+        return family.sampling_pipeline(c, c.denoiser, c.text_encoders, c.vae), family.sample_kwargs
+    extra = {"vae": diffusers.AutoencoderKL.from_pretrained(model.vae, dtype=dtype)} if model.vae else {}
     pipe = getattr(diffusers, family.pipeline_class).from_pretrained(
-        model_dir, dtype=dtype, local_files_only=True, **family.pipeline_options, **extra
+        model.folder, dtype=dtype, local_files_only=True, **family.pipeline_options, **extra
     )
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return pipe, family.sample_kwargs
 
 
 @torch.no_grad()
@@ -40,6 +45,7 @@ def generate(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     batch_size: int = 4,
+    **call_kwargs,
 ) -> list[Image.Image]:
     """`num_images` images; image i always comes from seed + i, whatever the batch size."""
     images: list[Image.Image] = []
@@ -55,6 +61,7 @@ def generate(
             width=resolution,
             generator=generators,
             output_type="np",  # floats: a NaN is still visible here, a PIL image would be silently black
+            **call_kwargs,
         )
         check_finite_images(out.images, prompt)
         images.extend(Image.fromarray((image * 255).round().astype("uint8")) for image in out.images)
@@ -103,7 +110,16 @@ def sample_model(
 ) -> list[Path]:
     """`dreambooth sample`: images from a trained (or any) diffusers folder."""
     check_model_folder(Path(model_dir), "MODEL_DIR")
-    pipe = load_pipeline(model_dir)
-    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    images = generate(pipe, prompt, num_images, seed, resolution=resolution, steps=steps, guidance_scale=guidance_scale)
+    pipe, call_kwargs = load_pipeline(ResolvedModel.of_folder(Path(model_dir)))
+    resolution = default_resolution(pipe)
+    images = generate(pipe, prompt, num_images, seed, resolution=resolution, steps=steps, guidance_scale=guidance_scale,
+                      **call_kwargs)  # fmt: skip
     return save_images(images, dest, "sample", prompt=prompt, seed=seed)
+
+
+def default_resolution(pipe) -> int:
+    """The size a model was made for: a UNet's sample size × the VAE's factor; Flux's default (1024 at full size,
+    the VAE's sample size)."""
+    if hasattr(pipe, "unet"):
+        return pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return pipe.vae.config.sample_size

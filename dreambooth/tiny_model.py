@@ -54,6 +54,18 @@ TINY_OVERRIDES = {
 }
 
 
+# Flux.1 at toy size: 2 double + 2 single blocks of width 32 (2 heads of 16, RoPE axes 2 + 6 + 8), a 16-channel VAE
+# with 2 levels (latents 2× smaller), CLIP-L and T5 of width 32 (T5 keeps the real vocabulary: the bundled tokenizer)
+TINY_FLUX = {
+    "transformer": dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+                        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[2, 6, 8]),
+    "vae": dict(block_out_channels=[32, 64], layers_per_block=1, down_block_types=["DownEncoderBlock2D"] * 2,
+                up_block_types=["UpDecoderBlock2D"] * 2, sample_size=32),
+    "text_encoder": TINY_TEXT,
+    "text_encoder_2": dict(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_decoder_layers=2, num_heads=4),
+}  # fmt: skip
+
+
 def tiny_configs(model_type: str = "sd1") -> dict[str, dict]:
     default = {"unet": TINY_UNET, "vae": TINY_VAE, "text_encoder": TINY_TEXT}
     overrides = TINY_OVERRIDES.get(family_of(model_type), default)
@@ -80,4 +92,27 @@ def write_tiny_diffusers(folder: Path, seed: int = 0, model_type: str = "sd1") -
     write_diffusers_folder(folder, tiny_components(seed, model_type), family, model_type)
     if family != "sd1":  # SD 1.x folders stay as they always were: the family is told by the text encoder
         write_json(folder / PROVENANCE_FILE, {"family": family, "model_type": model_type, "tiny_seed": seed})
+    return folder
+
+
+def tiny_flux(seed: int = 0, model_type: str = "flux-dev") -> dict[str, tuple[dict, dict]]:
+    """A random tiny Flux.1 in diffusers' names: role → (config, state dict)."""
+    from dreambooth.families.flux import parts
+
+    torch.manual_seed(seed)
+    out = {}
+    for role, extra in TINY_FLUX.items():
+        config = {**parts.bundled_config(model_type, role), **extra}
+        model = parts.build(role, config)
+        out[role] = (config, {k: v.contiguous() for k, v in model.state_dict().items()})
+    return out
+
+
+def write_tiny_flux(folder: Path, seed: int = 0, model_type: str = "flux-dev") -> Path:
+    """A complete tiny Flux diffusers folder (FluxPipeline.from_pretrained loads it)."""
+    from dreambooth.families.flux import parts
+
+    folder = Path(folder)
+    parts.write_folder(folder, tiny_flux(seed, model_type), model_type)
+    write_json(folder / PROVENANCE_FILE, {"family": model_type, "model_type": model_type, "tiny_seed": seed})
     return folder

@@ -52,10 +52,11 @@ from dreambooth.data import (
 )
 from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
+from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
 from dreambooth.objectives import Objective
 from dreambooth.plots import loss_plot
-from dreambooth.preflight import preflight, resolve_model, resolve_vae
+from dreambooth.preflight import preflight, resolve_model
 from dreambooth.report import write_report_page
 
 __all__ = ["CHECKPOINTS", "REPORT_FILE", "STATE_FILE", "latest_checkpoint", "train"]
@@ -206,11 +207,11 @@ class Run:
 
     cfg: TrainConfig
     accelerator: object
-    family: families.Family
+    family: Family
     adapter: object
-    c: families.Components
+    c: Components
     objective: Objective
-    latent_format: families.LatentFormat
+    latent_format: LatentFormat
     trained: dict[str, torch.nn.Module]  # as prepared by accelerate (DDP / DeepSpeed wrappers)
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
@@ -271,7 +272,7 @@ def input_vanishes(cfg: TrainConfig):
         ) from exc
 
 
-def class_examples(cfg: TrainConfig, accelerator, model_dir: Path, seed: int, weight_dtype, should_stop):
+def class_examples(cfg: TrainConfig, accelerator, model: ResolvedModel, seed: int, weight_dtype, should_stop):
     """Prior preservation's class examples per concept, the missing class images generated first by the base model
     (before its weights change), each process making its share; None without prior preservation."""
     if not cfg.with_prior_preservation:
@@ -282,7 +283,7 @@ def class_examples(cfg: TrainConfig, accelerator, model_dir: Path, seed: int, we
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     missing = missing_class_images(cfg)
     accelerator.wait_for_everyone()  # all processes counted the same missing images before any is written
-    generate_class_images(cfg, model_dir, seed, device, weight_dtype, should_stop, missing, rank, world)
+    generate_class_images(cfg, model, seed, device, weight_dtype, should_stop, missing, rank, world)
     accelerator.wait_for_everyone()  # each made its share; from here on every process sees them all
     if missing:
         events.notice(f"generated {sum(missing.values())} class images")
@@ -335,11 +336,10 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     # captions are read (and a file that is not UTF-8 refused) before anything heavy
     instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension)
     with accelerator.main_process_first():  # a single model or VAE file is converted once, into the shared cache
-        model_dir = resolve_model(cfg)
-        vae_dir = resolve_vae(cfg, model_dir)
-    if vae_dir is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
-        cfg = replace(cfg, vae=vae_dir)
-    family = families.of_folder(model_dir)  # before class images: a model that cannot train stops here
+        model = resolve_model(cfg)
+    if model.vae is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
+        cfg = replace(cfg, vae=model.vae)
+    family = families.get(model.family)  # before class images: a model that cannot train stops here
     family.check(cfg)
     cfg = with_family_defaults(cfg, family)
     if cfg.fused_backward and accelerator.num_processes > 1:
@@ -368,12 +368,12 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
     seed = choose_seed(cfg, state, world)
 
     # --- class images for prior preservation (the base model, before its weights change) --------------
-    classes = class_examples(cfg, accelerator, model_dir, seed, weight_dtype, should_stop)
+    classes = class_examples(cfg, accelerator, model, seed, weight_dtype, should_stop)
 
     # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
     adapter = adapters.get(cfg.adapter)
     c, objective, trained, attention = load_model(
-        cfg, accelerator, family, adapter, model_dir, vae_dir, weight_dtype, resume_from=resume_from, state=state
+        cfg, accelerator, family, adapter, model, weight_dtype, resume_from=resume_from, state=state
     )
     disk = check_disk(cfg, adapter, c, trained)
     text_encoders_train = cfg.train_text_encoder and (
@@ -427,7 +427,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         "prediction_type": c.prediction_type,
         "objective": objective.name,
         "seed": seed,
-        "model_dir": str(model_dir),
+        "model_dir": str(model.folder or model.parts["transformer"].path),
+        "model": model.describe(),
         **describe_data(cfg, instances, classes, all_examples, stream),
         "trainable_parameters": sum(p.numel() for p in params),
         "disk": disk,
@@ -463,13 +464,14 @@ def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict |
 
 
 def load_model(
-    cfg: TrainConfig, accelerator, family, adapter, model_dir: Path, vae_dir, weight_dtype, *, resume_from, state
+    cfg: TrainConfig, accelerator, family, adapter, model: ResolvedModel, weight_dtype, *, resume_from, state
 ):
     """The family loads the base and names its objective, the adapter decides what trains, the checkpoint resumed
     from (if any) restores it, and the speed levers apply: (components, the objective, the trained models by name,
     the attention implementation)."""
     with whole_on_load(accelerator):
-        c = family.load(model_dir, vae_dir, adapter.dtypes(cfg, weight_dtype))
+        c = family.load(model, adapter.dtypes(cfg, weight_dtype))
+    c.extra["base"] = model
     c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
     objective = family.objective(c, cfg)
     attention = family.set_attention(c, cfg.attention, accelerator.device)
@@ -732,7 +734,8 @@ MAX_SKIPPED_IN_A_ROW = 20  # a scaler halves its scale at each: 2**-20 of the st
 def check_finite_latents(dist: torch.Tensor, run: Run) -> None:
     """NaN latents come from a VAE that overflowed (SDXL's in fp16): every step on them would train on garbage."""
     if not torch.isfinite(dist).all():
-        vae = run.c.vae_dir or run.c.model_dir / "vae"
+        base = run.c.extra["base"]
+        vae = base.vae or (base.folder / "vae" if base.folder else base.parts["vae"].path)
         raise UserError(
             f"the VAE ({vae}) gives non-finite latents in {next(run.c.vae.parameters()).dtype} at step {run.step}",
             "pass a VAE that is finite in fp16 (--vae, e.g. sdxl-vae-fp16-fix for SDXL) or --mixed-precision no",
@@ -836,7 +839,7 @@ def save_checkpoint(run: Run) -> Path:
     check_finite_weights(run, trained)
     need = int(run.adapter.checkpoint_bytes(run.c, trained, cfg))  # for the message if the disk fills up
     with events.stage(f"saving checkpoint step-{run.step}"), atomic_dir(dest, overwrite=True, need=need) as tmp:
-        extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed)
+        extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed, run.family)
         training_state = {
             "step": run.step,
             "seed": run.seed,
@@ -882,6 +885,7 @@ def draw_samples(run: Run, folder: Path, trained: dict) -> None:
             images = generate(
                 pipe, prompt, cfg.n_save_sample, run.seed, resolution=cfg.resolution, steps=cfg.save_infer_steps,
                 guidance_scale=cfg.save_guidance_scale, negative_prompt=cfg.save_sample_negative_prompt,
+                **run.family.sample_kwargs,
             )  # fmt: skip
             save_images(images, folder, f"prompt{i}", prompt=prompt, seed=run.seed, step=run.step)
         (folder / "prompts.txt").write_text("\n".join(cfg.save_sample_prompt) + "\n")

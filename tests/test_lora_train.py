@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.families import Dtypes
+from dreambooth.families.base import Dtypes
 from tests.train_helpers import base_args, sigterm_at_step
 
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--lora-alpha", 2, "--save-interval", 100)

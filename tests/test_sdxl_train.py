@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dreambooth.families import Dtypes
+from dreambooth.families.base import Dtypes
 from dreambooth.tiny_model import write_tiny_diffusers
 from tests.test_buckets import BUCKET_FLAGS, _captioned_photos
 from tests.train_helpers import base_args, sigterm_at_step

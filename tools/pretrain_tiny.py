@@ -331,7 +331,7 @@ def main() -> None:
 
         folder = work / "tiny-sd"
         tokenizer_dir = work / "tokenizer-only"
-        from dreambooth.checkpoint.convert import write_tokenizer
+        from dreambooth.checkpoint.tokenizers import write_tokenizer
 
         write_tokenizer(tokenizer_dir, "sd1")
         tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)

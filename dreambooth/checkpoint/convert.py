@@ -1,12 +1,11 @@
 """`dreambooth convert`: one original single-file checkpoint → a complete, offline-loadable diffusers folder."""
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +39,11 @@ from dreambooth.checkpoint.keymap import (
 )
 from dreambooth.checkpoint.load import Checkpoint, check_input_file, open_checkpoint
 from dreambooth.checkpoint.tensorfile import StoredTensor, write_safetensors
+from dreambooth.checkpoint.tokenizers import write_tokenizer
 from dreambooth.checkpoint.vae_file import load_vae
 from dreambooth.errors import UserError
+from dreambooth.families.flux import files as flux_files
+from dreambooth.families.flux import parts as flux_parts
 from dreambooth.fileio import BackgroundSha256, atomic_dir, write_json
 
 EXTRAS_FILE = "original_extras.safetensors"  # original tensors diffusers has no place for (see `leftovers`)
@@ -55,6 +57,10 @@ class ConvertOptions:
     ema: bool = False
     vae: Path | None = None
     overwrite: bool = False
+    # Flux given as its transformer's file: the other three parts, as ComfyUI users keep them
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    ae: Path | None = None
 
     def __post_init__(self) -> None:
         if self.model_type not in ("auto", *MODEL_TYPES):
@@ -247,6 +253,9 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions(), *
     started = time.perf_counter()
     src, dest = Path(src), Path(dest)
     check_destination(dest, options.overwrite)
+    flux = flux_parts_of(src, options)
+    if flux is not None:
+        return flux_files.convert_parts(flux, dest, overwrite=options.overwrite)
     # alongside the conversion (the file is in the page cache), unless it is known
     digest = KnownSha256(sha256) if sha256 else BackgroundSha256(check_input_file(src))
     try:
@@ -279,6 +288,20 @@ def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions(), *
     return summary
 
 
+def flux_parts_of(src: Path, options: ConvertOptions) -> dict | None:
+    """The four Flux parts when `src` holds a Flux transformer (and --clip-l, --t5xxl, --ae name the rest); None
+    for a Stable Diffusion file, which takes none of those flags."""
+    given = {"text_encoder": options.clip_l, "text_encoder_2": options.t5xxl, "vae": options.ae}
+    check_input_file(src)
+    if src.suffix.lower() == ".safetensors" and flux_parts.is_flux_file(src):
+        return flux_parts.resolve(src, given)
+    flag = next((f for f, v in (("--clip-l", options.clip_l), ("--t5xxl", options.t5xxl), ("--ae", options.ae)) if v),
+                None)  # fmt: skip
+    if flag:
+        raise UserError(f"{flag} names a part of a Flux.1 model, and {src} is not a Flux transformer", f"drop {flag}")
+    return None
+
+
 class KnownSha256:
     """A digest already computed, where convert would start a BackgroundSha256."""
 
@@ -301,6 +324,7 @@ def check_destination(dest: Path, overwrite: bool) -> None:
 
 WEIGHT_FILES = {
     "unet": "diffusion_pytorch_model",
+    "transformer": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
     "text_encoder_2": "model",
@@ -381,17 +405,3 @@ def component_config_file(name: str, config: dict) -> dict:
         return {**head, **config, "transformers_version": library_version("transformers")}
     cls = "UNet2DConditionModel" if name == "unet" else "AutoencoderKL"
     return {**config, "_class_name": cls, "_diffusers_version": library_version("diffusers")}
-
-
-def write_tokenizer(folder: Path, family: str) -> None:
-    """The bundled CLIP BPE files (derived from open_clip's vocabulary) and a padding choice: `family` names the
-    bundled tokenizer_config.<family>.json (sd1: pads with <|endoftext|>; sd2, and SDXL's tokenizer_2: with "!")."""
-    assets = resources.files("dreambooth") / "assets" / "tokenizer"
-    folder.mkdir()
-    for name in ("vocab.json", "merges.txt"):
-        with resources.as_file(assets / name) as path:
-            shutil.copyfile(path, folder / name)
-    config = json.loads((assets / f"tokenizer_config.{family}.json").read_text())
-    write_json(folder / "tokenizer_config.json", config)
-    special = {k: config[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    write_json(folder / "special_tokens_map.json", special)

@@ -61,7 +61,10 @@ def detect_family(ckpt: Checkpoint) -> Detection:
         standalone_vae = any(k.startswith(("encoder.down.", VAE_PREFIX + "encoder.")) for k in keys)
         why = "only VAE weights" if standalone_vae else f"no `{UNET_PREFIX}*` keys"
         return Detection("unknown", has_ema, [why])
-    to_k = next((v for k, v in ckpt.tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")))
+    to_k = next((v for k, v in ckpt.tensors.items() if k.startswith(UNET_PREFIX) and k.endswith("attn2.to_k.weight")),
+                None)  # fmt: skip
+    if to_k is None:  # e.g. a diffusion model ComfyUI saved under model.diffusion_model. that is no SD UNet
+        return Detection("unknown", has_ema, [f"`{UNET_PREFIX}*` keys, but no Stable Diffusion UNet among them"])
     if any(k.startswith(OPENCLIP_PREFIX + "transformer.resblocks.") for k in keys):
         return Detection("sd2", has_ema, [f"OpenCLIP text encoder; UNet cross-attention width {to_k.shape[1]}"])
     if any(k.startswith(CLIP_PREFIX) for k in keys):

@@ -120,6 +120,10 @@ def to_original(model: DiffusersModel) -> dict[str, torch.Tensor]:
 def export(src: Path, dest: Path, options: ExportOptions = ExportOptions()) -> dict:
     started = time.perf_counter()
     dest = Path(dest)
+    if Path(src).is_dir() and folder_family(Path(src)).startswith("flux"):  # the transformer, as ComfyUI loads it
+        from dreambooth.families.flux.files import export_transformer
+
+        return export_transformer(Path(src), dest, half=options.half, training=options.training)
     if dest.suffix not in SUFFIXES:
         raise UserError(f"{dest}: unknown file type {dest.suffix!r}", "name it .safetensors (or .ckpt for old tools)")
     if dest.exists() and not options.overwrite:

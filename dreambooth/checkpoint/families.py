@@ -27,6 +27,7 @@ from dreambooth.checkpoint.keymap import (
 from dreambooth.fileio import read_json_object
 
 MODEL_TYPES = ("sd1", "sd1-v", "sd2", "sd2-v", "sdxl", "sdxl-v", "sdxl-refiner")
+FLUX_TYPES = ("flux-dev", "flux-schnell")  # dreambooth/families/flux: their family and model type are one name
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,11 @@ def folder_family(folder: Path) -> str:
     what its text encoders and pipeline class tell. A part that is missing or unreadable counts as absent: the
     folder's own checks name it."""
     provenance = read_json_object(folder / "dreambooth.json").get("family")
-    if provenance in FAMILIES:
+    if provenance in FAMILIES or provenance in FLUX_TYPES:
         return provenance
+    if (folder / "transformer").is_dir():  # Flux.1: dev has a guidance embedding, schnell none
+        guidance = read_json_object(folder / "transformer" / "config.json").get("guidance_embeds")
+        return "flux-dev" if guidance else "flux-schnell"
     if (folder / "text_encoder_2").is_dir():
         return "sdxl" if (folder / "text_encoder").is_dir() else "sdxl-refiner"
     if "XL" in str(read_json_object(folder / "model_index.json").get("_class_name", "")):

@@ -5,11 +5,16 @@ from pathlib import Path
 from dreambooth.checkpoint.convert import ConvertOptions, analyze
 from dreambooth.checkpoint.detect import detect_family
 from dreambooth.checkpoint.families import FAMILIES
-from dreambooth.checkpoint.load import open_checkpoint
+from dreambooth.checkpoint.load import check_input_file, open_checkpoint, sniff_format
 from dreambooth.errors import UserError
+from dreambooth.families.flux.files import describe_file
 
 
 def inspect_file(path: Path, model_type: str = "auto", original_config: Path | None = None) -> dict:
+    if sniff_format(check_input_file(Path(path))) == "safetensors":
+        flux = describe_file(path)  # a Flux transformer, all-in-one checkpoint, or one of its parts
+        if flux is not None:
+            return flux
     ckpt = open_checkpoint(path)
     options = ConvertOptions(model_type=model_type, original_config=original_config)
     try:

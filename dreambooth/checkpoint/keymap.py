@@ -35,7 +35,7 @@ class Source:
     combine: Callable[..., Any]
 
 
-def _copy(t: Any) -> Any:
+def copy(t: Any) -> Any:
     return t
 
 
@@ -49,11 +49,22 @@ def _transpose(t: Any) -> Any:
     return t.T
 
 
-def _concat(*parts: Any) -> Any:
-    # open_clip keeps q, k, v as one fused in_proj (nn.MultiheadAttention); diffusers/HF split them.
+def concat_rows(*parts: Any) -> Any:
+    # open_clip keeps q, k, v as one fused in_proj (nn.MultiheadAttention), Flux its qkv and linear1; diffusers/HF
+    # split them. The inverse (from_original) cuts the rows back out by the parts' shapes.
     import torch
 
     return torch.cat(parts, dim=0)
+
+
+def swap_halves(t: Any) -> Any:
+    # Flux's final modulation: (shift, scale) in the original, (scale, shift) in diffusers; its own inverse
+    import torch
+
+    if not isinstance(t, torch.Tensor):  # a StoredTensor: the two halves change places, so the bytes are read
+        t = t.to_torch()
+    first, second = t.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
 
 
 UNET_RESNET = {
@@ -155,14 +166,15 @@ def _renamed(keys: list[str], table: dict, what: str) -> Iterator[tuple[str, str
 
 
 def unet_sources(keys: list[str], config: dict) -> dict[str, Source]:
-    return {UNET_PREFIX + orig: Source((key,), _copy) for key, orig, _ in _renamed(keys, unet_prefixes(config), "UNet")}
+    return {UNET_PREFIX + orig: Source((key,), copy) for key, orig, _ in _renamed(keys, unet_prefixes(config), "UNet")}
 
 
-def vae_sources(keys: list[str], config: dict) -> dict[str, Source]:
+def vae_sources(keys: list[str], config: dict, prefix: str = VAE_PREFIX) -> dict[str, Source]:
+    """The LDM autoencoder's keys (SD's under `first_stage_model.`; Flux's own file has them bare, no quant convs)."""
     out = {}
     for key, original, inner in _renamed(keys, vae_prefixes(config), "VAE"):
         is_attention_weight = inner is VAE_ATTENTION and not original.endswith((".norm.weight", ".norm.bias"))
-        out[VAE_PREFIX + original] = Source((key,), _as_conv1x1 if is_attention_weight else _copy)
+        out[prefix + original] = Source((key,), _as_conv1x1 if is_attention_weight else copy)
     return out
 
 
@@ -173,7 +185,7 @@ def _text_model_key(key: str) -> str:
 
 def clip_sources(keys: list[str], config: dict, prefix: str = CLIP_PREFIX) -> dict[str, Source]:
     """SD 1.x (and SDXL's first encoder) stored the HF CLIPTextModel (4.x layout) as is, under one prefix."""
-    return {prefix + _text_model_key(key): Source((key,), _copy) for key in keys}
+    return {prefix + _text_model_key(key): Source((key,), copy) for key in keys}
 
 
 def clip_position_ids_key(prefix: str) -> str:
@@ -206,7 +218,7 @@ def openclip_sources(keys: list[str], config: dict, prefix: str = OPENCLIP_PREFI
             continue
         canon = _text_model_key(key)
         if canon in fixed:
-            out[prefix + fixed[canon]] = Source((key,), _copy)
+            out[prefix + fixed[canon]] = Source((key,), copy)
             continue
         head, sep, rest = key.partition(".self_attn.")
         if sep and rest.split(".")[0] in ("q_proj", "k_proj", "v_proj"):
@@ -214,12 +226,12 @@ def openclip_sources(keys: list[str], config: dict, prefix: str = OPENCLIP_PREFI
             layer = _text_model_key(head).removeprefix("text_model.encoder.layers.")
             fused = f"{prefix}transformer.resblocks.{layer}.attn.in_proj_{kind}"
             parts = tuple(f"{head}.self_attn.{p}.{kind}" for p in ("q_proj", "k_proj", "v_proj"))
-            out[fused] = Source(parts, _concat)
+            out[fused] = Source(parts, concat_rows)
             continue
         layer, _, inner = canon.removeprefix("text_model.encoder.layers.").partition(".")
         module, _, param = inner.rpartition(".")
         if canon.startswith("text_model.encoder.layers.") and module in OPENCLIP_LAYER:
-            out[f"{prefix}transformer.resblocks.{layer}.{OPENCLIP_LAYER[module]}.{param}"] = Source((key,), _copy)
+            out[f"{prefix}transformer.resblocks.{layer}.{OPENCLIP_LAYER[module]}.{param}"] = Source((key,), copy)
             continue
         raise KeyError(f"text encoder key {key} has no place in the open_clip layout")
     return out
@@ -248,12 +260,14 @@ def from_original(
         t = tensors.get(original)
         if t is None:
             missing.append(original)
-        elif src.combine is _concat:  # rows of the fused tensor, in order
+        elif src.combine is concat_rows:  # rows of the fused tensor, in order
             start = 0
             for key in src.keys:
                 state[key], start = t[start : start + shapes[key][0]], start + shapes[key][0]
         elif src.combine is _transpose:
             state[src.keys[0]] = t.T
+        elif src.combine is swap_halves:
+            state[src.keys[0]] = swap_halves(t)
         elif src.combine is _as_conv1x1 and t.ndim == 4 and len(shapes[src.keys[0]]) == 2:
             state[src.keys[0]] = t.reshape(*shapes[src.keys[0]])
         else:
@@ -272,3 +286,15 @@ def unet_original_key(key: str, config: dict) -> str:
     if found is None:
         raise KeyError(f"UNet key {key} has no place in the original layout")
     return found[0]
+
+
+# transformers 5 dropped CLIPTextModel's `text_model.` level from module paths; the published names keep it
+TEXT_MODEL = "text_model."
+
+
+def kohya_module_name(prefix: str, component: str, module: str) -> str:
+    """kohya's (and the WebUI's, ComfyUI's) LoRA module name: the prefix and the module path with "." as "_";
+    a text encoder's path in transformers 4's layout (`lora_te1_text_model_encoder_layers_0_…`)."""
+    if component.startswith("text_encoder") and not module.startswith(TEXT_MODEL):
+        module = TEXT_MODEL + module
+    return f"{prefix}_{module.replace('.', '_')}"

@@ -30,8 +30,10 @@ from dreambooth.checkpoint.export import (
     export_model,
     read_diffusers_folder,
 )
+from dreambooth.checkpoint.keymap import TEXT_MODEL, kohya_module_name
 from dreambooth.checkpoint.load import sort_safetensors_metadata
 from dreambooth.errors import UserError
+from dreambooth.families.flux import lora as flux_lora
 from dreambooth.fileio import atomic_dir, atomic_path, write_json
 
 ADAPTER_DIR = "lora"  # inside a training checkpoint folder checkpoints/step-N/
@@ -39,8 +41,6 @@ ADAPTER_INFO = "lora.json"
 ADAPTER_NAME = "default"  # peft's adapter name; we train one adapter per model
 FORMATS = ("kohya", "diffusers")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
-# transformers 5 dropped CLIPTextModel's `text_model.` level from module paths; the published names keep it
-TEXT_MODEL = "text_model."
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
 # kohya's ss_base_model_version (sd-scripts model_util / sdxl_model_util); the WebUI tells SDXL by "sdxl_"
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
@@ -207,12 +207,6 @@ def is_lora_file(path: Path) -> bool:
 # --- the kohya / A1111 file -------------------------------------------------------------------------------------
 
 
-def kohya_module_name(prefix: str, component: str, module: str) -> str:
-    if component.startswith("text_encoder") and not module.startswith(TEXT_MODEL):
-        module = TEXT_MODEL + module
-    return f"{prefix}_{module.replace('.', '_')}"
-
-
 def kohya_prefixes(family: str) -> dict[str, str]:
     from dreambooth.families import get
 
@@ -362,9 +356,10 @@ def _cast(state: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]
 def _export_kohya(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
     if dest.suffix != ".safetensors":
         raise UserError(f"{dest}: a kohya LoRA file is a .safetensors file", f"name it {dest.stem}.safetensors")
-    state = _cast(to_kohya(info, states), half)
+    flux = is_flux(info)
+    state = _cast(flux_lora.to_kohya(info, states) if flux else to_kohya(info, states), half)
     state = dict(sorted(state.items()))
-    metadata = kohya_metadata(info)
+    metadata = flux_lora.kohya_metadata(info) if flux else kohya_metadata(info)
     metadata |= tensor_hashes(state, metadata)
     with atomic_path(dest) as tmp:
         save_file(state, tmp, metadata=metadata)
@@ -393,6 +388,8 @@ def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> di
         raise UserError(f"{dest}: --format diffusers writes a folder", f"pass a folder name, e.g. {dest.stem}")
     if dest.exists() and not dest.is_dir():
         raise UserError(f"{dest} exists and is a file", "pass a folder path for the diffusers LoRA")
+    if is_flux(info):
+        return _export_diffusers_flux(info, states, dest, half=half)
     kwargs = {}
     names = ("unet", "text_encoder", "text_encoder_2")
     for name in names:
@@ -418,6 +415,24 @@ def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> di
     file = dest / DIFFUSERS_WEIGHTS
     tensors = sum(len(states[n]) for n in names if n in states)
     return {"file": str(file), "folder": str(dest), "size_bytes": file.stat().st_size, "tensors": tensors, "half": half}
+
+
+def _export_diffusers_flux(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
+    """FluxPipeline's own LoRA file: `transformer.…` and `text_encoder.…` keys, each scale in its up."""
+    from diffusers import FluxPipeline
+
+    with atomic_dir(dest, overwrite=True) as tmp:
+        FluxPipeline.save_lora_weights(
+            tmp, weight_name=DIFFUSERS_WEIGHTS, **flux_lora.diffusers_layers(info, states, half)
+        )
+        write_json(tmp / ADAPTER_INFO, {k: v for k, v in info.items() if k != "components"})
+    file = dest / DIFFUSERS_WEIGHTS
+    tensors = sum(len(state) for state in states.values())
+    return {"file": str(file), "folder": str(dest), "size_bytes": file.stat().st_size, "tensors": tensors, "half": half}
+
+
+def is_flux(info: dict) -> bool:
+    return str(info.get("family", "")).startswith("flux")
 
 
 def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, torch.Tensor]], source: str) -> dict:
@@ -458,6 +473,12 @@ def _base_key(state: dict, module: str) -> str | None:
 
 
 def _export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Path | None) -> dict:
+    if is_flux(info):
+        if dest.suffix != ".safetensors":
+            raise UserError(
+                f"{dest}: a merged Flux transformer is a .safetensors file", f"name it {dest.stem}.safetensors"
+            )
+        return flux_lora.export_merged(info, states, dest, half=half, base=base)
     base_folder = Path(base) if base is not None else Path(str(info.get("base") or ""))
     if base is None and not info.get("base"):
         raise UserError("the checkpoint does not record its base model", "pass --base with the diffusers folder")

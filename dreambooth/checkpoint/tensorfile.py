@@ -7,7 +7,8 @@ no trip through Python). Importing torch alone takes longer than copying a 2 GB 
 
 `write_safetensors` lays files out as safetensors itself does (the same header, order and padding, so a file
 written here has the same bytes as `safetensors.torch.save_file` of the same tensors, which a test checks), and
-also takes torch tensors, which it reaches only when the caller has them (a pickled .ckpt, a replacement VAE).
+also takes torch tensors, which it reaches only when the caller has them (a pickled .ckpt, a replacement VAE), and
+`LazyTensor`s, computed one at a time as they are written (a merged or re-fused model bigger than the memory).
 """
 
 import json
@@ -112,6 +113,35 @@ class StoredTensor:
         return torch.frombuffer(data, dtype=dtype).reshape(self.shape) if data else torch.empty(self.shape, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class LazyTensor:
+    """A tensor made only when it is written: its shape and dtype known up front (the header needs them), its
+    values computed by `make` (torch) one tensor at a time, so a file of many computed tensors (a model with a LoRA
+    merged in, a fused layout put back together) never holds more than one of them in memory."""
+
+    shape: tuple[int, ...]
+    dtype_name: str  # safetensors' name
+    make: Any  # () -> torch tensor of that shape and dtype
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return ELEMENT_BYTES[self.dtype_name]
+
+    def is_floating_point(self) -> bool:
+        return self.dtype_name in FLOATING
+
+
+def safetensors_dtype(torch_dtype: Any) -> str:
+    """safetensors' name of a torch dtype (torch.bfloat16 → BF16)."""
+    name = str(torch_dtype).removeprefix("torch.")
+    for safetensors_name, torch_name in TORCH_NAMES.items():
+        if torch_name == name:
+            return safetensors_name
+    raise ValueError(f"no safetensors dtype for {torch_dtype}")
+
+
 def read_tensors(path: Path, header: dict) -> dict[str, StoredTensor]:
     """The tensors of a .safetensors file whose header (already checked: `load.check_safetensors`) is `header`."""
     path = Path(path)
@@ -129,16 +159,14 @@ def read_tensors(path: Path, header: dict) -> dict[str, StoredTensor]:
 
 
 def _torch_dtype_name(tensor: Any) -> str:
-    name = str(tensor.dtype).removeprefix("torch.")
-    for safetensors_name, torch_name in TORCH_NAMES.items():
-        if torch_name == name:
-            return safetensors_name
-    raise ValueError(f"no safetensors dtype for {tensor.dtype}")
+    return safetensors_dtype(tensor.dtype)
 
 
 def _entry(tensor: Any) -> tuple[str, tuple[int, ...], int]:
     if isinstance(tensor, StoredTensor):
         return tensor.dtype_name, tensor.shape, tensor.end - tensor.begin
+    if isinstance(tensor, LazyTensor):
+        return tensor.dtype_name, tensor.shape, tensor.numel() * tensor.element_size()
     return _torch_dtype_name(tensor), tuple(tensor.shape), tensor.numel() * tensor.element_size()
 
 
@@ -167,6 +195,14 @@ def write_safetensors(path: Path, tensors: dict[str, Any], metadata: dict[str, s
 
 
 def _write_tensor(out, tensor: Any, sources: dict[Path, int]) -> None:
+    if isinstance(tensor, LazyTensor):
+        made = tensor.make()
+        if tuple(made.shape) != tuple(tensor.shape) or _torch_dtype_name(made) != tensor.dtype_name:
+            raise ValueError(
+                f"a LazyTensor made {tuple(made.shape)} {made.dtype}, not {tensor.shape} {tensor.dtype_name}"
+            )
+        out.write(_torch_bytes(made))
+        return
     if not isinstance(tensor, StoredTensor):
         out.write(_torch_bytes(tensor))
         return

@@ -233,15 +233,16 @@ def sampling_pipeline(model: Path, base_dir: Path | None = None):
     it (diffusers' load_lora_weights, fused), sampling with DDIM (whatever scheduler the folder names)."""
     from diffusers import DDIMScheduler
 
+    from dreambooth.families.base import ResolvedModel
     from dreambooth.sample import load_pipeline
 
     model = Path(model)
     if model.is_file():  # an exported LoRA
-        pipe = load_pipeline(Path(base_dir))
+        pipe, _ = load_pipeline(ResolvedModel.of_folder(Path(base_dir)))
         pipe.load_lora_weights(str(model))
         pipe.fuse_lora()
     else:
-        pipe = load_pipeline(model)
+        pipe, _ = load_pipeline(ResolvedModel.of_folder(model))
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     return pipe
 

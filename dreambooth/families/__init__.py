@@ -1,36 +1,44 @@
-"""Model families: what differs between SD 1.x, SD 2.x (and later SDXL, Flux-like models) for training.
+"""Model families: what differs between SD 1.x/2.x, SDXL and Flux.1 for training, and for their files.
 
-A family object loads the components of a diffusers folder, encodes prompts, calls the denoiser with its
-conditioning and says what the denoiser learns to predict; the training loop (dreambooth/train.py) talks to it and
-to an adapter (dreambooth/adapters.py) only, so a new family is one new module here, not a branch in the loop.
+A family object loads the components of a model, names its objective (objectives.py), encodes prompts, calls the
+denoiser with its conditioning; the training loop (dreambooth/train.py) talks to it and to an adapter
+(dreambooth/adapters.py) only, so a new family is a folder of declarations here, not branches in the loop.
+
+This package's own import is light: `convert` and `inspect` read the families' key tables without torch, so the
+training classes (which need torch) are imported when a family is asked for.
 """
 
 from pathlib import Path
 
-from dreambooth.checkpoint.families import folder_family
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning, Dtypes, Family, LatentFormat, LoraTargets
-from dreambooth.families.sd import StableDiffusion
-from dreambooth.families.sdxl import StableDiffusionXL, refuse_refiner
 
-__all__ = ["Components", "Conditioning", "Dtypes", "Family", "LatentFormat", "LoraTargets", "get", "of_folder"]
-
-FAMILIES: dict[str, Family] = {
-    "sd1": StableDiffusion("sd1"),
-    "sd2": StableDiffusion("sd2"),
-    "sdxl": StableDiffusionXL(),
-}
+NAMES = ("sd1", "sd2", "sdxl", "flux-dev", "flux-schnell")
 
 
-def get(name: str) -> Family:
-    if name not in FAMILIES:
-        raise UserError(f"model family {name!r} cannot be trained", f"supported: {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+def get(name: str):
+    """The training family of this name (families.base.Family)."""
+    if name in ("sd1", "sd2"):
+        from dreambooth.families.sd import StableDiffusion
+
+        return StableDiffusion(name)
+    if name == "sdxl":
+        from dreambooth.families.sdxl import StableDiffusionXL
+
+        return StableDiffusionXL()
+    if name in ("flux-dev", "flux-schnell"):
+        from dreambooth.families.flux.family import Flux
+
+        return Flux(name)
+    raise UserError(f"model family {name!r} cannot be trained", f"supported: {', '.join(NAMES)}")
 
 
-def of_folder(folder: Path) -> Family:
+def of_folder(folder: Path):
     """The family of a diffusers folder (`checkpoint.families.folder_family`); the refiner is refused."""
+    from dreambooth.checkpoint.families import folder_family
+
     name = folder_family(folder)
     if name == "sdxl-refiner":
+        from dreambooth.families.sdxl import refuse_refiner
+
         refuse_refiner(folder)
     return get(name)

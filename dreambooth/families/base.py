@@ -20,6 +20,46 @@ Conditioning = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class Part:
+    """One component in an original-layout file: its path, and where its keys start (an all-in-one checkpoint
+    holds several parts under their own prefixes; a part's own file has none)."""
+
+    path: Path
+    prefix: str = ""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """The base model a run trains, resolved once at the start (`preflight.resolve_model`) and passed down.
+
+    A diffusers folder (`folder`: SD, SDXL and Flux folders; SD/SDXL single files are converted into the cache
+    first), or a family's original-layout files by role (`parts`: Flux's transformer, CLIP-L, T5-XXL and VAE as
+    ComfyUI users keep them, or one all-in-one file). `vae`: a replacement VAE folder (--vae)."""
+
+    family: str
+    folder: Path | None = None
+    parts: dict[str, Part] = field(default_factory=dict)
+    vae: Path | None = None
+
+    @classmethod
+    def of_folder(cls, folder: Path, vae: Path | None = None) -> "ResolvedModel":
+        from dreambooth.checkpoint.families import folder_family
+
+        return cls(folder_family(Path(folder)), folder=Path(folder), vae=vae)
+
+    def describe(self) -> dict:
+        """Where the model came from, for reports, checkpoints and LoRA records."""
+        if self.folder is not None:
+            return {"family": self.family, "folder": str(self.folder), "vae": str(self.vae) if self.vae else None}
+        return {"family": self.family, "parts": {role: str(p.path) for role, p in self.parts.items()}}
+
+    @property
+    def name(self) -> str:
+        """The base's name as LoRA files record it (kohya's ss_sd_model_name)."""
+        return (self.folder or self.parts["transformer"].path).name
+
+
+@dataclass(frozen=True)
 class Dtypes:
     """What each part is loaded in (the adapter decides: what trains in full keeps fp32 master weights)."""
 
@@ -88,12 +128,15 @@ class Family(Protocol):
     side_multiple: int  # image sides are multiples of it (VAE downsampling × the denoiser's own)
     sample_guidance: float  # samples' default guidance scale (classifier-free; Flux-dev: its distilled guidance)
     sample_steps: int  # samples' default denoising steps
+    sample_kwargs: dict  # what its pipeline's __call__ needs besides the prompt (Flux: T5's length)
     default_lora_targets: tuple[str, ...]  # --lora-targets when not given
+    checkpoint_holds_base: bool  # a full fine-tune's checkpoint carries the frozen parts (linked) or only a record
+    half: torch.dtype  # the half precision of --save-fp16 and of exports
 
     def check(self, cfg) -> None:
         """Refuse settings that mean nothing for this family (one UserError naming the flag)."""
 
-    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: Dtypes) -> Components: ...
+    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components: ...
 
     def objective(self, c: Components, cfg) -> Objective: ...
 
@@ -114,5 +157,8 @@ class Family(Protocol):
 
     def lora_modules(self, model: torch.nn.Module, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list, list]:
         """(linear modules at --lora-rank, convolutions at --lora-conv-rank) of the denoiser, by full name."""
+
+    def lora_info(self, denoiser: torch.nn.Module, cfg) -> dict:
+        """What lora.json records for the LoRA files: how the original layout names the denoiser's modules."""
 
     def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae): ...

@@ -2,13 +2,13 @@
 already cut off at conversion) hidden states, epsilon or v-prediction on a DDPM schedule."""
 
 import re
-from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from dreambooth import events
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets
+from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
 from dreambooth.objectives import DDPM
 
 TITLES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
@@ -120,12 +120,27 @@ def unet_lora_modules(unet, suffixes: tuple[str, ...], conv_rank: int) -> tuple[
     return linear, convs
 
 
+def unet_lora_info(unet) -> dict:
+    """The UNet config fields that name its modules in the original layout (SDXL's kohya files use them);
+    read off the unwrapped UNet (DDP's wrapper has no config)."""
+    from dreambooth.checkpoint.lora import UNET_LAYOUT
+
+    return {"unet_layout": {k: _plain(unet.config[k]) for k in UNET_LAYOUT}}
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple | list) else value
+
+
 class StableDiffusion:
     denoiser_name = "unet"
     side_multiple = 8  # the VAE's 8; the UNet pads odd latent sizes itself
     sample_guidance = 7.5
     sample_steps = 20
+    sample_kwargs: ClassVar[dict] = {}
     default_lora_targets = DEFAULT_LORA_TARGETS
+    checkpoint_holds_base = True  # a full checkpoint links the frozen parts in (a complete diffusers folder)
+    half = torch.float16  # --save-fp16 and exports
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -141,11 +156,12 @@ class StableDiffusion:
     def check(self, cfg) -> None:
         self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
 
-    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: Dtypes) -> Components:
+    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
         """The base model's parts, each in the dtype the adapter asked for."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer
 
+        model_dir, vae_dir = model.folder, model.vae
         scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
         return Components(
             denoiser=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes.denoiser),
@@ -185,6 +201,9 @@ class StableDiffusion:
 
     def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
         return unet_lora_modules(model, suffixes, conv_rank)
+
+    def lora_info(self, denoiser, cfg) -> dict:
+        return unet_lora_info(denoiser)
 
     def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae):
         """A pipeline over the models being trained (no copies), sampling with DDIM like the classic script."""

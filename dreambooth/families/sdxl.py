@@ -4,17 +4,19 @@ per image: its original size, the crop's top-left corner and the target size (SD
 what lets it train on crops and odd aspect ratios without learning to draw cut-off subjects)."""
 
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets
+from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
 from dreambooth.families.sd import (
     DEFAULT_LORA_TARGETS,
     ddpm_objective,
     set_unet_attention,
     tokenize,
     unet_blocks,
+    unet_lora_info,
     unet_lora_modules,
     unet_lora_targets,
 )
@@ -50,7 +52,10 @@ class StableDiffusionXL:
     side_multiple = 8
     sample_guidance = 7.5
     sample_steps = 20
+    sample_kwargs: ClassVar[dict] = {}
     default_lora_targets = DEFAULT_LORA_TARGETS
+    checkpoint_holds_base = True  # a full checkpoint links the frozen parts in (a complete diffusers folder)
+    half = torch.float16  # --save-fp16 and exports
 
     def __init__(self) -> None:
         # kohya's sdxl_train_network names: lora_te1 (CLIP ViT-L), lora_te2 (OpenCLIP ViT-bigG); the UNet's
@@ -65,10 +70,11 @@ class StableDiffusionXL:
     def check(self, cfg) -> None:
         self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
 
-    def load(self, model_dir: Path, vae_dir: Path | None, dtypes: Dtypes) -> Components:
+    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+        model_dir, vae_dir = model.folder, model.vae
         vae_folder = vae_dir or model_dir / "vae"
         vae_config = AutoencoderKL.load_config(vae_folder)
         # the release ships an Euler sampler's config; training noises with DDPM on the same beta schedule
@@ -128,6 +134,9 @@ class StableDiffusionXL:
 
     def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
         return unet_lora_modules(model, suffixes, conv_rank)
+
+    def lora_info(self, denoiser, cfg) -> dict:
+        return unet_lora_info(denoiser)
 
     def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae):
         """A pipeline over the models being trained (no copies), with the release's own Euler sampler."""
