@@ -58,8 +58,11 @@ def write_all_in_one(path: Path, seed: int = 0, model_type: str = "flux-dev") ->
     components = tiny_flux(seed, model_type)
     config, state = components["transformer"]
     transformer = {k: v.make() if hasattr(v, "make") else v for k, v in original_transformer(config, state).items()}
-    prefixes = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.t5xxl.transformer.",
-                "vae": "vae."}  # fmt: skip
+    prefixes = {
+        "text_encoder": "text_encoders.clip_l.transformer.",
+        "text_encoder_2": "text_encoders.t5xxl.transformer.",
+        "vae": "vae.",
+    }
     out = {"model.diffusion_model." + k: v for k, v in transformer.items()}
     for role, part in original_parts(components).items():
         out |= {prefixes[role] + k: v for k, v in part.items()}
