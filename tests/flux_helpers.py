@@ -5,6 +5,7 @@ The transformer's original layout comes from our tables (families/flux/layout.py
 released names and shapes is checked against BFL's own code at full size (tests/golden/flux-*-transformer.txt).
 """
 
+import json
 from pathlib import Path
 
 import torch
@@ -26,11 +27,13 @@ def original_parts(components: dict[str, tuple[dict, dict]]) -> dict[str, dict[s
     return {"text_encoder": clip, "text_encoder_2": t5, "vae": ae}
 
 
-def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None) -> Path:
-    cast = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous() for k, v in state.items()
-    }
-    save_file(cast, path)
+def _save(state: dict[str, torch.Tensor], path: Path, dtype: torch.dtype | None, configs: dict | None = None) -> Path:
+    """The tensors (cast), with the parts' exact configs in the metadata as our own files record them: a tiny
+    CLIP's attention heads cannot be read off its weights."""
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    metadata = {"dreambooth.configs": json.dumps(configs)} if configs else None
+    save_file({k: v.contiguous() for k, v in state.items()}, path, metadata=metadata)
     return path
 
 
@@ -47,7 +50,7 @@ def write_flux_files(
     paths = {"transformer": folder / "flux1.safetensors"}
     names = {"text_encoder": "clip_l.safetensors", "text_encoder_2": "t5xxl.safetensors", "vae": "ae.safetensors"}
     for role, part in original_parts(components).items():
-        paths[role] = _save(part, folder / names[role], dtype)
+        paths[role] = _save(part, folder / names[role], dtype, {role: components[role][0]})
     return paths
 
 
@@ -66,7 +69,7 @@ def write_all_in_one(path: Path, seed: int = 0, model_type: str = "flux-dev") ->
     out = {"model.diffusion_model." + k: v for k, v in transformer.items()}
     for role, part in original_parts(components).items():
         out |= {prefixes[role] + k: v for k, v in part.items()}
-    return _save(out, path, None)
+    return _save(out, path, None, {role: config for role, (config, _) in components.items()})
 
 
 def flux_args(files: dict[str, Path]) -> list[object]:

@@ -216,7 +216,7 @@ class Flux:
         names = tuple(dict.fromkeys(n for group in LORA_GROUPS.values() for n in group))
         suffixes = []
         for token in tokens:
-            if token not in LORA_GROUPS and token not in names:
+            if token not in LORA_GROUPS and not any(n == token or n.endswith("." + token) for n in names):
                 raise UserError(
                     f"--lora-targets: unknown target {token!r} for {self.title}",
                     f"use groups ({', '.join(LORA_GROUPS)}) or modules ({', '.join(names)}), comma-separated",

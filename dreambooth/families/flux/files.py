@@ -132,13 +132,6 @@ def export_transformer(src: Path, dest: Path, *, half: bool = True, training: di
 # ───────────────────────────── original files → a diffusers folder ─────────────────────────────
 
 
-def recorded_transformer_config(metadata: dict[str, str]) -> dict | None:
-    try:
-        return json.loads(metadata.get("dreambooth.configs", "{}")).get("transformer")
-    except ValueError:
-        return None
-
-
 def component_from_part(role: str, part, model_type: str) -> tuple[dict, dict[str, Any]]:
     """(config, state in the model's names) of one part, its tensors left in the file."""
     from dreambooth.checkpoint.load import open_checkpoint
@@ -146,9 +139,7 @@ def component_from_part(role: str, part, model_type: str) -> tuple[dict, dict[st
     ckpt = open_checkpoint(part.path)
     tensors = parts.strip(ckpt.tensors, part.prefix)
     source = f"{parts.ROLES[role][0]} {part.path}"
-    config = parts.part_config(role, tensors, model_type, source)
-    if role == "transformer":
-        config = recorded_transformer_config(ckpt.metadata) or config
+    config = parts.part_config(role, tensors, model_type, source, ckpt.metadata)
     try:
         state = parts.component_state(role, tensors, config)
     except KeyError as exc:

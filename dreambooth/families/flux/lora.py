@@ -199,7 +199,7 @@ def _base_transformer(base: dict) -> tuple[dict, dict[str, Any], str]:
     if prefix is None:
         raise UserError(f"--base {path} holds no Flux transformer", "pass the transformer the LoRA was trained on")
     tensors = parts.strip(ckpt.tensors, prefix)
-    config = files.recorded_transformer_config(ckpt.metadata) or parts.transformer_config(tensors, str(path))
+    config = parts.part_config("transformer", tensors, "flux-dev", str(path), ckpt.metadata)
     return config, tensors, str(path)
 
 
@@ -265,16 +265,21 @@ def _export_merged_clip(info: dict, state: dict, base: dict, dest: Path, half: b
     """CLIP-L with its LoRA merged, as clip_l.safetensors (Hugging Face names, `text_model.…`)."""
     from safetensors.torch import save_file
 
-    from dreambooth.checkpoint.load import load_safetensors_file
+    from dreambooth.checkpoint.load import load_safetensors_file, open_checkpoint
     from dreambooth.families.flux import parts
     from dreambooth.fileio import atomic_path
 
     if base.get("folder"):
-        weights = load_safetensors_file(Path(base["folder"]) / "text_encoder" / "model.safetensors")
+        folder = Path(base["folder"]) / "text_encoder"
+        weights = load_safetensors_file(folder / "model.safetensors")
+        config = json.loads((folder / "config.json").read_text())
     else:
         path = Path(base["parts"]["text_encoder"])
-        tensors = load_safetensors_file(path)
-        weights = parts.strip(tensors, parts.identify(tensors)["text_encoder"])
+        ckpt = open_checkpoint(path)
+        tensors = parts.strip(ckpt.tensors, parts.identify(ckpt.tensors)["text_encoder"])
+        config = parts.part_config("text_encoder", tensors, info["family"], str(path), ckpt.metadata)
+        weights = load_safetensors_file(path)
+        weights = parts.strip(weights, parts.identify(weights)["text_encoder"])
     weights = {"text_model." + k.removeprefix("text_model."): v for k, v in weights.items()}
     ranks, alphas = info["components"]["text_encoder"]["ranks"], info["components"]["text_encoder"]["alphas"]
     for key in (k for k in state if k.endswith(_DOWN)):
@@ -285,6 +290,8 @@ def _export_merged_clip(info: dict, state: dict, base: dict, dest: Path, half: b
     if half:
         weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
     out = dest.with_name(f"{dest.stem}-clip_l.safetensors")
+    config = {k: v for k, v in config.items() if not k.startswith("_") and k != "transformers_version"}
+    metadata = {"format": "pt", "dreambooth.configs": json.dumps({"text_encoder": config}, sort_keys=True)}
     with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in weights.items()}, tmp, metadata={"format": "pt"})
+        save_file({k: v.contiguous() for k, v in weights.items()}, tmp, metadata=metadata)
     return out

@@ -202,7 +202,20 @@ def expected_shapes(role: str, config: dict) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def part_config(role: str, tensors: dict[str, Any], model_type: str, source: str) -> dict:
+def recorded_config(metadata: dict[str, str] | None, role: str) -> dict | None:
+    """A part's exact config, as our own files record it in their metadata (`dreambooth.configs`): what shapes
+    cannot tell (a small model's attention heads) stays what it was."""
+    try:
+        config = json.loads((metadata or {}).get("dreambooth.configs", "{}")).get(role)
+    except ValueError:
+        return None
+    return {k: v for k, v in config.items() if not k.startswith("_")} if isinstance(config, dict) else None
+
+
+def part_config(role: str, tensors: dict[str, Any], model_type: str, source: str, metadata=None) -> dict:
+    recorded = recorded_config(metadata, role)
+    if recorded is not None:
+        return recorded
     try:
         if role == "transformer":
             return transformer_config(tensors, source)
@@ -217,9 +230,10 @@ def part_config(role: str, tensors: dict[str, Any], model_type: str, source: str
 
 def materialize(role: str, config: dict, state: dict[str, Any], dtype, source: str):
     """The model, its weights assigned from `state`, each tensor read and cast to `dtype` on its own."""
-    import torch
+    from accelerate import init_empty_weights
 
-    with torch.device("meta"):
+    # parameters on the meta device (no memory, no init); buffers made as usual (CLIP's position ids are not saved)
+    with init_empty_weights(include_buffers=False):
         model = build(role, config)
     expected = model.state_dict()
     missing = [k for k in expected if state.get(k) is None]
@@ -245,9 +259,9 @@ def materialize(role: str, config: dict, state: dict[str, Any], dtype, source: s
     return model.eval()
 
 
-def load_part(role: str, tensors: dict[str, Any], model_type: str, dtype, source: str):
+def load_part(role: str, tensors: dict[str, Any], model_type: str, dtype, source: str, metadata=None):
     """One part from its original-layout tensors (prefix removed): (model, config)."""
-    config = part_config(role, tensors, model_type, source)
+    config = part_config(role, tensors, model_type, source, metadata)
     try:
         state = component_state(role, tensors, config)
     except KeyError as exc:
@@ -265,22 +279,19 @@ def load_files(model, dtypes):
 
     opened: dict[Path, Any] = {}
 
-    def tensors(role: str) -> dict[str, Any]:
+    def load(role: str, dtype):
         part = model.parts[role]
         if part.path not in opened:
-            opened[part.path] = open_checkpoint(part.path).tensors
-        return strip(opened[part.path], part.prefix)
+            opened[part.path] = open_checkpoint(part.path)
+        ckpt = opened[part.path]
+        source = f"{ROLES[role][0]} {part.path}"
+        return load_part(role, strip(ckpt.tensors, part.prefix), model.family, dtype, source, ckpt.metadata)[0]
 
-    model_type = model.family
-    flags = {role: f"{ROLES[role][0]} {model.parts[role].path}" for role in ROLES}
-    transformer, _ = load_part("transformer", tensors("transformer"), model_type, dtypes.denoiser, flags["transformer"])
-    clip, _ = load_part("text_encoder", tensors("text_encoder"), model_type, dtypes.trained_text, flags["text_encoder"])
-    t5, _ = load_part("text_encoder_2", tensors("text_encoder_2"), model_type, dtypes.frozen, flags["text_encoder_2"])
-    if model.vae is not None:
-        vae = _vae_folder(model.vae, dtypes.frozen)
-    else:
-        vae, _ = load_part("vae", tensors("vae"), model_type, dtypes.frozen, flags["vae"])
-    scheduler = FlowMatchEulerDiscreteScheduler.from_config(bundled_config(model_type, "scheduler"))
+    transformer = load("transformer", dtypes.denoiser)
+    clip = load("text_encoder", dtypes.trained_text)
+    t5 = load("text_encoder_2", dtypes.frozen)
+    vae = _vae_folder(model.vae, dtypes.frozen) if model.vae is not None else load("vae", dtypes.frozen)
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(bundled_config(model.family, "scheduler"))
     return transformer, clip, t5, vae, scheduler
 
 
