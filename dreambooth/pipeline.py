@@ -34,6 +34,7 @@ from dreambooth.checkpoint.convert import ConvertOptions
 from dreambooth.config import TrainConfig, build_train_config
 from dreambooth.doctor import STACK
 from dreambooth.errors import EnvironmentProblem, UserError
+from dreambooth.families.base import ResolvedModel
 from dreambooth.fileio import sha256_file, write_json
 from dreambooth.report import PAGE, write_report_page
 
@@ -321,18 +322,25 @@ def sigterm_as_interrupt() -> Iterator[None]:
 # ───────────────────────────── the four stages ─────────────────────────────
 
 
-def stage_convert(cfg: RunConfig, manifest: Manifest) -> Path:
-    """A single file becomes OUTPUT/base; a diffusers folder is used where it is."""
+def stage_convert(cfg: RunConfig, manifest: Manifest) -> ResolvedModel:
+    """The base model, resolved once for the stages after it: a single SD/SDXL file becomes OUTPUT/base; a
+    diffusers folder is used where it is, and so are Flux's original files (33 GB are not copied)."""
     from dreambooth.checkpoint.convert import convert
-    from dreambooth.preflight import check_model_folder
+    from dreambooth.families.flux.parts import is_flux_file
+    from dreambooth.preflight import check_model_folder, resolve_model
 
     model = cfg.train.model
     if model.is_dir():
         check_model_folder(model, "--model")
         manifest.set_stage("convert", {"status": "not needed", "reason": f"{model} is a diffusers folder"})
-        return model
+        return ResolvedModel.of_folder(model, vae=cfg.train.vae)
     if not model.is_file():
         raise UserError(f"model {model} does not exist", "set `model` in run.toml (or --model) to your .safetensors")
+    if model.suffix.lower() == ".safetensors" and is_flux_file(model):
+        resolved = resolve_model(cfg.train)
+        reason = f"{model} is a Flux.1 file: its parts are read where they are"
+        manifest.set_stage("convert", {"status": "not needed", "reason": reason})
+        return resolved
     dest = cfg.output / "base"
     inputs = {"model": {"path": str(model), "sha256": manifest.hasher.file(model)}, **cfg.to_dict()["convert"]}
 
@@ -345,10 +353,19 @@ def stage_convert(cfg: RunConfig, manifest: Manifest) -> Path:
         return (dest / "model_index.json").is_file()
 
     run_stage(manifest, "convert", inputs, body, still_there)
-    return dest
+    return ResolvedModel.of_folder(dest, vae=cfg.train.vae)
 
 
-def stage_classes(cfg: RunConfig, manifest: Manifest, base_digest: dict) -> dict:
+def base_digest(model: ResolvedModel, manifest: Manifest) -> dict:
+    """What the base is, by content: every file of its folder, or each of its parts' files, by sha256."""
+    if model.folder is not None:
+        return {"path": str(model.folder), "files": manifest.hasher.folder(model.folder)}
+    parts = {role: str(part.path) for role, part in model.parts.items()}
+    files = {role: manifest.hasher.file(part.path) for role, part in model.parts.items()}
+    return {"path": parts["transformer"], "parts": parts, "files": files}
+
+
+def stage_classes(cfg: RunConfig, manifest: Manifest, model: ResolvedModel, base_digest: dict) -> dict:
     """Class images for prior preservation, made by the base model before training changes it."""
     train = cfg.train
     if not train.with_prior_preservation:
@@ -363,7 +380,6 @@ def stage_classes(cfg: RunConfig, manifest: Manifest, base_digest: dict) -> dict
     def body() -> dict:
         import torch
 
-        from dreambooth.families.base import ResolvedModel
         from dreambooth.prior import generate_class_images
         from dreambooth.train import stop_on_signals
 
@@ -372,8 +388,7 @@ def stage_classes(cfg: RunConfig, manifest: Manifest, base_digest: dict) -> dict
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train.mixed_precision if cuda else "no")
         seed = train.seed if train.seed is not None else 0
         with stop_on_signals() as should_stop:
-            base = ResolvedModel.of_folder(Path(base_digest["path"]), vae=train.vae)
-            made = generate_class_images(train, base, seed, device, dtype or torch.float32, should_stop)
+            made = generate_class_images(train, model, seed, device, dtype or torch.float32, should_stop)
         return {"generated": made, "images": _class_image_digests(train, manifest)}
 
     def still_there(outputs: dict) -> bool:
@@ -508,10 +523,10 @@ def _run_stages(cfg: RunConfig) -> dict:
         try:
             # bad images, folders and settings are reported before the (slow) conversion
             instance_images = preflight(cfg.train)
-            base = stage_convert(cfg, manifest)
-            base_digest = {"path": str(base), "files": manifest.hasher.folder(base)}
-            classes = stage_classes(cfg, manifest, base_digest)
-            trained = stage_train(cfg, manifest, base_digest, instance_images, classes)
+            model = stage_convert(cfg, manifest)
+            base = base_digest(model, manifest)
+            classes = stage_classes(cfg, manifest, model, base)
+            trained = stage_train(cfg, manifest, base, instance_images, classes)
             exported = stage_export(cfg, manifest, trained)
         except BaseException as exc:
             manifest.data.update(
@@ -523,7 +538,7 @@ def _run_stages(cfg: RunConfig) -> dict:
             page_after_failure(cfg.output)
             raise
     manifest.data["outputs"] = {
-        "base": str(base),
+        "base": base["path"],
         "final_checkpoint": trained["final_checkpoint"],
         "export": exported.get("file"),
         "train_report": trained["report"],

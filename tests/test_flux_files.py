@@ -171,3 +171,97 @@ def test_bad_flux_files_are_one_line_and_exit_2(cli, files, tmp_path):
     save_file({k.removeprefix("first_stage_model."): v for k, v in load_file(sd).items()
                if k.startswith("first_stage_model.")}, sd_vae)  # fmt: skip
     refused(model, "--clip-l", clip, "--t5xxl", t5, "--ae", sd_vae, expected="4-channel latents")
+
+
+def _meta_lora(config: dict, targets: tuple[str, ...], text: bool = False):
+    """A peft LoRA on the full-size transformer (or CLIP-L), on the meta device: (info, states) as a checkpoint
+    holds them."""
+    from diffusers import FluxTransformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from dreambooth.checkpoint.lora import describe_adapters
+    from dreambooth.families.flux.family import Flux
+    from dreambooth.families.flux.lora import transformer_layout
+
+    family = Flux("flux-dev")
+    with torch.device("meta"):
+        transformer = FluxTransformer2DModel.from_config(config)
+    linear, _ = family.lora_modules(transformer, family.lora_targets(targets).denoiser, 0)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=linear), transformer)
+    models = {"transformer": transformer}
+    if text:
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            clip = CLIPTextModel(CLIPTextConfig(**parts.bundled_config("flux-dev", "text_encoder")))
+        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, target_modules=list(family.lora_targets(targets).text)),
+                                clip)  # fmt: skip
+        models["text_encoder"] = clip
+    from peft import get_peft_model_state_dict
+
+    states = {name: get_peft_model_state_dict(m) for name, m in models.items()}
+    info = {"family": "flux-dev", "transformer_layout": transformer_layout(transformer),
+            "components": describe_adapters(models)}  # fmt: skip
+    return info, states
+
+
+def test_kohya_flux_lora_names_are_kohyas_at_full_size():
+    """Our default (all-linear) LoRA on the released transformer, written in kohya's layout: exactly the 304 module
+    names kohya's lora_flux makes for FLUX.1 [dev], fused modules with their fused in/out features; CLIP-L's as
+    kohya's lora_te1_ names."""
+    from dreambooth.families.flux.lora import to_kohya
+
+    info, states = _meta_lora(parts.bundled_config("flux-dev", "transformer"), ("all-linear",), text=True)
+    kohya = to_kohya(info, states)
+    modules = {k.removesuffix(".lora_down.weight"): v for k, v in kohya.items() if k.endswith(".lora_down.weight")}
+    expected = dict(line.split("\t") for line in golden("flux-kohya-lora-modules.txt"))
+    expected |= dict(line.split("\t") for line in golden("flux-kohya-lora-te1-modules.txt"))
+    assert sorted(modules) == sorted(expected)
+    for name, down in modules.items():
+        up = kohya[f"{name}.lora_up.weight"]
+        assert f"{down.shape[1]},{up.shape[0]}" == expected[name], name
+        assert kohya[f"{name}.alpha"].shape == ()  # a scalar, as kohya writes it
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert kohya[f"{qkv}.lora_down.weight"].shape == (12, 3072) and float(kohya[f"{qkv}.alpha"]) == 12.0
+    assert kohya["lora_unet_single_blocks_0_linear1.lora_up.weight"].shape == (21504, 16)
+
+
+@pytest.mark.slow
+def test_kohya_flux_lora_at_real_widths_loads_in_diffusers_and_computes_ours():
+    """diffusers re-splits kohya's fused modules only at Flux's own widths (it assumes 3072 and 12288): one double
+    and one single block of the released width, a LoRA with random ups, the kohya file through
+    FluxPipeline.lora_state_dict + load_lora_adapter vs peft's own forward (relative error stated below)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from peft import LoraConfig, inject_adapter_in_model
+
+    from dreambooth.checkpoint.lora import describe_adapters
+    from dreambooth.families.flux.family import Flux
+    from dreambooth.families.flux.lora import to_kohya, transformer_layout
+
+    config = {**parts.bundled_config("flux-dev", "transformer"), "num_layers": 1, "num_single_layers": 1}
+    torch.manual_seed(0)
+    ours = FluxTransformer2DModel.from_config(config).eval()
+    theirs = FluxTransformer2DModel.from_config(config).eval()
+    theirs.load_state_dict(ours.state_dict())
+    family = Flux("flux-dev")
+    linear, _ = family.lora_modules(ours, family.lora_targets(("all-linear",)).denoiser, 0)
+    inject_adapter_in_model(LoraConfig(r=4, lora_alpha=2, target_modules=linear), ours)
+    for name, p in ours.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.02)
+    from peft import get_peft_model_state_dict
+
+    info = {"family": "flux-dev", "transformer_layout": transformer_layout(ours),
+            "components": describe_adapters({"transformer": ours})}  # fmt: skip
+    kohya = to_kohya(info, {"transformer": get_peft_model_state_dict(ours)})
+    state = FluxPipeline.lora_state_dict({k: v.clone() for k, v in kohya.items()})
+    state = state[0] if isinstance(state, tuple) else state
+    theirs.load_lora_adapter({k.removeprefix("transformer."): v for k, v in state.items()}, prefix=None)
+    g = torch.Generator().manual_seed(1)
+    args = dict(hidden_states=torch.randn(1, 16, 64, generator=g), timestep=torch.tensor([0.5]),
+                guidance=torch.tensor([1.0]), pooled_projections=torch.randn(1, 768, generator=g),
+                encoder_hidden_states=torch.randn(1, 8, 4096, generator=g), txt_ids=torch.zeros(8, 3),
+                img_ids=torch.zeros(16, 3))  # fmt: skip
+    with torch.no_grad():
+        mine, got = ours(**args).sample, theirs(**args).sample
+    assert ((mine - got).norm() / mine.norm()).item() < 1e-5  # seen: ~1e-7

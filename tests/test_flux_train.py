@@ -285,3 +285,51 @@ def test_a_schnell_lora_is_not_merged_onto_dev(cli, photos, tmp_path):
 def test_flux_flags_on_a_stable_diffusion_model_are_refused(cli, model, photos, files, tmp_path):
     result = cli(*base_args(model, photos, tmp_path / "out", "--clip-l", files["text_encoder"]))
     assert result.exit_code == 2 and "--clip-l" in result.stderr and "Flux" in result.stderr
+
+
+def test_run_trains_flux_from_its_files_in_place_and_a_rerun_skips(cli, files, photos, tmp_path):
+    """`dreambooth run` with run.toml naming ComfyUI's four files: nothing is converted or copied, class images,
+    training and the LoRA export happen, and the same command again skips every stage."""
+    out = tmp_path / "out"
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f'model = "{files["transformer"]}"\nclip_l = "{files["text_encoder"]}"\nt5xxl = "{files["text_encoder_2"]}"\n'
+        f'ae = "{files["vae"]}"\noutput = "{out}"\n[train]\ninstance_data_dir = "{photos}"\n'
+        'instance_prompt = "a photo of sks thing"\nresolution = 32\nmax_train_steps = 2\nadapter = "lora"\n'
+        't5_max_length = 32\nwith_prior_preservation = true\nclass_prompt = "a photo of thing"\n'
+        "num_class_images = 2\nclass_inference_steps = 2\nseed = 3\n"
+    )
+    first = cli("run", "--config", config)
+    assert first.exit_code == 0, first.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    stages = {name: record["status"] for name, record in manifest["stages"].items()}
+    assert stages == {"convert": "not needed", "classes": "done", "train": "done", "export": "done"}
+    assert set(manifest["stages"]["train"]["inputs"]["base"]["files"]) == {"transformer", "text_encoder",
+                                                                          "text_encoder_2", "vae"}  # fmt: skip
+    assert not (out / "base").exists() and (out / "export" / "flux1-dreambooth-lora-step-2.safetensors").is_file()
+    again = cli("run", "--config", config)
+    assert again.exit_code == 0, again.stderr
+    stages = {n: r["status"] for n, r in json.loads((out / "manifest.json").read_text())["stages"].items()}
+    assert stages == {"convert": "not needed", "classes": "skipped", "train": "skipped", "export": "skipped"}
+
+
+def test_two_processes_train_a_flux_lora_like_one(tmp_path, files, photos, monkeypatch):
+    """DDP over the peft-wrapped transformer and CLIP-L, the model read from ComfyUI's files in each process: two
+    processes × batch 1 learn what one process learns with batch 2 (to float rounding)."""
+    from tests.test_distributed import launch, train_here
+
+    for name in ("LOCAL_RANK", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    flags = (*flux_args(files), *FLUX_FLAGS, *LORA, "--train-text-encoder", "--max-train-steps", 3,
+             "--learning-rate", "1e-3", "--random-flip")  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_here(*base_args(files["transformer"], photos, one, *flags, "--train-batch-size", 2))
+    launch(tmp_path, *base_args(files["transformer"], photos, two, *flags, "--num-processes", 2))
+    report_one, report_two = (json.loads((out / "train_report.json").read_text()) for out in (one, two))
+    assert report_two["world_size"] == 2 and report_two["family"] == "flux-dev"
+    assert report_one["losses"]["loss"] == pytest.approx(report_two["losses"]["loss"], abs=1e-5)
+    for part in ("transformer", "text_encoder"):
+        a, b = (load_file(out / "checkpoints" / "step-3" / "lora" / f"{part}.safetensors") for out in (one, two))
+        assert a.keys() == b.keys() and any("lora_B" in k for k in a)
+        for key in a:
+            assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-3), (part, key)

@@ -186,7 +186,7 @@ class Flux:
         b, _, height, width = noisy.shape
         hidden = cond["hidden"]
         guidance = None
-        if c.denoiser.config.guidance_embeds:
+        if self.guidance:  # dev (a DDP-wrapped transformer has no .config to ask)
             guidance = torch.full((b,), float(c.extra.get("guidance", 1.0)), device=noisy.device)
         out = c.denoiser(
             hidden_states=pack(noisy),
