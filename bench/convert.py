@@ -34,7 +34,7 @@ print(time.perf_counter() - t, 0.0)
 OURS = """
 import sys, time
 t0 = time.perf_counter()
-from dreambooth.checkpoint.convert import ConvertOptions, convert
+from dreambooth.formats.convert import ConvertOptions, convert
 imported = time.perf_counter() - t0
 t = time.perf_counter()
 convert(sys.argv[1], sys.argv[2], ConvertOptions(model_type=sys.argv[3]))  # sd1, sdxl
@@ -141,9 +141,9 @@ SDXL_CONFIGS = """
 import sys
 from pathlib import Path
 import diffusers
-from dreambooth.checkpoint.convert import component_config_file, model_index
+from dreambooth.families.sd.convert import component_config_file, model_index
 from dreambooth.checkpoint.tokenizers import write_tokenizer
-from dreambooth.checkpoint.families import FAMILIES, bundled_config
+from dreambooth.families.sd.spec import FAMILIES, bundled_config
 from dreambooth.fileio import write_json
 folder = Path(sys.argv[1])
 family = FAMILIES["sdxl"]
@@ -291,7 +291,7 @@ def process_main(argv: list[str]) -> None:
             command = [sys.executable, "-m", "dreambooth", "convert", str(src), str(dest), "--model-type", "sd1"]
             times["dreambooth_convert"].append(timed_process(command))
             shutil.rmtree(dest)
-            imports = "import dreambooth.cli, dreambooth.checkpoint.convert"
+            imports = "import dreambooth.cli, dreambooth.formats.convert"
             times["imports_only"].append(timed_process([sys.executable, "-c", imports]))
             times["torch_only"].append(timed_process([sys.executable, "-c", "import torch"]))
             print(f"run {i + 1}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in times.items()), flush=True)

@@ -423,9 +423,9 @@ def build_model(argv: list[str]) -> None:
     In its own process, so that the harness holds none of the 4 GB while the runs are measured."""
     import torch
 
-    from dreambooth.checkpoint import components as comp
-    from dreambooth.checkpoint.convert import write_diffusers_folder
-    from dreambooth.checkpoint.families import bundled_config
+    from dreambooth.families.sd import components as comp
+    from dreambooth.families.sd.convert import write_diffusers_folder
+    from dreambooth.families.sd.spec import bundled_config
     from dreambooth.tiny_model import write_tiny_diffusers
 
     dest, tiny = Path(argv[0]), "--tiny" in argv

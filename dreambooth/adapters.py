@@ -13,11 +13,12 @@ from pathlib import Path
 import torch
 
 from dreambooth import __version__
-from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
+from dreambooth.checkpoint.folders import PROVENANCE_FILE, WEIGHT_FILES
 from dreambooth.checkpoints import link_or_copy
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Dtypes, Family, ResolvedModel
+from dreambooth.families.sd.convert import EXTRAS_FILE
 from dreambooth.fileio import write_json
 
 COPIED = ("tokenizer", "scheduler")  # frozen folders a full checkpoint carries as they are
@@ -135,7 +136,7 @@ class Full:
                 save_file(kept, tmp / EXTRAS_FILE, metadata={"format": "pt"})
 
     def export(self, checkpoint: Path, export_dir: Path, name: str, step: int) -> dict:
-        from dreambooth.checkpoint.export import ExportOptions, export
+        from dreambooth.formats.export import ExportOptions, export
 
         return export(checkpoint, export_dir / f"{name}-step-{step}.safetensors", ExportOptions(half=True))
 
@@ -180,7 +181,7 @@ class Lora:
         return trained
 
     def restore(self, c: Components, checkpoint: Path, state: dict) -> None:
-        from dreambooth.checkpoint.lora import load_adapter
+        from dreambooth.formats.lora import load_adapter
 
         trains_text = state["config"].get("train_text_encoder")
         load_adapter(checkpoint, {n: m for n, m in c.models.items() if n == c.denoiser_name or (
@@ -196,7 +197,7 @@ class Lora:
     def save(
         self, tmp: Path, c: Components, trained: dict, cfg: TrainConfig, step: int, seed: int, family: Family
     ) -> dict:
-        from dreambooth.checkpoint.lora import save_adapter
+        from dreambooth.formats.lora import save_adapter
 
         concept = cfg.concepts[0]
         targets = c.extra["lora_targets"]
@@ -227,7 +228,7 @@ class Lora:
         return {}
 
     def export(self, checkpoint: Path, export_dir: Path, name: str, step: int) -> dict:
-        from dreambooth.checkpoint.lora import export_lora
+        from dreambooth.formats.lora import export_lora
 
         return export_lora(checkpoint, export_dir / f"{name}-lora-step-{step}.safetensors")
 

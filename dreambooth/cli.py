@@ -86,8 +86,8 @@ def convert(
 ) -> None:
     """Convert a single-file checkpoint into a diffusers folder (no network): Stable Diffusion 1.x/2.x/XL, or a
     Flux.1 transformer with --clip-l, --t5xxl and --ae (or ComfyUI's all-in-one Flux checkpoint)."""
-    from dreambooth.checkpoint.convert import ConvertOptions
-    from dreambooth.checkpoint.convert import convert as convert_checkpoint
+    from dreambooth.formats.convert import ConvertOptions
+    from dreambooth.formats.convert import convert as convert_checkpoint
 
     options = ConvertOptions(model_type.value, original_config, ema, vae, overwrite, clip_l, t5xxl, ae)
     with events.stage(f"converting {src.name}"):
@@ -123,7 +123,7 @@ def export(
     """Export a model as one A1111/ComfyUI-loadable file: a full checkpoint in the original SD layout, or a
     LoRA checkpoint as the kohya LoRA file (or merged into its base)."""
     from dreambooth import runlock
-    from dreambooth.checkpoint.lora import export_lora, is_lora_checkpoint
+    from dreambooth.formats.lora import export_lora, is_lora_checkpoint
 
     # one writer per destination: a second export, or a run, writing there is refused and changes nothing
     with runlock.hold(runlock.destination_folder(dest), runlock.this_command()):
@@ -133,8 +133,8 @@ def export(
                     src, dest, fmt=(format or LoraFormat.kohya).value, merge=merge, half=half is not False, base=base
                 )
         else:
-            from dreambooth.checkpoint.export import ExportOptions
-            from dreambooth.checkpoint.export import export as export_model
+            from dreambooth.formats.export import ExportOptions
+            from dreambooth.formats.export import export as export_model
 
             for given, name in ((format, "--format"), (merge, "--merge"), (base, "--base")):
                 if given:
@@ -156,7 +156,7 @@ def inspect(
     original_config: OriginalConfigOption = None,
 ) -> None:
     """Tell what a checkpoint is: family, prediction type, EMA, dtype, size, parameters, and the evidence."""
-    from dreambooth.checkpoint.inspect import inspect_file
+    from dreambooth.formats.inspect import inspect_file
 
     report = inspect_file(file, model_type.value, original_config)
     if as_json:

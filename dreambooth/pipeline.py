@@ -30,12 +30,12 @@ from importlib import metadata
 from pathlib import Path
 
 from dreambooth import __version__, events, runlock
-from dreambooth.checkpoint.convert import ConvertOptions
 from dreambooth.config import TrainConfig, build_train_config
 from dreambooth.doctor import STACK
 from dreambooth.errors import EnvironmentProblem, UserError
 from dreambooth.families.base import ResolvedModel
 from dreambooth.fileio import sha256_file, write_json
+from dreambooth.formats.convert import ConvertOptions
 from dreambooth.report import PAGE, write_report_page
 
 MANIFEST = "manifest.json"
@@ -325,8 +325,8 @@ def sigterm_as_interrupt() -> Iterator[None]:
 def stage_convert(cfg: RunConfig, manifest: Manifest) -> ResolvedModel:
     """The base model, resolved once for the stages after it: a single SD/SDXL file becomes OUTPUT/base; a
     diffusers folder is used where it is, and so are Flux's original files (33 GB are not copied)."""
-    from dreambooth.checkpoint.convert import convert
     from dreambooth.families.flux.parts import is_flux_file
+    from dreambooth.formats.convert import convert
     from dreambooth.preflight import check_model_folder, resolve_model
 
     model = cfg.train.model
@@ -469,9 +469,9 @@ def stage_train(
 
 
 def stage_export(cfg: RunConfig, manifest: Manifest, trained: dict) -> dict:
-    from dreambooth.checkpoint.export import ExportOptions, export
-    from dreambooth.checkpoint.lora import export_lora, is_lora_checkpoint
     from dreambooth.checkpoints import STATE_FILE
+    from dreambooth.formats.export import ExportOptions, export
+    from dreambooth.formats.lora import export_lora, is_lora_checkpoint
 
     if not cfg.export.enabled:
         manifest.set_stage("export", {"status": "not needed", "reason": "[export] enabled = false"})

@@ -11,14 +11,14 @@ from dataclasses import replace
 from pathlib import Path
 
 from dreambooth import events
-from dreambooth.checkpoint.convert import WEIGHT_FILES
-from dreambooth.checkpoint.families import folder_family
+from dreambooth.checkpoint.folders import WEIGHT_FILES
 from dreambooth.config import TrainConfig
 from dreambooth.data import check_instance_dir, scan_images
 from dreambooth.errors import UserError
 from dreambooth.families.base import ResolvedModel
 from dreambooth.families.flux import parts as flux_parts
-from dreambooth.families.sdxl import refuse_refiner
+from dreambooth.families.folders import folder_family
+from dreambooth.families.sdxl.family import refuse_refiner
 from dreambooth.fileio import atomic_dir, write_json
 
 # what a diffusers folder of each family holds: (components, tokenizers and the files each needs)
@@ -101,7 +101,7 @@ def resolve_model(cfg: TrainConfig) -> ResolvedModel:
 
 
 def convert_into_cache(cfg: TrainConfig, src: Path) -> Path:
-    from dreambooth.checkpoint.convert import ConvertOptions, convert
+    from dreambooth.formats.convert import ConvertOptions, convert
 
     dest = cache_entry(cfg.cache / "converted", src)
     if not (dest / "model_index.json").is_file():
@@ -171,8 +171,8 @@ def resolve_vae(cfg: TrainConfig, model: ResolvedModel) -> Path | None:
     elif src.suffix.lower() not in (".ckpt", ".safetensors", ".pt"):
         raise UserError(f"--vae {src} is neither a folder nor a .safetensors/.ckpt/.pt file", "pass a VAE file")
     else:
-        from dreambooth.checkpoint.convert import component_config_file
-        from dreambooth.checkpoint.vae_file import load_vae
+        from dreambooth.families.sd.convert import component_config_file
+        from dreambooth.families.sd.vae_file import load_vae
 
         family = "sdxl" if model.family.startswith("sdxl") else "sd1"
         folder = cache_entry(cfg.cache / "vae", src)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
-from dreambooth.checkpoint import components as comp
-from dreambooth.checkpoint.convert import PROVENANCE_FILE, write_diffusers_folder
-from dreambooth.checkpoint.families import bundled_config, family_of
+from dreambooth.checkpoint.folders import PROVENANCE_FILE
+from dreambooth.families.sd import components as comp
+from dreambooth.families.sd.convert import write_diffusers_folder
+from dreambooth.families.sd.spec import bundled_config, family_of
 from dreambooth.fileio import write_json
 
 TINY_UNET = dict(

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from dreambooth import adapters, events, families, performance, trackers
-from dreambooth.checkpoint.families import model_type_of
 from dreambooth.checkpoints import (
     CHECKPOINTS,
     REPORT_FILE,
@@ -53,6 +52,7 @@ from dreambooth.data import (
 from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
+from dreambooth.families.sd.spec import model_type_of
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
 from dreambooth.objectives import Objective
 from dreambooth.plots import loss_plot

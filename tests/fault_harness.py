@@ -28,7 +28,7 @@ import torch, diffusers, transformers
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 import dreambooth.cli, dreambooth.pipeline, dreambooth.train, dreambooth.prior, dreambooth.sample
-import dreambooth.checkpoint.convert, dreambooth.checkpoint.export, dreambooth.checkpoint.lora
+import dreambooth.formats.convert, dreambooth.formats.export, dreambooth.formats.lora
 print(json.dumps({"ready": os.getpid()}), flush=True)
 for line in sys.stdin:
     job = json.loads(line)

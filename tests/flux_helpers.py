@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dreambooth.checkpoint.keymap import build_original, vae_sources
+from dreambooth.checkpoint.keymap import build_original
 from dreambooth.families.flux.files import write_transformer
+from dreambooth.families.sd.layout import vae_sources
 from dreambooth.tiny_model import tiny_flux
 
 FLUX_FLAGS = ("--t5-max-length", 32)  # a short T5 prompt: the tests run in seconds, the code path is the same

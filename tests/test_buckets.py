@@ -238,7 +238,7 @@ def test_a_bucketed_captioned_run_resumes_bit_identically_after_sigterm(cli, mod
 
 
 def test_the_loop_hands_each_rows_geometry_to_the_family(cli, model, tmp_path, monkeypatch):
-    from dreambooth.families.sd import StableDiffusion
+    from dreambooth.families.sd.family import StableDiffusion
 
     photos = _photos(tmp_path / "sks")
     classes = write_photos(tmp_path / "class", count=2, size=SIZES["square"], seed=9)

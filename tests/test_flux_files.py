@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from dreambooth.checkpoint.keymap import vae_sources
 from dreambooth.families.flux import parts
 from dreambooth.families.flux.layout import transformer_sources
+from dreambooth.families.sd.layout import vae_sources
 from tests.flux_helpers import write_all_in_one, write_flux_files
 from tests.test_lora_files import golden
 
@@ -179,9 +179,9 @@ def _meta_lora(config: dict, targets: tuple[str, ...], text: bool = False):
     from diffusers import FluxTransformer2DModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    from dreambooth.checkpoint.lora import describe_adapters
     from dreambooth.families.flux.family import Flux
     from dreambooth.families.flux.lora import transformer_layout
+    from dreambooth.formats.lora import describe_adapters
 
     family = Flux("flux-dev")
     with torch.device("meta"):
@@ -234,9 +234,9 @@ def test_kohya_flux_lora_at_real_widths_loads_in_diffusers_and_computes_ours():
     from diffusers import FluxPipeline, FluxTransformer2DModel
     from peft import LoraConfig, inject_adapter_in_model
 
-    from dreambooth.checkpoint.lora import describe_adapters
     from dreambooth.families.flux.family import Flux
     from dreambooth.families.flux.lora import to_kohya, transformer_layout
+    from dreambooth.formats.lora import describe_adapters
 
     config = {**parts.bundled_config("flux-dev", "transformer"), "num_layers": 1, "num_single_layers": 1}
     torch.manual_seed(0)

@@ -99,7 +99,7 @@ def test_full_size_sdxl_round_trip(tmp_path, cli, model_type):
     file is written tensor by tensor, so the test holds about one checkpoint in memory at a time (~7 GB)."""
     import json
 
-    from dreambooth.checkpoint.families import FAMILIES, bundled_config
+    from dreambooth.families.sd.spec import FAMILIES, bundled_config
 
     src = tmp_path / "original.safetensors"
     layout = SDXL if model_type == "sdxl" else SDXL_REFINER

@@ -13,8 +13,12 @@ PACKAGE = Path(dreambooth.__file__).parent
 # lowest first; a name is a module, or a package and everything in it (checkpoint, families, demo)
 LAYERS = [
     ["dreambooth", "errors", "events", "fileio", "checkpoints", "runlock"],
-    ["config", "performance", "grids", "plots", "objectives"],
-    ["families", "checkpoint", "tiny_model"],
+    # the mechanism of model files: safe loading, byte ranges, table-driven renaming, bundled tokenizers
+    ["config", "performance", "grids", "plots", "objectives", "checkpoint"],
+    # what differs per family: training behaviour, key tables, detection, shapes, LoRA naming
+    ["families"],
+    # the files users bring and take: convert, export, inspect, LoRA files (dispatching to the families)
+    ["formats", "tiny_model"],
     ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report"],
     ["prior", "train"],
     ["launch", "pipeline"],

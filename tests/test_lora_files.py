@@ -14,11 +14,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel
 
-from dreambooth.checkpoint import lora
-from dreambooth.checkpoint.components import build_model
-from dreambooth.checkpoint.convert import ConvertOptions, convert
-from dreambooth.checkpoint.families import bundled_config
 from dreambooth.errors import UserError
+from dreambooth.families.sd.components import build_model
+from dreambooth.families.sd.spec import bundled_config
+from dreambooth.formats import lora
+from dreambooth.formats.convert import ConvertOptions, convert
 from dreambooth.tiny_model import write_tiny_diffusers
 from tests.conftest import write_original
 

@@ -34,7 +34,7 @@ def test_conditioning_is_what_the_sdxl_pipeline_computes(sdxl):
     """Both encoders' penultimate states side by side, encoder 2's pooled projection, and the six time ids
     (original size, crop corner, target size) in the order the pipeline builds them."""
     from dreambooth import families
-    from dreambooth.families.sdxl import time_ids
+    from dreambooth.families.sdxl.family import time_ids
 
     family = families.of_folder(sdxl)
     assert family.name == "sdxl"

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from dreambooth.checkpoint.convert import convert
+from dreambooth.formats.convert import convert
 from tests.conftest import write_original
 from tests.original_layouts import SAFETENSORS_DTYPES, SD1, original_shapes
 

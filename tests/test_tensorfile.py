@@ -9,17 +9,12 @@ from diffusers.loaders import single_file_utils as sfu
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig
 
-from dreambooth.checkpoint import components as comp
-from dreambooth.checkpoint import shapes, tensorfile
-from dreambooth.checkpoint.convert import component_config_file
-from dreambooth.checkpoint.families import (
-    FAMILIES,
-    bundled_config,
-    infer_text_config,
-    infer_unet_config,
-    infer_vae_config,
-)
+from dreambooth.checkpoint import tensorfile
 from dreambooth.checkpoint.load import open_checkpoint
+from dreambooth.families.sd import components as comp
+from dreambooth.families.sd import shapes
+from dreambooth.families.sd.convert import component_config_file
+from dreambooth.families.sd.spec import FAMILIES, bundled_config, infer_text_config, infer_unet_config, infer_vae_config
 from tests.original_layouts import (
     SD1,
     SD2,
@@ -181,9 +176,9 @@ def test_full_size_files_find_a_bundled_shape_table_and_map_as_diffusers_does(mo
 @pytest.mark.parametrize("model_type", shapes.TABLES)
 def test_bundled_shape_tables_are_the_models(model_type):
     """Made by the installed diffusers and transformers (else they would be ignored: a lock bump must rewrite
-    them, `python -m dreambooth.checkpoint.shapes`), and equal to the meta-built models' state dicts."""
+    them, `python -m dreambooth.families.sd.shapes`), and equal to the meta-built models' state dicts."""
     table = json.loads((shapes.resources.files("dreambooth") / "assets" / "shapes" / f"{model_type}.json").read_text())
-    assert table["made_with"] == shapes.installed_versions(), "rewrite with `python -m dreambooth.checkpoint.shapes`"
+    assert table["made_with"] == shapes.installed_versions(), "rewrite with `python -m dreambooth.families.sd.shapes`"
     assert table == shapes.make_table(model_type)
 
 

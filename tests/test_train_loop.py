@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from dreambooth.checkpoint.convert import write_diffusers_folder
 from dreambooth.data import DataStream, Example
+from dreambooth.families.sd.convert import write_diffusers_folder
 from dreambooth.tiny_model import tiny_components
 from tests.train_helpers import base_args, write_photos
 

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from dreambooth.checkpoint import components as comp  # noqa: E402
-from dreambooth.checkpoint.families import bundled_config, scheduler_config  # noqa: E402
 from dreambooth.demo import synthetic  # noqa: E402
+from dreambooth.families.sd import components as comp  # noqa: E402
+from dreambooth.families.sd.spec import bundled_config, scheduler_config  # noqa: E402
 
 # Sizes chosen so that every structural field is what `dreambooth convert` infers from the tensors' shapes
 # (families.py): 32-channel first level (norm groups = 32 or fewer), 8 heads, SD 1.x block types; the VAE keeps
@@ -248,7 +248,7 @@ def train_diffusion(
 
 
 def write_folder(folder: Path, models: dict, cfgs: dict) -> Path:
-    from dreambooth.checkpoint.convert import write_diffusers_folder
+    from dreambooth.families.sd.convert import write_diffusers_folder
 
     components = {
         name: comp.Component(name, cfgs[name], {k: v.contiguous() for k, v in model.state_dict().items()})
@@ -265,8 +265,8 @@ def export_readable(folder: Path, dest: Path, provenance: dict) -> dict:
     length in 256) our loader's format sniffing (checkpoint/load.py) takes the file for a pickle and refuses it.
     Until that is fixed there, pad the provenance record so this file is never such a length.
     """
-    from dreambooth.checkpoint.export import ExportOptions, export
     from dreambooth.checkpoint.load import sniff_format
+    from dreambooth.formats.export import ExportOptions, export
 
     for pad in range(8):
         summary = export(folder, dest, ExportOptions(half=True, training={**provenance, "pad": " " * 8 * pad}))
@@ -279,7 +279,8 @@ def export_and_check(folder: Path, dest: Path, work: Path, provenance: dict) -> 
     """Export with our exporter (fp16), convert the file back, and check every weight survived the round trip."""
     from safetensors.torch import load_file
 
-    from dreambooth.checkpoint.convert import WEIGHT_FILES, ConvertOptions, convert
+    from dreambooth.checkpoint.folders import WEIGHT_FILES
+    from dreambooth.formats.convert import ConvertOptions, convert
 
     summary = export_readable(folder, dest, provenance)
     back = work / "roundtrip"

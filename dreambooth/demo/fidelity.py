@@ -330,7 +330,7 @@ def fidelity_report(before: Scores, after: Scores, count: int, seed: int) -> dic
 
 def base_model(folder: Path) -> Path:
     """The built-in tiny model as a diffusers folder under `folder` (converted once)."""
-    from dreambooth.checkpoint.convert import ConvertOptions, convert
+    from dreambooth.formats.convert import ConvertOptions, convert
 
     dest = Path(folder) / "base"
     if not (dest / "model_index.json").is_file():

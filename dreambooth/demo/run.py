@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 from dreambooth import events
-from dreambooth.checkpoint.lora import is_lora_checkpoint
 from dreambooth.config import build_train_config
 from dreambooth.demo import synthetic
 from dreambooth.demo.fidelity import fidelity_report, score_before_after
@@ -28,6 +27,7 @@ from dreambooth.demo.settings import (
     SETTINGS,
 )
 from dreambooth.fileio import atomic_path, write_json
+from dreambooth.formats.lora import is_lora_checkpoint
 from dreambooth.pipeline import RunConfig, run_pipeline
 from dreambooth.report import write_report_page
 

@@ -11,6 +11,9 @@ training classes (which need torch) are imported when a family is asked for.
 from pathlib import Path
 
 from dreambooth.errors import UserError
+from dreambooth.families.folders import folder_family
+
+__all__ = ["NAMES", "folder_family", "get", "of_folder"]
 
 NAMES = ("sd1", "sd2", "sdxl", "flux-dev", "flux-schnell")
 
@@ -18,11 +21,11 @@ NAMES = ("sd1", "sd2", "sdxl", "flux-dev", "flux-schnell")
 def get(name: str):
     """The training family of this name (families.base.Family)."""
     if name in ("sd1", "sd2"):
-        from dreambooth.families.sd import StableDiffusion
+        from dreambooth.families.sd.family import StableDiffusion
 
         return StableDiffusion(name)
     if name == "sdxl":
-        from dreambooth.families.sdxl import StableDiffusionXL
+        from dreambooth.families.sdxl.family import StableDiffusionXL
 
         return StableDiffusionXL()
     if name in ("flux-dev", "flux-schnell"):
@@ -33,12 +36,10 @@ def get(name: str):
 
 
 def of_folder(folder: Path):
-    """The family of a diffusers folder (`checkpoint.families.folder_family`); the refiner is refused."""
-    from dreambooth.checkpoint.families import folder_family
-
+    """The training family of a diffusers folder (`folder_family`); the refiner is refused."""
     name = folder_family(folder)
     if name == "sdxl-refiner":
-        from dreambooth.families.sdxl import refuse_refiner
+        from dreambooth.families.sdxl.family import refuse_refiner
 
         refuse_refiner(folder)
     return get(name)

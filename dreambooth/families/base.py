@@ -43,7 +43,7 @@ class ResolvedModel:
 
     @classmethod
     def of_folder(cls, folder: Path, vae: Path | None = None) -> "ResolvedModel":
-        from dreambooth.checkpoint.families import folder_family
+        from dreambooth.families.folders import folder_family
 
         return cls(folder_family(Path(folder)), folder=Path(folder), vae=vae)
 

@@ -21,10 +21,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from dreambooth.checkpoint.keymap import from_original, vae_sources
+from dreambooth.checkpoint.keymap import from_original
 from dreambooth.checkpoint.tensorfile import StoredTensor
 from dreambooth.errors import UserError
 from dreambooth.families.flux.layout import COMFY_PREFIX, infer_transformer_config, transformer_sources, variant
+from dreambooth.families.sd.layout import vae_sources
 
 # role → the flag that names its file, and what users call it
 ROLES = {

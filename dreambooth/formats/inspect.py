@@ -2,12 +2,13 @@
 
 from pathlib import Path
 
-from dreambooth.checkpoint.convert import ConvertOptions, analyze
-from dreambooth.checkpoint.detect import detect_family
-from dreambooth.checkpoint.families import FAMILIES
 from dreambooth.checkpoint.load import check_input_file, open_checkpoint, sniff_format
 from dreambooth.errors import UserError
 from dreambooth.families.flux.files import describe_file
+from dreambooth.families.sd.convert import analyze
+from dreambooth.families.sd.detect import detect_family
+from dreambooth.families.sd.spec import FAMILIES
+from dreambooth.formats.convert import ConvertOptions
 
 
 def inspect_file(path: Path, model_type: str = "auto", original_config: Path | None = None) -> dict:

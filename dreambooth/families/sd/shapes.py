@@ -5,7 +5,7 @@ on the `meta` device has (no memory, no init), but importing diffusers and trans
 than converting a model. So the shapes of the released architectures (SD 1.x, SD 2.x, SDXL base and refiner) ship
 in dreambooth/assets/shapes/, made by the installed versions of diffusers and transformers:
 
-    python -m dreambooth.checkpoint.shapes    # rewrite the tables (after the lock changes either library)
+    python -m dreambooth.families.sd.shapes    # rewrite the tables (after the lock changes either library)
 
 A table is used only for the config it was made from (fields left at the class's defaults do not count: a
 config read off a file's shapes spells out some that the bundled one leaves out) and only with the versions it was
@@ -19,7 +19,7 @@ from importlib import metadata, resources
 from pathlib import Path
 from typing import Any
 
-from dreambooth.checkpoint.families import FAMILIES, bundled_config, family_of
+from dreambooth.families.sd.spec import FAMILIES, bundled_config, family_of
 
 TABLES = ("sd1", "sd2", "sdxl", "sdxl-refiner")  # the model types whose bundled configs get a table
 LIBRARIES = ("diffusers", "transformers")  # whose classes the shapes are of

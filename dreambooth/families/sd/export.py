@@ -1,4 +1,4 @@
-"""`dreambooth export`: a diffusers folder → one file in the layout of the released SD 1.x/2.x/SDXL checkpoints."""
+"""An SD 1.x/2.x/XL diffusers folder → one file in the layout of the released checkpoints (`dreambooth export`)."""
 
 import json
 import time
@@ -10,18 +10,15 @@ import torch
 from safetensors.torch import save_file
 
 from dreambooth import __version__
-from dreambooth.checkpoint.convert import EXTRAS_FILE, PROVENANCE_FILE, WEIGHT_FILES
-from dreambooth.checkpoint.detect import V_PRED_KEY, ZTSNR_KEY
-from dreambooth.checkpoint.families import FAMILIES, folder_family, model_type_of
-from dreambooth.checkpoint.keymap import (
-    build_original,
-    clip_position_ids_key,
-    text_sources,
-    unet_sources,
-    vae_sources,
-)
+from dreambooth.checkpoint.folders import PROVENANCE_FILE, WEIGHT_FILES
+from dreambooth.checkpoint.keymap import build_original
 from dreambooth.checkpoint.load import load_safetensors_file, read_json_file, sort_safetensors_metadata
 from dreambooth.errors import UserError
+from dreambooth.families.folders import folder_family
+from dreambooth.families.sd.convert import EXTRAS_FILE
+from dreambooth.families.sd.detect import V_PRED_KEY, ZTSNR_KEY
+from dreambooth.families.sd.layout import clip_position_ids_key, text_sources, unet_sources, vae_sources
+from dreambooth.families.sd.spec import FAMILIES, model_type_of
 from dreambooth.fileio import atomic_path
 
 SUFFIXES = (".safetensors", ".ckpt")
@@ -115,20 +112,6 @@ def to_original(model: DiffusersModel) -> dict[str, torch.Tensor]:
         if model.scheduler.get("rescale_betas_zero_snr"):
             out.setdefault(ZTSNR_KEY, torch.zeros(0))
     return out
-
-
-def export(src: Path, dest: Path, options: ExportOptions = ExportOptions()) -> dict:
-    started = time.perf_counter()
-    dest = Path(dest)
-    if Path(src).is_dir() and folder_family(Path(src)).startswith("flux"):  # the transformer, as ComfyUI loads it
-        from dreambooth.families.flux.files import export_transformer
-
-        return export_transformer(Path(src), dest, half=options.half, training=options.training)
-    if dest.suffix not in SUFFIXES:
-        raise UserError(f"{dest}: unknown file type {dest.suffix!r}", "name it .safetensors (or .ckpt for old tools)")
-    if dest.exists() and not options.overwrite:
-        raise UserError(f"{dest} exists", "pass --overwrite or choose another name")
-    return export_model(read_diffusers_folder(src), dest, options, started=started)
 
 
 def export_model(model: DiffusersModel, dest: Path, options: ExportOptions, *, started: float | None = None) -> dict:

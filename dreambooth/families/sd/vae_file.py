@@ -3,11 +3,11 @@
 import json
 from pathlib import Path
 
-from dreambooth.checkpoint import components as comp
-from dreambooth.checkpoint.families import infer_vae_config
-from dreambooth.checkpoint.keymap import VAE_PREFIX
 from dreambooth.checkpoint.load import open_checkpoint, open_safetensors_file
 from dreambooth.errors import UserError
+from dreambooth.families.sd import components as comp
+from dreambooth.families.sd.layout import VAE_PREFIX
+from dreambooth.families.sd.spec import infer_vae_config
 
 
 def load_vae(path: Path, model_type: str) -> comp.Component:

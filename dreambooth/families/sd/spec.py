@@ -12,10 +12,9 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
-from dreambooth.checkpoint.keymap import (
+from dreambooth.families.sd.layout import (
     CLIP_PREFIX,
     OPENCLIP_PREFIX,
     SDXL_CLIP_PREFIX,
@@ -24,10 +23,8 @@ from dreambooth.checkpoint.keymap import (
     UNET_PREFIX,
     VAE_PREFIX,
 )
-from dreambooth.fileio import read_json_object
 
 MODEL_TYPES = ("sd1", "sd1-v", "sd2", "sd2-v", "sdxl", "sdxl-v", "sdxl-refiner")
-FLUX_TYPES = ("flux-dev", "flux-schnell")  # dreambooth/families/flux: their family and model type are one name
 
 
 @dataclass(frozen=True)
@@ -93,25 +90,6 @@ FAMILIES = {
         time_ids=5,  # original size, crop corner, aesthetic score
     ),
 }
-
-
-def folder_family(folder: Path) -> str:
-    """The family of a diffusers folder: what its provenance says (`dreambooth convert` and training write it), else
-    what its text encoders and pipeline class tell. A part that is missing or unreadable counts as absent: the
-    folder's own checks name it."""
-    provenance = read_json_object(folder / "dreambooth.json").get("family")
-    if provenance in FAMILIES or provenance in FLUX_TYPES:
-        return provenance
-    if (folder / "transformer").is_dir():  # Flux.1: dev has a guidance embedding, schnell none
-        guidance = read_json_object(folder / "transformer" / "config.json").get("guidance_embeds")
-        return "flux-dev" if guidance else "flux-schnell"
-    if (folder / "text_encoder_2").is_dir():
-        return "sdxl" if (folder / "text_encoder").is_dir() else "sdxl-refiner"
-    if "XL" in str(read_json_object(folder / "model_index.json").get("_class_name", "")):
-        return "sdxl"
-    # SD 1.x: OpenAI CLIP (quick_gelu); SD 2.x: OpenCLIP (gelu). Nothing else distinguishes a plain folder.
-    activation = read_json_object(folder / "text_encoder" / "config.json").get("hidden_act", "quick_gelu")
-    return "sd1" if activation == "quick_gelu" else "sd2"
 
 
 def family_of(model_type: str) -> str:

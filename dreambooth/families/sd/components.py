@@ -9,10 +9,11 @@ those keys, each with its shape, or one UserError naming the file and the first 
 from dataclasses import dataclass
 from typing import Any
 
-from dreambooth.checkpoint.families import FAMILIES
-from dreambooth.checkpoint.keymap import ema_key, from_original, text_sources, unet_sources, vae_sources
-from dreambooth.checkpoint.shapes import build_model, expected_shapes
+from dreambooth.checkpoint.keymap import from_original
 from dreambooth.errors import UserError
+from dreambooth.families.sd.layout import ema_key, text_sources, unet_sources, vae_sources
+from dreambooth.families.sd.shapes import build_model, expected_shapes
+from dreambooth.families.sd.spec import FAMILIES
 
 COMPONENTS = ("unet", "vae", "text_encoder")  # SD 1.x/2.x; a family's own list: families.Family.components
 __all__ = ["COMPONENTS", "Component", "build_model", "checked", "expected_shapes"]

@@ -19,7 +19,9 @@ from typing import Any
 
 import yaml
 
-from dreambooth.checkpoint.keymap import (
+from dreambooth.checkpoint.load import Checkpoint
+from dreambooth.errors import UserError
+from dreambooth.families.sd.layout import (
     CLIP_PREFIX,
     EMA_PREFIX,
     OPENCLIP_PREFIX,
@@ -29,8 +31,6 @@ from dreambooth.checkpoint.keymap import (
     UNET_PREFIX,
     VAE_PREFIX,
 )
-from dreambooth.checkpoint.load import Checkpoint
-from dreambooth.errors import UserError
 
 MODEL_TYPE_HINT = "pass --model-type sd2 (512 px, epsilon) or sd2-v (768 px, v-prediction)"
 # what decided the prediction type, as `inspect` reports it

@@ -10,11 +10,9 @@ underscores (`lora_unet_down_blocks_0_…_to_q`, `lora_te_text_model_encoder_lay
 same tensors as peft's A and B.
 """
 
-import datetime
 import hashlib
 import json
 import time
-from collections import Counter
 from enum import Enum
 from pathlib import Path
 
@@ -22,19 +20,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
-from dreambooth import __version__
-from dreambooth.checkpoint.export import (
-    MODELSPEC_ARCHITECTURE,
-    SUFFIXES,
-    ExportOptions,
-    export_model,
-    read_diffusers_folder,
-)
-from dreambooth.checkpoint.keymap import TEXT_MODEL, kohya_module_name
+from dreambooth.checkpoint.keymap import TEXT_MODEL
 from dreambooth.checkpoint.load import sort_safetensors_metadata
 from dreambooth.errors import UserError
 from dreambooth.families.flux import lora as flux_lora
+from dreambooth.families.sd.lora import diffusers_adapter_metadata, kohya_metadata, merged_states, to_kohya
 from dreambooth.fileio import atomic_dir, atomic_path, write_json
+from dreambooth.formats.export import SUFFIXES, ExportOptions, export_model, read_diffusers_folder
 
 ADAPTER_DIR = "lora"  # inside a training checkpoint folder checkpoints/step-N/
 ADAPTER_INFO = "lora.json"
@@ -42,12 +34,6 @@ ADAPTER_NAME = "default"  # peft's adapter name; we train one adapter per model
 FORMATS = ("kohya", "diffusers")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
-# kohya's ss_base_model_version (sd-scripts model_util / sdxl_model_util); the WebUI tells SDXL by "sdxl_"
-BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
-# what a LoRA file's modelspec.implementation says its module names follow (kohya's sai_model_spec choice)
-IMPLEMENTATION = {"sdxl": "https://github.com/Stability-AI/generative-models"}
-# the UNet config fields that decide its original (SGM) module names; lora.json keeps them for the export
-UNET_LAYOUT = ("down_block_types", "up_block_types", "layers_per_block")
 
 
 # --- the training checkpoint's lora/ folder ---------------------------------------------------------------------
@@ -207,98 +193,6 @@ def is_lora_file(path: Path) -> bool:
 # --- the kohya / A1111 file -------------------------------------------------------------------------------------
 
 
-def kohya_prefixes(family: str) -> dict[str, str]:
-    from dreambooth.families import get
-
-    return get(family).lora_prefixes
-
-
-def sgm_unet_module(module: str, layout: dict) -> str:
-    """A diffusers UNet module path in the original layout (`down_blocks.1.attentions.0.…` →
-    `input_blocks.4.1.…`): kohya's SDXL LoRAs name the UNet's modules so, as its SDXL UNet is the original one."""
-    from dreambooth.checkpoint.keymap import unet_original_key
-
-    return unet_original_key(module + ".weight", layout).removesuffix(".weight")
-
-
-def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: dict[str, str] | None = None) -> dict:
-    """peft keys → kohya/A1111 names: `.lora_down.weight`, `.lora_up.weight`, `.alpha` per module. SD 1.x/2.x
-    UNets keep their diffusers module paths (kohya's convention there), SDXL's take the original ones."""
-    prefixes = prefixes or kohya_prefixes(info["family"])
-    sgm = info["family"] == "sdxl"
-    if sgm and not info.get("unet_layout"):
-        raise UserError(f"{ADAPTER_INFO} of this SDXL LoRA lacks unet_layout", "export a checkpoint this version wrote")
-    out: dict[str, torch.Tensor] = {}
-    for component, state in states.items():
-        if component not in prefixes:
-            raise ValueError(f"no kohya prefix for component {component!r} (have {sorted(prefixes)})")
-        alphas = info["components"][component]["alphas"]
-        for key in sorted(state):
-            if not key.endswith(_DOWN):
-                continue
-            module = _module_path(key.removesuffix(_DOWN))
-            published = sgm_unet_module(module, info["unet_layout"]) if sgm and component == "unet" else module
-            name = kohya_module_name(prefixes[component], component, published)
-            down, up = state[key], state[module + _UP]
-            out[f"{name}.lora_down.weight"] = down
-            out[f"{name}.lora_up.weight"] = up
-            out[f"{name}.alpha"] = torch.tensor(float(alphas[module]), dtype=down.dtype)
-    return out
-
-
-def kohya_metadata(info: dict) -> dict[str, str]:
-    """The safetensors metadata the WebUI, kohya's tools and modelspec readers look for."""
-    model_type = info.get("model_type") or info["family"]
-    v_pred = info.get("prediction_type") == "v_prediction"
-    resolution = int(info.get("resolution") or 512)
-    trigger = info.get("trigger") or ""
-    network_args = {}
-    if info.get("conv_rank"):
-        network_args = {"conv_dim": str(info["conv_rank"]), "conv_alpha": str(info.get("conv_alpha") or 1)}
-    version = BASE_MODEL_VERSION.get(model_type, BASE_MODEL_VERSION[info["family"]])
-    if v_pred and not version.endswith("_v") and info["family"] != "sdxl":  # SDXL: modelspec.prediction_type says it
-        version += "_v"
-    architecture = MODELSPEC_ARCHITECTURE.get(model_type, MODELSPEC_ARCHITECTURE.get(info["family"]))
-    steps = info.get("step", 0)
-    meta = {
-        "ss_network_module": "networks.lora",
-        "ss_network_dim": str(info["rank"]),
-        "ss_network_alpha": str(float(info["alpha"])),
-        "ss_network_train_unet_only": str(not info.get("text_encoder_targets")),
-        "ss_base_model_version": version,
-        "ss_v2": str(info["family"] == "sd2"),
-        "ss_output_name": str(info.get("output_name") or "lora"),
-        "ss_resolution": str((resolution, resolution)),
-        "ss_steps": str(steps),
-        "ss_max_train_steps": str(info.get("max_train_steps", steps)),
-        "ss_seed": str(info.get("seed")),
-        "ss_sd_model_name": Path(str(info.get("base") or "")).name,
-        # A1111/Civitai show a LoRA's training tags from here: {dataset: {tag: count}}
-        "ss_tag_frequency": json.dumps({"instance": {trigger: 1}} if trigger else {}),
-        "dreambooth.version": __version__,
-        "dreambooth.family": info["family"],
-        "dreambooth.model_type": model_type,
-        "dreambooth.prediction_type": info.get("prediction_type") or "epsilon",
-        "dreambooth.trigger": trigger,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": f"{architecture}/lora",
-        # kohya's choice: SD 1.x/2.x LoRAs name diffusers modules, SDXL's the original (SGM) ones
-        "modelspec.implementation": IMPLEMENTATION.get(info["family"], "diffusers"),
-        "modelspec.title": str(info.get("output_name") or "LoRA"),
-        "modelspec.prediction_type": "v" if v_pred else "epsilon",
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.date": datetime.datetime.now().replace(microsecond=0).isoformat(),
-    }
-    if network_args:
-        meta["ss_network_args"] = json.dumps(network_args)
-    if trigger:
-        meta["modelspec.trigger_phrase"] = trigger
-    if info.get("base_sha256"):
-        meta["ss_new_sd_model_hash"] = info["base_sha256"]
-        meta["dreambooth.base_model_sha256"] = info["base_sha256"]
-    return meta
-
-
 def tensor_hashes(state: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, str]:
     """The hashes kohya precomputes into a LoRA file's metadata, so tools need not read the tensors.
 
@@ -367,22 +261,6 @@ def _export_kohya(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
     return {"file": str(dest), "size_bytes": dest.stat().st_size, "tensors": len(state), "half": half}
 
 
-def diffusers_adapter_metadata(component: dict) -> dict:
-    """The LoraConfig arguments diffusers stores with its LoRA file: per-module ranks and alphas made explicit."""
-    ranks, alphas = component["ranks"], component["alphas"]
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    alpha = Counter(alphas.values()).most_common(1)[0][0]
-    return {
-        "r": r,
-        "lora_alpha": alpha,
-        "target_modules": sorted(ranks),
-        "rank_pattern": {m: v for m, v in ranks.items() if v != r},
-        "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "use_dora": False,
-        "lora_bias": False,
-    }
-
-
 def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
     if dest.suffix in SUFFIXES:
         raise UserError(f"{dest}: --format diffusers writes a folder", f"pass a folder name, e.g. {dest.stem}")
@@ -433,43 +311,6 @@ def _export_diffusers_flux(info: dict, states: dict, dest: Path, *, half: bool) 
 
 def is_flux(info: dict) -> bool:
     return str(info.get("family", "")).startswith("flux")
-
-
-def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, torch.Tensor]], source: str) -> dict:
-    """Base weights with scale·up@down added (fp32 arithmetic); refuses a base whose modules do not fit."""
-    out = {name: dict(state) for name, state in base_states.items()}
-    for component, state in states.items():
-        target = out.get(component)
-        if target is None:
-            raise UserError(f"--base {source} has no {component}", "merge onto the model the LoRA was trained on")
-        alphas, ranks = info["components"][component]["alphas"], info["components"][component]["ranks"]
-        for key in sorted(k for k in state if k.endswith(_DOWN)):
-            module = key.removesuffix(_DOWN)
-            down, up = state[key].float(), state[module + _UP].float()
-            weight_key = _base_key(target, module)
-            if weight_key is None:
-                raise UserError(
-                    f"--base {source} has no {component} module {module}: the LoRA was trained on another model",
-                    "merge onto the model the LoRA was trained on (info: base)",
-                )
-            weight = target[weight_key]
-            fits = (up.shape[0], *down.shape[1:])
-            if tuple(weight.shape) != fits:
-                raise UserError(
-                    f"--base {source}: {component} {module} is {tuple(weight.shape)}, the LoRA expects {fits}: "
-                    "a model of another family or size",
-                    "merge onto the model the LoRA was trained on (info: base)",
-                )
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(fits) * (alphas[module] / ranks[module])
-            target[weight_key] = (weight.float() + delta).to(weight.dtype)
-    return out
-
-
-def _base_key(state: dict, module: str) -> str | None:
-    for candidate in (module, module.removeprefix(TEXT_MODEL), TEXT_MODEL + module):
-        if f"{candidate}.weight" in state:
-            return f"{candidate}.weight"
-    return None
 
 
 def _export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Path | None) -> dict:

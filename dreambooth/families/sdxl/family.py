@@ -10,7 +10,7 @@ import torch
 
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
-from dreambooth.families.sd import (
+from dreambooth.families.sd.family import (
     DEFAULT_LORA_TARGETS,
     ddpm_objective,
     set_unet_attention,
@@ -20,6 +20,7 @@ from dreambooth.families.sd import (
     unet_lora_modules,
     unet_lora_targets,
 )
+from dreambooth.families.sd.lora import PREFIXES
 from dreambooth.objectives import DDPM
 
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -59,8 +60,8 @@ class StableDiffusionXL:
 
     def __init__(self) -> None:
         # kohya's sdxl_train_network names: lora_te1 (CLIP ViT-L), lora_te2 (OpenCLIP ViT-bigG); the UNet's
-        # modules in the original (SGM) layout, see checkpoint/lora.py
-        self.lora_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
+        # modules in the original (SGM) layout, see families/sd/lora.py
+        self.lora_prefixes = PREFIXES["sdxl"]
         self.pipeline_class = "StableDiffusionXLPipeline"
         self.pipeline_options = {}
 

@@ -1,7 +1,8 @@
-"""`dreambooth convert`: one original single-file checkpoint → a complete, offline-loadable diffusers folder."""
+"""An SD 1.x/2.x/XL single file read: its family, prediction type and components (`analyze`), and the diffusers
+folder they make (`write_diffusers_folder`), complete and loadable offline. `dreambooth convert` (formats/convert.py)
+calls them for the Stable Diffusion lineage."""
 
 import json
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -9,9 +10,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from dreambooth import __version__
-from dreambooth.checkpoint import components as comp
-from dreambooth.checkpoint.detect import (
+from dreambooth.checkpoint.folders import WEIGHT_FILES
+from dreambooth.checkpoint.load import Checkpoint
+from dreambooth.checkpoint.tensorfile import StoredTensor, write_safetensors
+from dreambooth.checkpoint.tokenizers import write_tokenizer
+from dreambooth.errors import UserError
+from dreambooth.families.sd import components as comp
+from dreambooth.families.sd.detect import (
     MODEL_TYPE_HINT,
     V_PRED_KEY,
     ZTSNR_KEY,
@@ -21,52 +26,19 @@ from dreambooth.checkpoint.detect import (
     probe_prediction_type,
     refuse_unsupported,
 )
-from dreambooth.checkpoint.families import (
+from dreambooth.families.sd.layout import EMA_PREFIX, clip_position_ids_key, text_sources, unet_sources, vae_sources
+from dreambooth.families.sd.spec import (
     FAMILIES,
-    MODEL_TYPES,
     infer_text_config,
     infer_unet_config,
     infer_vae_config,
     model_type_of,
     scheduler_config,
 )
-from dreambooth.checkpoint.keymap import (
-    EMA_PREFIX,
-    clip_position_ids_key,
-    text_sources,
-    unet_sources,
-    vae_sources,
-)
-from dreambooth.checkpoint.load import Checkpoint, check_input_file, open_checkpoint
-from dreambooth.checkpoint.tensorfile import StoredTensor, write_safetensors
-from dreambooth.checkpoint.tokenizers import write_tokenizer
-from dreambooth.checkpoint.vae_file import load_vae
-from dreambooth.errors import UserError
-from dreambooth.families.flux import files as flux_files
-from dreambooth.families.flux import parts as flux_parts
-from dreambooth.fileio import BackgroundSha256, atomic_dir, write_json
+from dreambooth.families.sd.vae_file import load_vae
+from dreambooth.fileio import write_json
 
 EXTRAS_FILE = "original_extras.safetensors"  # original tensors diffusers has no place for (see `leftovers`)
-PROVENANCE_FILE = "dreambooth.json"
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    model_type: str = "auto"  # auto | sd1 | sd1-v | sd2 | sd2-v | sdxl | sdxl-v | sdxl-refiner
-    original_config: Path | None = None
-    ema: bool = False
-    vae: Path | None = None
-    overwrite: bool = False
-    # Flux given as its transformer's file: the other three parts, as ComfyUI users keep them
-    clip_l: Path | None = None
-    t5xxl: Path | None = None
-    ae: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.model_type not in ("auto", *MODEL_TYPES):
-            raise UserError(f"--model-type {self.model_type!r} is not one of auto, {', '.join(MODEL_TYPES)}")
-        if self.original_config is not None:
-            check_input_file(self.original_config, "--original-config")
 
 
 @dataclass
@@ -104,7 +76,9 @@ class Analysis:
         }
 
 
-def analyze(ckpt: Checkpoint, options: ConvertOptions, *, probe: bool = True) -> Analysis:
+def analyze(ckpt: Checkpoint, options, *, probe: bool = True) -> Analysis:
+    """What an SD 1.x/2.x/XL file is and its components. `options`: formats.convert.ConvertOptions (model_type,
+    original_config, ema, vae)."""
     detection = detect_family(ckpt)
     refuse_unsupported(detection, ckpt.path)
     if options.ema and not detection.has_ema:
@@ -247,89 +221,6 @@ def _dtype_summary(tensors: dict[str, Any]) -> str:
     return max(counts, key=counts.get) if counts else "unknown"
 
 
-def convert(src: Path, dest: Path, options: ConvertOptions = ConvertOptions(), *, sha256: str | None = None) -> dict:
-    """Convert and write; returns the summary (also written to DEST/dreambooth.json). `sha256`: the source's,
-    when the caller has hashed it already (`run` has, for its manifest); else it is hashed beside the conversion."""
-    started = time.perf_counter()
-    src, dest = Path(src), Path(dest)
-    check_destination(dest, options.overwrite)
-    flux = flux_parts_of(src, options)
-    if flux is not None:
-        return flux_files.convert_parts(flux, dest, overwrite=options.overwrite)
-    # alongside the conversion (the file is in the page cache), unless it is known
-    digest = KnownSha256(sha256) if sha256 else BackgroundSha256(check_input_file(src))
-    try:
-        analysis = analyze(open_checkpoint(src), options)
-    except BaseException:
-        digest.cancel()
-        raise
-    tensors = [t for c in analysis.components.values() for t in c.state.values()] + list(analysis.leftovers.values())
-    need = sum(t.numel() * t.element_size() for t in tensors)  # for the message if the disk fills up
-    try:
-        with atomic_dir(dest, overwrite=options.overwrite, need=need) as tmp:
-            write_diffusers_folder(
-                tmp,
-                analysis.components,
-                analysis.family,
-                analysis.model_type,
-                analysis.leftovers,
-                scheduler_overrides=analysis.scheduler_overrides,
-            )
-            summary = {
-                **analysis.summary(),
-                "sha256": digest.result(),
-                "converted_by": f"dreambooth {__version__}",
-                "seconds": round(time.perf_counter() - started, 2),
-            }
-            write_json(tmp / PROVENANCE_FILE, summary)
-    except BaseException:
-        digest.cancel()  # a failed write: the hash is not needed
-        raise
-    return summary
-
-
-def flux_parts_of(src: Path, options: ConvertOptions) -> dict | None:
-    """The four Flux parts when `src` holds a Flux transformer (and --clip-l, --t5xxl, --ae name the rest); None
-    for a Stable Diffusion file, which takes none of those flags."""
-    given = {"text_encoder": options.clip_l, "text_encoder_2": options.t5xxl, "vae": options.ae}
-    check_input_file(src)
-    if src.suffix.lower() == ".safetensors" and flux_parts.is_flux_file(src):
-        return flux_parts.resolve(src, given)
-    flag = next((f for f, v in (("--clip-l", options.clip_l), ("--t5xxl", options.t5xxl), ("--ae", options.ae)) if v),
-                None)  # fmt: skip
-    if flag:
-        raise UserError(f"{flag} names a part of a Flux.1 model, and {src} is not a Flux transformer", f"drop {flag}")
-    return None
-
-
-class KnownSha256:
-    """A digest already computed, where convert would start a BackgroundSha256."""
-
-    def __init__(self, digest: str) -> None:
-        self.digest = digest
-
-    def result(self) -> str:
-        return self.digest
-
-    def cancel(self) -> None:
-        pass
-
-
-def check_destination(dest: Path, overwrite: bool) -> None:
-    if dest.exists() and not dest.is_dir():
-        raise UserError(f"destination {dest} exists and is a file", "pass a folder path for the diffusers model")
-    if dest.is_dir() and any(dest.iterdir()) and not overwrite:
-        raise UserError(f"destination {dest} exists and is not empty", "pass --overwrite, or choose another folder")
-
-
-WEIGHT_FILES = {
-    "unet": "diffusion_pytorch_model",
-    "transformer": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
-    "text_encoder": "model",
-    "text_encoder_2": "model",
-}
-# what a pipeline's model_index.json names for each component folder
 LIBRARY_CLASS = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "vae": ["diffusers", "AutoencoderKL"],

@@ -9,6 +9,7 @@ import torch
 from dreambooth import events
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
+from dreambooth.families.sd.lora import PREFIXES
 from dreambooth.objectives import DDPM
 
 TITLES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
@@ -123,7 +124,7 @@ def unet_lora_modules(unet, suffixes: tuple[str, ...], conv_rank: int) -> tuple[
 def unet_lora_info(unet) -> dict:
     """The UNet config fields that name its modules in the original layout (SDXL's kohya files use them);
     read off the unwrapped UNet (DDP's wrapper has no config)."""
-    from dreambooth.checkpoint.lora import UNET_LAYOUT
+    from dreambooth.families.sd.lora import UNET_LAYOUT
 
     return {"unet_layout": {k: _plain(unet.config[k]) for k in UNET_LAYOUT}}
 
@@ -146,7 +147,7 @@ class StableDiffusion:
         self.name = name
         self.title = TITLES[name]
         # the kohya/A1111 convention: SD 1.x and 2.x share the names (the text encoder in the Hugging Face CLIP layout)
-        self.lora_prefixes = {"unet": "lora_unet", "text_encoder": "lora_te"}
+        self.lora_prefixes = PREFIXES[name]
         self.pipeline_class = "StableDiffusionPipeline"  # what samples and class images come from
         self.pipeline_options = {"safety_checker": None, "requires_safety_checker": False}
 
