@@ -1,4 +1,5 @@
-"""Training speed and memory: `dreambooth train` vs diffusers' own examples/dreambooth/train_dreambooth.py, same GPU.
+"""Training speed and memory: `dreambooth train` vs diffusers' own examples/dreambooth/train_dreambooth.py (SD 1.5)
+and train_dreambooth_lora_flux.py (FLUX.1 [dev] LoRA), same GPU.
 
     .venv/bin/python bench/train.py --vendor --diffusers-git DIR   # once: the official script → bench/vendor/
     .venv/bin/python bench/train.py --pack                         # once: wheels the GPU image lacks → bench/wheels/
@@ -15,7 +16,9 @@ Each configuration runs in its own process, started through this file's `_measur
 - peak memory: torch.cuda.max_memory_allocated / max_memory_reserved at exit and at the last step's start, and the
   most device memory in use (cudaMemGetInfo) seen at a step's start, which also counts what PyTorch's allocator
   does not see (CUDA context, bitsandbytes' paged optimizer states).
-The model is SD 1.5 at full size with random weights (shapes, not values, decide speed and memory), built in code;
+The model is SD 1.5 or FLUX.1 [dev] at full size with random weights (shapes, not values, decide speed and memory),
+built in code (Flux's 12 B transformer and 4.7 B T5 written one tensor at a time as bf16: 33 GB of disk, under a
+minute on the GPU machine); `UNet2DConditionModel.forward` or `FluxTransformer2DModel.forward` is the step's mark;
 the instance and class images are made up, and there are enough class images that neither program generates any.
 Results: bench/results/train-<device>.json (device, driver, versions, exact commands) and a markdown table.
 """
@@ -40,7 +43,7 @@ import sys
 import tempfile
 import time
 import zipfile
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +55,13 @@ LOCKS = (ROOT / "requirements" / "lock.txt", ROOT / "requirements" / "deepspeed-
 # what a DeepSpeed measurement needs on the GPU machine besides diffusers
 DEEPSPEED_PACK = "deepspeed,hjson,py-cpuinfo,msgpack,einops,ninja"
 SOURCE_ONLY = {"deepspeed"}  # published without wheels: its source travels, built there against torch
-OFFICIAL_PATH = "examples/dreambooth/train_dreambooth.py"
-OFFICIAL_URL = "https://raw.githubusercontent.com/huggingface/diffusers/{ref}/" + OFFICIAL_PATH
+# the official script of each model family's configurations
+OFFICIAL_PATHS = {
+    "sd15": "examples/dreambooth/train_dreambooth.py",
+    "flux": "examples/dreambooth/train_dreambooth_lora_flux.py",
+}
+OFFICIAL_PATH = OFFICIAL_PATHS["sd15"]
+OFFICIAL_URL = "https://raw.githubusercontent.com/huggingface/diffusers/{ref}/{path}"
 CARRY_LIMIT_MIB = 64  # what travels to the GPU machine: working tree + carried paths
 DEVICE_PYTHON = "3.12"  # the GPU image's python3 (/work/.library/device/KINDS.md)
 DEVICE_CUDA = "130"  # its torch's CUDA (2.11+cu130): the bitsandbytes kernels it loads
@@ -62,6 +70,13 @@ README_BEGIN, README_END = "<!-- train-results:begin -->", "<!-- train-results:e
 INSTANCE_PROMPT, CLASS_PROMPT = "a photo of sks dog", "a photo of dog"
 NUM_INSTANCE_IMAGES, NUM_CLASS_IMAGES = 4, 8
 LEARNING_RATE = "5e-6"
+FLUX_LEARNING_RATE = "1e-4"
+# the LoRA targets of diffusers' train_dreambooth_lora_flux.py when --lora_layers is not given (its default), which
+# ours takes as module names: the same modules train in both
+FLUX_DIFFUSERS_TARGETS = (
+    "attn.to_k,attn.to_q,attn.to_v,attn.to_out.0,attn.add_k_proj,attn.add_q_proj,attn.add_v_proj,attn.to_add_out,"
+    "ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2"
+)
 
 
 # ───────────────────────────── what is measured ─────────────────────────────
@@ -82,6 +97,9 @@ class Config:
     levers: tuple[str, ...] = ()  # further `dreambooth train` flags
     memory_cap_gb: float | None = None  # torch.cuda.set_per_process_memory_fraction: prove a small card's claim
     gpu_only: bool = False  # needs CUDA (paging, xformers) or is pointless on a CPU (compile): not in --smoke
+    family: str = "sd15"  # sd15 (full fine-tune, train_dreambooth.py) | flux (LoRA, train_dreambooth_lora_flux.py)
+    lora_rank: int = 16  # flux: the LoRA's rank (both programs)
+    resolution: int | None = None  # this configuration's own (default: the run's --resolution)
 
 
 ZERO2_OFFLOAD = ("--distributed", "deepspeed-zero2", "--offload-optimizer", "cpu")
@@ -169,13 +187,27 @@ CONFIGS = [
         "ours-xformers", "ours", "classic + --attention xformers", levers=("--attention", "xformers"), gpu_only=True
     ),
 ]
+# FLUX.1 [dev] LoRA, rank 16, bf16 base, 8-bit AdamW, gradient checkpointing, no prior preservation (as the anchors
+# publish their figures); last in the order: the full-size model alone is 33 GB to build
+FLUX = {"family": "flux", "mixed_precision": "bf16"}
+CONFIGS += [
+    Config("official-flux-lora", "official", "train_dreambooth_lora_flux.py, rank 16, 512 px", **FLUX),
+    Config("ours-flux-lora", "ours", "the same settings", **FLUX),
+    Config("official-flux-lora-1024", "official", "train_dreambooth_lora_flux.py, rank 16, 1024 px", resolution=1024,
+           **FLUX),
+    Config("ours-flux-lora-1024", "ours", "the same settings, 1024 px", resolution=1024, **FLUX),
+    Config("ours-flux-lora-all-linear", "ours", "rank 16, kohya's targets (every linear layer of the blocks)",
+           levers=("--lora-targets", "all-linear"), **FLUX),
+]  # fmt: skip
 ON_REQUEST = {"official-xformers", "ours-xformers"}
-SMOKE = ("official-classic", "ours-classic", "ours-fused-backward")
+SMOKE = ("official-classic", "ours-classic", "ours-fused-backward", "official-flux-lora", "ours-flux-lora")
 
 
 def cpu_variant(cfg: Config) -> Config:
-    """What a CPU can run: fp32 (autocast fp16 needs a GPU) and torch's AdamW (8-bit Adam's kernels are CUDA's)."""
-    return replace(cfg, mixed_precision="no", eight_bit_adam=False, what=f"{cfg.what} (on CPU: fp32, torch AdamW)")
+    """What a CPU can run: fp32 (autocast fp16 needs a GPU) and torch's AdamW (8-bit Adam's kernels are CUDA's); the
+    tiny model's own size."""
+    return replace(cfg, mixed_precision="no", eight_bit_adam=False, what=f"{cfg.what} (on CPU: fp32, torch AdamW)",
+                   resolution=None, lora_rank=4)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -209,6 +241,8 @@ class Plan:
 
 
 def ours_command(cfg: Config, inputs: Inputs, output: Path) -> list[str]:
+    if cfg.family == "flux":
+        return ours_flux_command(cfg, inputs, output)
     cmd = ["dreambooth", "train", "--model", str(inputs.model), "--output", str(output)]
     cmd += ["--instance-data-dir", str(inputs.instance_dir), "--instance-prompt", INSTANCE_PROMPT]
     cmd += ["--class-data-dir", str(inputs.class_dir), "--class-prompt", CLASS_PROMPT, "--with-prior-preservation"]
@@ -224,7 +258,38 @@ def ours_command(cfg: Config, inputs: Inputs, output: Path) -> list[str]:
     return cmd + list(cfg.levers)
 
 
+def ours_flux_command(cfg: Config, inputs: Inputs, output: Path) -> list[str]:
+    """A Flux LoRA as diffusers' script trains it by default: its modules, rank = alpha, T5 at 512 tokens."""
+    cmd = ["dreambooth", "train", "--model", str(inputs.model), "--output", str(output)]
+    cmd += ["--instance-data-dir", str(inputs.instance_dir), "--instance-prompt", INSTANCE_PROMPT]
+    cmd += ["--resolution", str(inputs.resolution), "--train-batch-size", str(cfg.batch_size)]
+    cmd += ["--max-train-steps", str(inputs.steps), "--learning-rate", FLUX_LEARNING_RATE, "--seed", "0"]
+    cmd += ["--adapter", "lora", "--lora-rank", str(cfg.lora_rank), "--lora-alpha", str(cfg.lora_rank)]
+    if "--lora-targets" not in cfg.levers:
+        cmd += ["--lora-targets", FLUX_DIFFUSERS_TARGETS]
+    cmd += ["--lr-scheduler", "constant", "--mixed-precision", cfg.mixed_precision, "--guidance-scale", "1"]
+    cmd += ["--use-8bit-adam" if cfg.eight_bit_adam else "--no-use-8bit-adam"]
+    cmd += ["--gradient-checkpointing" if cfg.checkpointing else "--no-gradient-checkpointing"]
+    return cmd + list(cfg.levers)
+
+
+def official_flux_command(cfg: Config, inputs: Inputs, output: Path, script: Path) -> list[str]:
+    cmd = ["python", str(script), "--pretrained_model_name_or_path", str(inputs.model), "--output_dir", str(output)]
+    cmd += ["--instance_data_dir", str(inputs.instance_dir), "--instance_prompt", INSTANCE_PROMPT]
+    cmd += ["--resolution", str(inputs.resolution), "--train_batch_size", str(cfg.batch_size)]
+    cmd += ["--max_train_steps", str(inputs.steps), "--learning_rate", FLUX_LEARNING_RATE, "--seed", "0"]
+    cmd += ["--rank", str(cfg.lora_rank), "--lora_alpha", str(cfg.lora_rank), "--guidance_scale", "1"]
+    cmd += ["--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--mixed_precision", cfg.mixed_precision]
+    if cfg.eight_bit_adam:
+        cmd += ["--use_8bit_adam"]
+    if cfg.checkpointing:
+        cmd += ["--gradient_checkpointing"]
+    return cmd
+
+
 def official_command(cfg: Config, inputs: Inputs, output: Path, script: Path) -> list[str]:
+    if cfg.family == "flux":
+        return official_flux_command(cfg, inputs, output, script)
     cmd = ["python", str(script), "--pretrained_model_name_or_path", str(inputs.model), "--output_dir", str(output)]
     cmd += ["--instance_data_dir", str(inputs.instance_dir), "--instance_prompt", INSTANCE_PROMPT]
     cmd += ["--class_data_dir", str(inputs.class_dir), "--class_prompt", CLASS_PROMPT, "--with_prior_preservation"]
@@ -260,7 +325,7 @@ def measure(argv: list[str]) -> None:
     target = args.target[1:] if args.target[:1] == ["--"] else args.target
 
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
 
     cuda = torch.cuda.is_available()
     record: dict = {"cuda": cuda, "memory_cap_gb": args.cap_gb}
@@ -288,15 +353,18 @@ def measure(argv: list[str]) -> None:
             write_record()
             os._exit(0)  # skips the final save (and the atexit record, written just now)
 
-    original = UNet2DConditionModel.forward
+    def timed(original):
+        @functools.wraps(original)
+        def timed_forward(self, *a, **kw):
+            mark()
+            return original(self, *a, **kw)
 
-    @functools.wraps(original)
-    def timed_forward(self, *a, **kw):
-        mark()
-        return original(self, *a, **kw)
+        return timed_forward
 
-    # patched on the class before the target imports it: accelerate's autocast wrapper takes this function too
-    UNet2DConditionModel.forward = timed_forward
+    # the denoisers, patched on their classes before the target imports them: accelerate's autocast wrapper takes
+    # this function too; one call per step in both programs (checkpointing re-runs blocks, not the forward)
+    for denoiser in (UNet2DConditionModel, FluxTransformer2DModel):
+        denoiser.forward = timed(denoiser.forward)
 
     def write_record() -> None:
         record["unet_forward_calls"] = len(host_marks)
@@ -350,8 +418,8 @@ def measure(argv: list[str]) -> None:
 
 
 def _install_torchvision_stand_in() -> None:
-    """The five image transforms the official script takes from torchvision, for environments without it (our
-    locked venv, so --smoke runs it on CPU). Not used where torchvision is installed, as on the GPU image."""
+    """The image transforms the official scripts take from torchvision, for environments without it (our locked venv,
+    so --smoke runs them on CPU). Not used where torchvision is installed, as on the GPU image."""
     import types
 
     import numpy as np
@@ -388,11 +456,22 @@ def _install_torchvision_stand_in() -> None:
             return crop(img, self.size, round((h - self.size) / 2), round((w - self.size) / 2))
 
     class RandomCrop(CenterCrop):
-        def __call__(self, img):
+        @staticmethod
+        def get_params(img, output_size):  # (top, left, height, width), as torchvision's
             w, h = img.size
-            top = int(torch.randint(0, h - self.size + 1, ()))
-            left = int(torch.randint(0, w - self.size + 1, ()))
+            th, tw = output_size
+            return int(torch.randint(0, h - th + 1, ())), int(torch.randint(0, w - tw + 1, ())), th, tw
+
+        def __call__(self, img):
+            top, left, _, _ = self.get_params(img, (self.size, self.size))
             return crop(img, self.size, top, left)
+
+    class RandomHorizontalFlip:
+        def __init__(self, p=0.5):
+            self.p = p
+
+        def __call__(self, img):
+            return img.transpose(Image.FLIP_LEFT_RIGHT) if float(torch.rand(())) < self.p else img
 
     class ToTensor:
         def __call__(self, img):
@@ -406,22 +485,31 @@ def _install_torchvision_stand_in() -> None:
             return (x - self.mean) / self.std
 
     transforms = types.ModuleType("torchvision.transforms")
-    for cls in (Compose, Resize, CenterCrop, RandomCrop, ToTensor, Normalize):
+    transforms.__path__ = []  # a package: the Flux script imports torchvision.transforms.functional
+    for cls in (Compose, Resize, CenterCrop, RandomCrop, RandomHorizontalFlip, ToTensor, Normalize):
         setattr(transforms, cls.__name__, cls)
     transforms.InterpolationMode = types.SimpleNamespace(BILINEAR="bilinear")
+    functional = types.ModuleType("torchvision.transforms.functional")
+    functional.crop = lambda img, top, left, height, width: img.crop((left, top, left + width, top + height))
+    transforms.functional = functional
     torchvision = types.ModuleType("torchvision")
     torchvision.transforms = transforms
-    sys.modules |= {"torchvision": torchvision, "torchvision.transforms": transforms}
+    sys.modules |= {"torchvision": torchvision, "torchvision.transforms": transforms,
+                    "torchvision.transforms.functional": functional}  # fmt: skip
 
 
 # ───────────────────────────── inputs: model and images ─────────────────────────────
 
 
 def build_model(argv: list[str]) -> None:
-    """`_build DEST [--tiny]`: an SD 1.5 diffusers folder with random weights (full size, or the tiny test model).
+    """`_build DEST [--tiny] [--flux]`: an SD 1.5 (or FLUX.1 [dev]) diffusers folder with random weights, full size
+    or the tiny test model.
 
-    In its own process, so that the harness holds none of the 4 GB while the runs are measured."""
+    In its own process, so that the harness holds none of the gigabytes while the runs are measured."""
     import torch
+
+    if "--flux" in argv:
+        return build_flux(Path(argv[0]), tiny="--tiny" in argv)
 
     from dreambooth.families.sd import components as comp
     from dreambooth.families.sd.convert import write_diffusers_folder
@@ -442,6 +530,36 @@ def build_model(argv: list[str]) -> None:
     write_diffusers_folder(dest, components, "sd1", "sd1")
 
 
+def build_flux(dest: Path, *, tiny: bool) -> None:
+    """FLUX.1 [dev] as a diffusers folder: full size, each tensor drawn (N(0, 0.02²), bf16) as it is written, so the
+    12 B transformer never sits in memory whole; or the tiny test model."""
+    import torch
+
+    from dreambooth.checkpoint.tensorfile import LazyTensor
+    from dreambooth.families.flux import parts
+    from dreambooth.tiny_model import write_tiny_flux
+
+    if tiny:
+        write_tiny_flux(dest)
+        return
+    components = {}
+    for number, role in enumerate(("transformer", "vae", "text_encoder", "text_encoder_2")):
+        config = parts.bundled_config("flux-dev", role)
+        shapes = parts.expected_shapes(role, config)
+        if role == "text_encoder_2":
+            shapes.pop("encoder.embed_tokens.weight")  # one copy of T5's shared embedding
+        state = {}
+        for index, (key, shape) in enumerate(shapes.items()):
+
+            def make(shape=shape, seed=number * 100_000 + index):
+                generator = torch.Generator().manual_seed(seed)
+                return (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+            state[key] = LazyTensor(shape, "BF16", make)
+        components[role] = (config, state)
+    parts.write_folder(dest, components, "flux-dev")
+
+
 def make_images(folder: Path, count: int, resolution: int, seed: int) -> None:
     """Smooth random pictures (gradients and blobs): JPEG-sized like photos, any content will do."""
     import numpy as np
@@ -456,11 +574,12 @@ def make_images(folder: Path, count: int, resolution: int, seed: int) -> None:
         Image.fromarray(pixels).save(folder / f"{i:03d}.jpg", quality=90)
 
 
-def prepare_inputs(work: Path, *, tiny: bool, resolution: int, steps: int, env: dict) -> Inputs:
-    model = work / ("model-tiny" if tiny else "model-sd15")
+def prepare_inputs(work: Path, *, tiny: bool, resolution: int, steps: int, env: dict, family: str = "sd15") -> Inputs:
+    model = work / (f"model-tiny-{family}" if tiny else f"model-{family}")
     if not (model / "model_index.json").is_file():
         shutil.rmtree(model, ignore_errors=True)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "_build", str(model), *(["--tiny"] if tiny else [])]
+        flags = (["--tiny"] if tiny else []) + (["--flux"] if family == "flux" else [])
+        cmd = [sys.executable, str(Path(__file__).resolve()), "_build", str(model), *flags]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     images = work / f"images-{resolution}"
     if not (images / "done").is_file():
@@ -482,20 +601,34 @@ def pinned_version(package: str) -> str:
     raise SystemExit(f"{package} is not pinned in {' or '.join(map(str, LOCKS))}")
 
 
-def official_script_path(version: str) -> Path:
-    return VENDOR / f"diffusers-{version}" / "train_dreambooth.py"
+def official_script_path(version: str, family: str = "sd15") -> Path:
+    return VENDOR / f"diffusers-{version}" / Path(OFFICIAL_PATHS[family]).name
 
 
-def vendor_official_script(version: str, git_dir: Path | None = None, allow_nearest: bool = False) -> Path:
-    """Put diffusers' examples/dreambooth/train_dreambooth.py of release `version` into bench/vendor/ (ignored by
-    git: it is their code, run as it is, never copied into ours), with SOURCE.json saying where it came from.
+def vendor_official_scripts(version: str, git_dir: Path | None = None, allow_nearest: bool = False) -> list[Path]:
+    """Every family's official script, from one diffusers release."""
+    return [vendor_official_script(version, git_dir, allow_nearest, path) for path in OFFICIAL_PATHS.values()]
+
+
+def source_file(script: Path) -> Path:
+    """Where a vendored script's provenance is: SOURCE.json for the SD script (as always), SOURCE-<name>.json else."""
+    name = "SOURCE.json" if script.name == Path(OFFICIAL_PATH).name else f"SOURCE-{script.stem}.json"
+    return script.parent / name
+
+
+def vendor_official_script(
+    version: str, git_dir: Path | None = None, allow_nearest: bool = False, script: str = OFFICIAL_PATH
+) -> Path:
+    """Put diffusers' examples/dreambooth script (train_dreambooth.py, or another: `script`) of release `version`
+    into bench/vendor/ (ignored by git: it is their code, run as it is, never copied into ours), with SOURCE.json
+    saying where it came from.
 
     Sources, in order: a diffusers git clone or mirror (`--diffusers-git`: tag v<version>, or the release branches
     v<version>-patch / v<version>-release), then GitHub's raw file at tag v<version>. PyPI's sdist holds no
     examples/. With `allow_nearest`, a clone lacking that release gives its newest release at or below it, and
     SOURCE.json says so ("exact": false).
     """
-    dest = official_script_path(version)
+    dest = official_script_path(version, next(f for f, p in OFFICIAL_PATHS.items() if p == script))
     ref, text, source = None, None, None
     if git_dir is not None:
         refs = git_release_refs(git_dir)
@@ -503,33 +636,33 @@ def vendor_official_script(version: str, git_dir: Path | None = None, allow_near
         older = sorted((v, r) for r, v in refs.items() if v <= _version_tuple(version))
         ref = exact[0] if exact else (older[-1][1] if allow_nearest and older else None)
         if ref is not None:
-            text = _git(git_dir, "show", f"{ref}:{OFFICIAL_PATH}")
+            text = _git(git_dir, "show", f"{ref}:{script}")
             commit = _git(git_dir, "rev-parse", f"{ref}^{{commit}}").strip()
             source = {"git": str(git_dir), "ref": ref, "commit": commit}
     if text is None:
         import urllib.request
 
-        url = OFFICIAL_URL.format(ref=f"v{version}")
+        url = OFFICIAL_URL.format(ref=f"v{version}", path=script)
         try:
             with urllib.request.urlopen(url, timeout=30) as response:
                 text, ref, source = response.read().decode(), f"v{version}", {"url": url}
         except OSError as exc:
             raise SystemExit(
-                f"could not get {OFFICIAL_PATH} of diffusers {version}: {url}: {exc}. Pass --diffusers-git DIR "
+                f"could not get {script} of diffusers {version}: {url}: {exc}. Pass --diffusers-git DIR "
                 "(a clone: git clone --bare https://github.com/huggingface/diffusers DIR), and --allow-nearest if it "
                 f"lacks v{version}"
             ) from exc
     dest.parent.mkdir(parents=True, exist_ok=True)
     dest.write_text(text)
     about = {
-        "file": OFFICIAL_PATH,
+        "file": script,
         "wanted": f"v{version}",
         "ref": ref,
         "exact": ref in (f"v{version}", f"v{version}-patch", f"v{version}-release"),
         "sha256": hashlib.sha256(text.encode()).hexdigest(),
         **source,
     }
-    (dest.parent / "SOURCE.json").write_text(json.dumps(about, indent=2) + "\n")
+    source_file(dest).write_text(json.dumps(about, indent=2) + "\n")
     print(f"{dest.relative_to(ROOT)}: {about['ref']} ({'exact' if about['exact'] else 'NEAREST, not exact'})")
     return dest
 
@@ -854,19 +987,26 @@ def comparisons(rows: list[dict]) -> dict:
         if r["contender"] != "ours":
             continue
         twin = official_twin(r, rows)
-        base = twin["name"] if twin else ("ours-classic" if r["name"] != "ours-classic" else None)
+        reference = "ours-flux-lora" if _field(r, "family") == "flux" else "ours-classic"
+        base = twin["name"] if twin else (reference if r["name"] != reference else None)
         if base in ok:
             out[f"{r['name']}_vs_{base}"] = round(ok[base]["step_s_median"] / r["step_s_median"], 3)
     return out
+
+
+def _field(row: dict, key: str):
+    """A result row's setting; rows written before a setting existed have its default."""
+    return row.get(key, next(f.default for f in fields(Config) if f.name == key))
 
 
 def official_twin(row: dict, rows: list[dict]) -> dict | None:
     """The official run with exactly this ours run's settings, if this run adds no lever of ours."""
     if row["contender"] != "ours" or row["levers"] or row.get("memory_cap_gb"):
         return None
-    keys = ("mixed_precision", "eight_bit_adam", "checkpointing", "batch_size", "train_text_encoder")
+    keys = ("mixed_precision", "eight_bit_adam", "checkpointing", "batch_size", "train_text_encoder", "family",
+            "lora_rank", "resolution")  # fmt: skip
     for r in rows:
-        if r["contender"] == "official" and not r["levers"] and all(r[k] == row[k] for k in keys):
+        if r["contender"] == "official" and not r["levers"] and all(_field(r, k) == _field(row, k) for k in keys):
             return r
     return None
 
@@ -877,7 +1017,8 @@ def markdown_table(report: dict) -> str:
     v = report["versions"]
     lines = [
         f"**{title}** — torch {v['torch']}, diffusers {v['diffusers']}, transformers {v['transformers']}, "
-        f"bitsandbytes {v['bitsandbytes']}; {report['settings']['resolution']} px, prior preservation, "
+        f"bitsandbytes {v['bitsandbytes']}; {report['settings']['resolution']} px (unless a row says), prior "
+        "preservation in the SD 1.5 rows (Flux LoRA rows: none, as the anchors publish theirs), "
         f"median of {report['settings']['steps']} timed steps after the first {report['settings']['warmup']}"
         + (" (**smoke run: tiny model on CPU, not a benchmark**)" if report["smoke"] else ""),
         "",
@@ -951,13 +1092,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     deadline = time.monotonic() + args.budget_s if args.budget_s else None
     configs = select(args.configs, args.smoke)
     version = pinned_version("diffusers")
-    script = args.official_script or official_script_path(version)
-    script = script if script.is_file() else None
-    about_script = None
-    if script is not None:
-        source = script.parent / "SOURCE.json"
-        about_script = json.loads(source.read_text()) if source.is_file() else {"path": str(script)}
-        about_script["sha256"] = hashlib.sha256(script.read_bytes()).hexdigest()
+    scripts, about_scripts = {}, {}
+    for family in OFFICIAL_PATHS:
+        script = (args.official_script if family == "sd15" else None) or official_script_path(version, family)
+        scripts[family] = script if script.is_file() else None
+        if scripts[family] is not None:
+            source = source_file(script)
+            about = json.loads(source.read_text()) if source.is_file() else {"path": str(script)}
+            about_scripts[family] = about | {"sha256": hashlib.sha256(script.read_bytes()).hexdigest()}
 
     work_root = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench-train-"))
     work_root.mkdir(parents=True, exist_ok=True)
@@ -966,13 +1108,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     plan = Plan(timed, args.warmup, full_runs=args.full_runs, keep_outputs=args.keep)
     resolution = args.resolution or (32 if args.smoke else 512)
     report = {
-        "benchmark": "dreambooth train vs diffusers examples/dreambooth/train_dreambooth.py (SD 1.5 shapes)",
+        "benchmark": "dreambooth train vs diffusers examples/dreambooth/train_dreambooth.py (SD 1.5 shapes) and "
+        "train_dreambooth_lora_flux.py (FLUX.1 [dev] shapes)",
         "smoke": args.smoke,
         "device": device_info(env),
         "versions": versions(),
-        "official_script": about_script,
+        "official_script": about_scripts.get("sd15"),
+        "official_scripts": about_scripts,
         "settings": {
-            "model": "tiny SD 1.x (dreambooth/tiny_model.py)" if args.smoke else "SD 1.5 full size, random weights",
+            "model": "tiny SD 1.x and Flux (dreambooth/tiny_model.py)"
+            if args.smoke
+            else "SD 1.5 / FLUX.1 [dev] full size, random weights",
             "resolution": resolution,
             "steps": plan.timed_steps,
             "program_steps": plan.program_steps,
@@ -991,7 +1137,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     }
     try:
         t = time.perf_counter()
-        inputs = prepare_inputs(work_root, tiny=args.smoke, resolution=resolution, steps=plan.program_steps, env=env)
+        prepared: dict[tuple[str, int], Inputs] = {}
+
+        def inputs_of(cfg: Config) -> Inputs:  # each family's model and images, made when first needed
+            key = (cfg.family, cfg.resolution or resolution)
+            if key not in prepared:
+                made = time.perf_counter()
+                prepared[key] = prepare_inputs(work_root, tiny=args.smoke, resolution=key[1],
+                                               steps=plan.program_steps, env=env, family=cfg.family)  # fmt: skip
+                report.setdefault("setup_s_by_family", {})[f"{key[0]}-{key[1]}"] = round(time.perf_counter() - made, 1)
+            return prepared[key]
+
         report["setup_s"] = round(time.perf_counter() - t, 1)
         for cfg in configs:
             timeout = args.run_timeout_s
@@ -1005,7 +1161,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     )
                     continue
                 timeout = min(timeout, left)
-            report["results"].append(run_config(cfg, inputs, plan, work_root, env, script, timeout))
+            inputs = inputs_of(cfg)
+            report["results"].append(run_config(cfg, inputs, plan, work_root, env, scripts[cfg.family], timeout))
             report["comparisons"] = comparisons(report["results"])
             report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_report(report, args.results_dir)
@@ -1058,7 +1215,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{c.name:28} {c.what}" + (f"  [{', '.join(tags)}]" if tags else ""))
         return None
     if args.vendor:
-        vendor_official_script(pinned_version("diffusers"), args.diffusers_git, args.allow_nearest)
+        vendor_official_scripts(pinned_version("diffusers"), args.diffusers_git, args.allow_nearest)
         return None
     if args.pack:
         rows = pack_wheels(args.pack_packages.split(","), args.python_version)

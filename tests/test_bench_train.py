@@ -67,6 +67,36 @@ def test_smoke_run_measures_ours_and_the_official_script(tmp_path):
     assert "| ours-classic |" in table and "smoke run" in table
 
 
+def test_smoke_run_measures_a_flux_lora_both_ways(tmp_path):
+    """The Flux configurations: a tiny Flux diffusers folder built for both programs, ours with diffusers' own LoRA
+    targets (so the same modules train), one transformer call per step in each."""
+    harness = load_harness()
+    vendored = harness.official_script_path(harness.pinned_version("diffusers"), "flux").is_file()
+    results = tmp_path / "results"
+    cmd = [sys.executable, "bench/train.py", "--smoke", "--configs", "official-flux-lora,ours-flux-lora"]
+    cmd += ["--results-dir", str(results), "--work-dir", str(tmp_path / "work")]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [path] = results.glob("train-cpu-*-smoke.json")
+    report = json.loads(path.read_text())
+    rows = {r["name"]: r for r in report["results"]}
+    asked = report["settings"]["program_steps"]
+    ours = rows["ours-flux-lora"]
+    assert ours["status"] == "ok", ours.get("log_tail")
+    assert ours["family"] == "flux" and "--adapter lora" in ours["command"]
+    assert f"--lora-targets {harness.FLUX_DIFFUSERS_TARGETS}" in ours["command"]
+    assert ours["unet_forward_calls"] == asked and ours["steps_measured"] > 0
+    assert (tmp_path / "work" / "model-tiny-flux" / "transformer" / "config.json").is_file()
+    official = rows["official-flux-lora"]
+    if vendored:
+        assert official["status"] == "ok", official.get("log_tail")
+        assert "train_dreambooth_lora_flux.py --pretrained_model_name_or_path" in official["command"]
+        assert official["unet_forward_calls"] == asked
+        assert report["comparisons"]["ours-flux-lora_vs_official-flux-lora"] > 0
+    else:
+        assert official["status"] == "skipped" and "--vendor" in official["reason"]
+
+
 def test_readme_results_section_is_replaced_and_smoke_runs_stay_out(tmp_path):
     harness = load_harness()
     readme = tmp_path / "README.md"
@@ -114,7 +144,10 @@ def test_every_gpu_configuration_is_a_command_dreambooth_train_accepts(tmp_path)
         with train.make_context("dreambooth train", args[2:]) as ctx:
             flags = {k: (v.value if isinstance(v, Enum) else v) for k, v in ctx.params.items() if k != "config"}
         settings = build_train_config(None, flags)
-        assert settings.with_prior_preservation and settings.resolution == 512 and settings.max_train_steps == 71
+        # the SD 1.5 recipe with prior preservation; Flux LoRAs without, as the anchors publish their figures
+        assert settings.with_prior_preservation == (cfg.family == "sd15")
+        assert settings.adapter == ("lora" if cfg.family == "flux" else "full")
+        assert settings.resolution == 512 and settings.max_train_steps == 71
         assert settings.train_batch_size == cfg.batch_size and settings.train_text_encoder == cfg.train_text_encoder
         if "--low-vram" in cfg.levers:  # the profile's choices, not the classic flags
             assert settings.fused_backward and settings.paged_adam and settings.mixed_precision == "fp16"
