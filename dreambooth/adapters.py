@@ -59,8 +59,9 @@ class Full:
     def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> Dtypes:
         # what trains stays fp32 ("master weights"): fp16 gradients cannot be unscaled in place, which is the
         # "Attempting to unscale FP16 gradients" failure; the frozen parts run in half precision
-        text = torch.float32 if cfg.train_text_encoder else weight_dtype
-        return Dtypes(denoiser=torch.float32, trained_text=text, frozen=weight_dtype)
+        trained = torch.bfloat16 if cfg.full_bf16 else torch.float32  # --full-bf16: no master copy at all
+        text = trained if cfg.train_text_encoder else weight_dtype
+        return Dtypes(denoiser=trained, trained_text=text, frozen=weight_dtype)
 
     def prepare(self, c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
         c.vae.requires_grad_(False)

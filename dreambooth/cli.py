@@ -478,6 +478,14 @@ def train(
             help="full: fine-tune the whole UNet; lora: train LoRA layers (kohya/A1111 file).", rich_help_panel=_ADAPTER
         ),
     ] = None,
+    full_bf16: Annotated[
+        bool | None,
+        typer.Option(
+            help="Full fine-tune: keep the trained weights in bf16, no fp32 master copy (kohya's --full_bf16; needs "
+            "--mixed-precision bf16). Default: on for Flux with bf16.",
+            rich_help_panel=_ADAPTER,
+        ),
+    ] = None,
     lora_rank: Annotated[
         int | None, typer.Option(help="LoRA rank (network dim), default 16.", rich_help_panel=_ADAPTER)
     ] = None,

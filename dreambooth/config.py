@@ -171,6 +171,9 @@ class TrainConfig:
     ae: Path | None = None
     # what trains (dreambooth/adapters.py): the whole model, or LoRA layers beside the frozen base
     adapter: str = "full"
+    # a full fine-tune's weights kept in bf16, no fp32 master copy (kohya's --full_bf16); None: the family's choice
+    # (Flux: on with --mixed-precision bf16, where fp32 masters of 12 B parameters would need 48 GB more)
+    full_bf16: bool | None = None
     lora_rank: int = 16
     lora_alpha: float | None = None  # = --lora-rank when not given (scale 1)
     lora_dropout: float = 0.0
@@ -281,6 +284,17 @@ class TrainConfig:
         self._check_scaling()
         self._check_captions_and_buckets()
         self._check_flow_matching()
+        self._check_full_bf16()
+
+    def _check_full_bf16(self) -> None:
+        if self.full_bf16 and self.mixed_precision != "bf16":
+            raise UserError(
+                f"--full-bf16 keeps the trained weights in bf16, and --mixed-precision is {self.mixed_precision}",
+                "add --mixed-precision bf16 (a GPU with bf16: Ampere or newer), or drop --full-bf16",
+            )
+        if self.full_bf16 and self.adapter != "full":
+            raise UserError("--full-bf16 is for --adapter full (a LoRA trains in fp32 beside a bf16 base already)",
+                            "drop --full-bf16")  # fmt: skip
 
     def _check_flow_matching(self) -> None:
         if self.timestep_sampling is not None and self.timestep_sampling not in TIMESTEP_SAMPLING:

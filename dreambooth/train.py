@@ -450,6 +450,7 @@ def with_family_defaults(cfg: TrainConfig, family) -> TrainConfig:
         "lora_targets": family.default_lora_targets,
         "save_guidance_scale": family.sample_guidance,
         "save_infer_steps": family.sample_steps,
+        "full_bf16": family.full_bf16 and cfg.adapter == "full" and cfg.mixed_precision == "bf16",
     }
     return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
 

@@ -333,3 +333,20 @@ def test_two_processes_train_a_flux_lora_like_one(tmp_path, files, photos, monke
         assert a.keys() == b.keys() and any("lora_B" in k for k in a)
         for key in a:
             assert torch.allclose(a[key], b[key], atol=1e-5, rtol=1e-3), (part, key)
+
+
+def test_a_bf16_full_fine_tune_keeps_the_transformer_in_bf16(cli, flux, photos, tmp_path):
+    """Flux's full fine-tune with --mixed-precision bf16 keeps its weights in bf16 (kohya's --full_bf16): no fp32
+    master copy of 12 B parameters. --full-bf16 anywhere else is one line."""
+    out = tmp_path / "out"
+    result = cli(*base_args(flux, photos, out, *FLUX_FLAGS, "--max-train-steps", 2, "--save-interval", 100,
+                            "--mixed-precision", "bf16", "--learning-rate", "1e-3"))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["settings"]["full_bf16"] is True and all(x == x for x in report["losses"]["loss"])
+    weights = load_file(out / "checkpoints" / "step-2" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in weights.values()} == {torch.bfloat16}
+    assert not torch.equal(weights["x_embedder.weight"], load_file(
+        flux / "transformer" / "diffusion_pytorch_model.safetensors")["x_embedder.weight"].bfloat16())  # fmt: skip
+    refused = cli(*base_args(flux, photos, tmp_path / "x", "--full-bf16", "--mixed-precision", "no"))
+    assert refused.exit_code == 2 and "--full-bf16" in refused.stderr and "bf16" in refused.stderr

@@ -130,6 +130,7 @@ class Family(Protocol):
     sample_steps: int  # samples' default denoising steps
     sample_kwargs: dict  # what its pipeline's __call__ needs besides the prompt (Flux: T5's length)
     default_lora_targets: tuple[str, ...]  # --lora-targets when not given
+    full_bf16: bool  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 (no fp32 masters)
     checkpoint_holds_base: bool  # a full fine-tune's checkpoint carries the frozen parts (linked) or only a record
     half: torch.dtype  # the half precision of --save-fp16 and of exports
 

@@ -67,6 +67,7 @@ class Flux:
     denoiser_name = "transformer"
     side_multiple = 16  # the VAE's 8 × the 2×2 packing
     default_lora_targets = ("all-linear",)  # kohya's Flux LoRA: every linear layer of the blocks
+    full_bf16 = True  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 by default
     checkpoint_holds_base = False  # a full checkpoint holds what trained; T5-XXL alone is 9.5 GB
     half = torch.bfloat16  # --save-fp16 and exports: what the releases ship (fp16 overflows Flux's activations)
     # kohya's names: the transformer's modules in BFL's layout as lora_unet_…, CLIP-L as lora_te1_

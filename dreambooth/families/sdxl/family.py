@@ -55,6 +55,7 @@ class StableDiffusionXL:
     sample_steps = 20
     sample_kwargs: ClassVar[dict] = {}
     default_lora_targets = DEFAULT_LORA_TARGETS
+    full_bf16 = False  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 by default
     checkpoint_holds_base = True  # a full checkpoint links the frozen parts in (a complete diffusers folder)
     half = torch.float16  # --save-fp16 and exports
 
