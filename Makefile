@@ -106,7 +106,7 @@ if [ -z "$${BASE_IMAGE:-}" ] && ! $(DOCKER) image inspect $(PINNED_BASE) >/dev/n
 endef
 export MODEL DATA CONFIG PROMPT GPUS ADAPTER
 
-# what compose.yaml's x-common sets, for the few plain `docker run`s (README "Security")
+# what compose.yaml's x-hardened sets, for the few plain `docker run`s (README "Security")
 HARDENED := --read-only --tmpfs /tmp:size=1g --cap-drop ALL --security-opt no-new-privileges --network none
 # `compose run --rm`, but with the container's exit status (docker/compose-run.sh says why)
 COMPOSE_RUN = COMPOSE="$(COMPOSE)" DOCKER="$(DOCKER)" docker/compose-run.sh
