@@ -23,7 +23,7 @@ COMPOSE = shlex.split(os.environ.get("COMPOSE", f"{DOCKER} compose"))
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not IMAGE, reason="container tests: run them with `make test-container`")
 
-# The hardening of every container (README "Security"; compose.yaml's x-common says the same, the Makefile's
+# The hardening of every container (README "Security"; compose.yaml's x-hardened says the same, the Makefile's
 # HARDENED too: tests/container/test_promises.py checks that they agree)
 HARDENED = ["--read-only", "--tmpfs", "/tmp:size=1g", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
             "--network", "none"]  # fmt: skip
