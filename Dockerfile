@@ -81,6 +81,9 @@ RUN useradd --uid 1000 --gid 0 --no-create-home --home-dir /home/dreambooth --sh
     && chown 1000:0 /home/dreambooth /models /data /output /cache /workspace \
     && chmod 2775 /home/dreambooth /models /data /output /cache /workspace
 COPY --from=builder /opt/venv /opt/venv
+# The containers run with a read-only root filesystem (compose.yaml, README "Security"): caches go to the /cache
+# volume (torch.compile and triton load the kernels they build, which /tmp, a noexec tmpfs, would refuse), and
+# HOME falls back to /tmp/home-UID where it is not writable (entrypoint.sh).
 ENV PATH=/opt/venv/bin:${PATH} \
     HOME=/home/dreambooth \
     PYTHONUNBUFFERED=1 \
@@ -92,6 +95,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
     HF_HUB_DISABLE_TELEMETRY=1 \
     TORCH_HOME=/cache/torch \
     TRITON_CACHE_DIR=/cache/triton \
+    TORCHINDUCTOR_CACHE_DIR=/cache/torchinductor \
     MPLCONFIGDIR=/tmp/matplotlib \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \

@@ -84,7 +84,9 @@ export DREAMBOOTH_LINUX_IMAGE := $(IMAGE)
 export DREAMBOOTH_WSL_IMAGE := $(IMAGE)-wsl
 export DREAMBOOTH_TEST_IMAGE := $(TEST_IMAGE)
 export CA_BUNDLE ?= $(or $(wildcard /etc/ssl/certs/ca-certificates.crt),/dev/null)
-export DREAMBOOTH_USER := $(shell id -u):$(shell id -g)
+# the containers' user: yours, so that ./output stays yours; never root (as root: the image's own user, 1000:0)
+HOST_UID := $(shell id -u)
+export DREAMBOOTH_USER := $(if $(filter 0,$(HOST_UID)),1000:0,$(HOST_UID):$(shell id -g))
 export VERSION
 export REVISION := $(shell git rev-parse HEAD 2>/dev/null || echo unknown)
 export SOURCE := $(or $(shell git config --get remote.origin.url 2>/dev/null),unknown)
@@ -104,6 +106,8 @@ if [ -z "$${BASE_IMAGE:-}" ] && ! $(DOCKER) image inspect $(PINNED_BASE) >/dev/n
 endef
 export MODEL DATA CONFIG PROMPT GPUS ADAPTER
 
+# what compose.yaml's x-hardened sets, for the few plain `docker run`s (README "Security")
+HARDENED := --read-only --tmpfs /tmp:size=1g --cap-drop ALL --security-opt no-new-privileges --network none
 # `compose run --rm`, but with the container's exit status (docker/compose-run.sh says why)
 COMPOSE_RUN = COMPOSE="$(COMPOSE)" DOCKER="$(DOCKER)" docker/compose-run.sh
 # ./models/x, models/x → /models/x: host paths under the repo as the container sees them
@@ -138,6 +142,8 @@ build: docker-ready ## Build the image (IMAGE=dreambooth:VERSION); in WSL2 also 
 .PHONY: dirs
 dirs:
 	@mkdir -p models data output cache
+	@# as root the containers run as 1000:0 (never root): give them the two folders they write
+	@if [ "$(HOST_UID)" = 0 ]; then chown -R $(DREAMBOOTH_USER) output cache; fi
 
 .PHONY: train
 train: build dirs ## Train in the image: MODEL=./models/x.safetensors DATA=./data/alice [PROMPT=] | CONFIG=./data/run.toml | neither: tiny demo; [GPUS=2] [ADAPTER=lora]
@@ -169,8 +175,9 @@ test-image: build ## The test suite inside the frozen image (target `test`): PYT
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests in the image" >&2; exit 1; fi; exit $$rc
 
 .PHONY: test-container
-test-container: build $(TOOLS)/.installed ## Tests that drive the built image with docker (tests/container): non-root, read-only inputs, docker stop
-	DREAMBOOTH_TEST_IMAGE_RUNTIME=$(IMAGE) DOCKER="$(DOCKER)" $(TOOLS)/bin/python -m pytest -p no:cacheprovider \
+test-container: build $(TOOLS)/.installed ## Tests that drive the built image with docker (tests/container): hardened, non-root, read-only inputs, docker stop
+	DREAMBOOTH_TEST_IMAGE_RUNTIME=$(IMAGE) DOCKER="$(DOCKER)" COMPOSE="$(COMPOSE)" \
+		$(TOOLS)/bin/python -m pytest -p no:cacheprovider \
 		--confcutdir=tests/container tests/container $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no container tests" >&2; exit 1; fi; exit $$rc
 
@@ -183,7 +190,7 @@ lint-docker: docker-ready ## hadolint (Dockerfiles), shellcheck (entrypoint/, do
 
 .PHONY: bench
 bench: build dirs ## bench/convert.py inside the image (BENCH_ARGS="--json bench/results/convert-image.json")
-	$(DOCKER) run --rm --network none --user $(DREAMBOOTH_USER) --shm-size 8g \
+	$(DOCKER) run --rm $(HARDENED) --user $(DREAMBOOTH_USER) --shm-size 8g \
 		-v "$(CURDIR)/bench:/workspace/bench" -v "$(CURDIR)/output:/output" -v "$(CURDIR)/cache:/cache" \
 		$(RUN_IMAGE) python bench/convert.py $(BENCH_ARGS)
 

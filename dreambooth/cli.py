@@ -291,14 +291,19 @@ class _TrainCommand(typer.core.TyperCommand):
     }
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
-        known = {name for param in self.params for name in getattr(param, "opts", [])}
+        # every spelling the command takes, the `--no-…` halves of `--x/--no-x` booleans included
+        known = {
+            name
+            for param in self.params
+            for name in (*getattr(param, "opts", []), *getattr(param, "secondary_opts", []))
+        }
         rewritten: list[str] = []
         for arg in args:
             name, eq, value = arg.partition("=")
             if name in self.FLAGS_WITH_VALUE and not eq:
                 rewritten += self.FLAGS_WITH_VALUE[name]
                 continue
-            if name.startswith("--") and "_" in name:
+            if name in self.RENAMED or (name.startswith("--") and "_" in name):  # `--hflip` has no underscore
                 new = self.RENAMED.get(name, name.replace("_", "-"))
                 if new in known:
                     arg = new + eq + value

@@ -169,7 +169,10 @@ def versions() -> dict[str, str]:
 
 def run_doctor() -> dict:
     checks = [*check_gpu(), *check_sdpa(), check_xformers(), check_bitsandbytes()]
-    default_paths = {"/models": False, "/data": False, "/output": True, "/cache": True, ".": True}
+    # where a run's output goes when none is named: $DREAMBOOTH_OUTPUT (/output in the image, whose root filesystem
+    # is read-only, the working directory included), else ./output
+    default_output = os.environ.get("DREAMBOOTH_OUTPUT", ".")
+    default_paths = {"/models": False, "/data": False, "/output": True, "/cache": True, default_output: True}
     checks += check_paths(default_paths)
     return {
         "platform": platform.platform(),

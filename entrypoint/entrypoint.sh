@@ -136,7 +136,8 @@ check_disk() {
     fi
 }
 
-# An arbitrary --user may have no home directory and no passwd entry; give the libraries a writable one.
+# An arbitrary --user may have no home directory and no passwd entry, and the root filesystem is read-only
+# (README "Security"): give the libraries a writable HOME on /tmp (a tmpfs).
 if [ ! -w "${HOME:-/nonexistent}" ]; then
     HOME="/tmp/home-$(id -u)"
     mkdir -p "$HOME"

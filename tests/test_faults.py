@@ -13,8 +13,9 @@ run to emit that event and sends SIGKILL after the delay. Random delays alone wo
 hook read from an environment variable would be code in the product that only tests use.
 
 FAULT_TRIALS sets the number of kill trials (default 6, what CI runs; `make test-faults` runs 50).
-Full disk, read-only output and vanishing input folders need a tmpfs (`mount`, so root): skipped where mount is
-not permitted (e.g. the unprivileged test container).
+A full disk and a read-only output need a small disk of their own: in the test container (`make test`) Docker
+mounts them (compose.yaml's `test` service: a 64 MiB tmpfs and a read-only one under $DREAMBOOTH_FAULT_DISKS); on
+a host, the tests mount a tmpfs themselves, which needs root (`make test-faults`), and are skipped without it.
 """
 
 import hashlib
@@ -44,7 +45,7 @@ STAGES = ("convert", "classes", "training", "checkpoint", "export", "manifest")
 
 RUN_TOML = """
 model = "{model}"
-output = "out"
+output = "{output}"
 instance_data_dir = "{instances}"
 instance_prompt = "a photo of sks thing"
 class_prompt = "a photo of a thing"
@@ -86,9 +87,9 @@ def world(tmp_path_factory):
     runner.close()
 
 
-def write_config(folder: Path, model: Path, photos: Path, extra: str = "") -> Path:
+def write_config(folder: Path, model: Path, photos: Path, extra: str = "", output: Path | str = "out") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "run.toml").write_text(RUN_TOML.format(model=model, instances=photos, extra=extra))
+    (folder / "run.toml").write_text(RUN_TOML.format(model=model, output=output, instances=photos, extra=extra))
     return folder / "run.toml"
 
 
@@ -228,23 +229,71 @@ def _log_trial(record: dict) -> None:
 # ───────────────────────────── a full disk, a read-only output, a vanishing input ─────────────────────────────
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    """Mount a small tmpfs at a folder: `mount(folder, size)`; unmounted afterwards."""
-    mounted = []
+# where Docker mounted the small disks (compose.yaml's `test` service): `disk` (64 MiB), `read-only`
+FAULT_DISKS = os.environ.get("DREAMBOOTH_FAULT_DISKS")
+PAGE = 4096
 
-    def mount(folder: Path, size: str) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(size)`: the root of an empty disk (a tmpfs) with `size` bytes free, emptied again afterwards;
+    `small_disk(size, read_only=True)`: of an empty read-only one. Docker's mounts under $DREAMBOOTH_FAULT_DISKS
+    (a bigger one is cut to `size` with a ballast file beside what the test writes), else a tmpfs mounted here,
+    which needs root; skipped with neither. One of each per test."""
+    mounted: list[Path] = []
+    lent: list[Path] = []
+
+    def provide(size: int, read_only: bool = False) -> Path:
+        if FAULT_DISKS:
+            disk = Path(FAULT_DISKS) / ("read-only" if read_only else "disk")
+            assert disk not in lent, f"{disk} is this test's already: one small disk of each kind per test"
+            assert os.path.ismount(disk), f"DREAMBOOTH_FAULT_DISKS={FAULT_DISKS}, but {disk} is not a mount point"
+            assert bool(os.statvfs(disk).f_flag & os.ST_RDONLY) == read_only, f"{disk} is not what its name says"
+            lent.append(disk)
+            if not read_only:
+                empty(disk)  # a test that failed before its cleanup may have left it full
+                leave_free(disk, size)
+            return disk
+        disk = tmp_path / f"disk-{len(mounted)}"
+        disk.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(disk)],
                               capture_output=True, text=True)  # fmt: skip
         if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root")
-        mounted.append(folder)
-        return folder
+            pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}): needs root, "
+                        "or the test container's disks ($DREAMBOOTH_FAULT_DISKS, `make test-image`)")  # fmt: skip
+        mounted.append(disk)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        return disk
 
-    yield mount
-    for folder in reversed(mounted):
-        subprocess.run(["umount", "-l", str(folder)], check=False)
+    yield provide
+    for disk in lent:
+        if not os.statvfs(disk).f_flag & os.ST_RDONLY:
+            empty(disk)
+    for disk in reversed(mounted):
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def empty(disk: Path) -> None:
+    for child in disk.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    assert shutil.disk_usage(disk).used < 1 << 20, f"{disk} is not empty after emptying it"
+
+
+def leave_free(disk: Path, size: int) -> None:
+    """Take all but `size` bytes (rounded up to a page, as a tmpfs of that size rounds) with a file `ballast`."""
+    free = shutil.disk_usage(disk).free
+    assert free >= size, f"{disk} has {free} bytes free, the test needs {size}: give it more in compose.yaml"
+    ballast = (free - size) // PAGE * PAGE
+    if ballast:
+        fd = os.open(disk / "ballast", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, ballast)
+        finally:
+            os.close(fd)
 
 
 def fill(folder: Path) -> Path:
@@ -263,11 +312,11 @@ def fill(folder: Path) -> Path:
     return filler
 
 
-def starve(job: Job, out: Path) -> Path:
-    """Fill the disk under `out` while the run stands still (SIGSTOP … SIGCONT), so that its next write fails."""
+def starve(job: Job, folder: Path) -> Path:
+    """Fill the disk under `folder` while the run stands still (SIGSTOP … SIGCONT), so that its next write fails."""
     job.stop()
     try:
-        return fill(out)
+        return fill(folder)
     finally:
         job.cont()
 
@@ -288,17 +337,18 @@ DISK_FULL_AT = {
 
 
 @pytest.mark.parametrize("stage", list(DISK_FULL_AT))
-def test_a_disk_that_fills_up_at_any_stage_is_exit_3_and_spoils_nothing(world, tmpfs, stage):
+def test_a_disk_that_fills_up_at_any_stage_is_exit_3_and_spoils_nothing(world, small_disk, stage):
     folder = world["root"] / f"full-{stage}"
-    write_config(folder, world["model"], world["photos"])
-    out = tmpfs(folder / "out", "64m")
+    disk = small_disk(64 << 20)
+    out = disk / "out"
+    write_config(folder, world["model"], world["photos"], output=out)
 
     job = world["runner"].start(command(folder), folder)
     assert job.wait_for(DISK_FULL_AT[stage])
-    filler = starve(job, out)
+    filler = starve(job, disk)  # beside `out`, which may not be there yet
     assert job.wait() == 3, (job.stderr[-3000:], job.events[-5:])
     message = assert_one_line_error(job)
-    assert f"the disk {out}" in message and "is full: " in message and " free, and " in message, message
+    assert f"the disk {disk} " in message and "is full: " in message and " free, and " in message, message
     if stage in ("convert", "checkpoint", "export"):  # the big writes know what they need
         assert "needs about" in message and "MiB" in message, message
     assert [p for p in problems(out) if not p.startswith("scratch")] == []
@@ -326,25 +376,25 @@ def _train_config(folder: Path):
     return load_run_config(folder / "run.toml", {}, folder / "out").train
 
 
-def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(world, tmpfs):
+def test_a_disk_too_small_for_the_checkpoints_is_refused_before_training(world, small_disk):
     reference = world["reference"] / "out"
     used = sum(p.stat().st_size for d in ("base", "class_images") for p in (reference / d).rglob("*") if p.is_file())
     folder = world["root"] / "small-disk"
-    write_config(folder, world["model"], world["photos"])
-    out = tmpfs(folder / "out", str(used + (2 << 20)))
+    disk = small_disk(used + (2 << 20))
+    out = disk / "out"
+    write_config(folder, world["model"], world["photos"], output=out)
     job = world["runner"].run(command(folder), folder)
     assert job.status == 3, job.stderr[-3000:]
     message = assert_one_line_error(job)
-    assert "the planned 2 checkpoints need about" in message and f"on the disk {out}" in message, message
+    assert "the planned 2 checkpoints need about" in message and f"on the disk {disk}," in message, message
     assert "MiB is free" in message
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())
 
 
-def test_a_read_only_output_is_one_line_and_exit_2_or_3(world, tmpfs):
+def test_a_read_only_output_is_one_line_and_exit_2_or_3(world, small_disk):
     folder = world["root"] / "read-only"
-    write_config(folder, world["model"], world["photos"])
-    out = tmpfs(folder / "out", "1m")
-    subprocess.run(["mount", "-o", "remount,ro", str(out)], check=True)
+    out = small_disk(1 << 20, read_only=True)
+    write_config(folder, world["model"], world["photos"], output=out)
     job = world["runner"].run(command(folder), folder)
     assert job.status in (2, 3), job.stderr[-3000:]
     message = assert_one_line_error(job)

@@ -76,7 +76,8 @@ def test_snake_case_aliases_are_hidden_from_help(cli):
     assert "--pretrained_model_name_or_path" not in result.stdout and "--learning_rate" not in result.stdout
 
 
-def test_config_file_and_flags_merge_flags_win(cli, captured, tmp_path):
+def test_config_file_and_flags_merge_flags_win(cli, captured, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --output, ./output, is created (the image's /src is read-only)
     (tmp_path / "run.toml").write_text(
         '[train]\nmodel = "base"\nmax_train_steps = 50\nlearning-rate = 2e-6\nresolution = 256\n'
         '[[train.concepts]]\ninstance_prompt = "sks dog"\ninstance_data_dir = "dog"\n'

@@ -1,12 +1,15 @@
 """The built image, driven with docker from the host, as users run it (`make test-container` runs these).
 
-Each test starts real containers of DREAMBOOTH_TEST_IMAGE_RUNTIME (`make` sets it to the image it just built):
-not root, no network, read-only /models and /data, the built-in demo when nothing is configured, `docker stop`
-in the middle of training, and what a missing GPU looks like.
+Each test starts real containers of DREAMBOOTH_TEST_IMAGE_RUNTIME (`make` sets it to the image it just built),
+hardened as the README's `docker run` lines and compose.yaml run them, and checks that on the running container
+(`docker inspect`): a read-only root filesystem with only /tmp as a tmpfs, no capabilities, no new privileges, no
+network, not root; read-only /models and /data. Then: the built-in demo (full and LoRA) when nothing is configured,
+`docker stop` in the middle of training and the resume, `doctor`, and what a missing GPU looks like.
 """
 
 import json
 import os
+import shlex
 import subprocess
 import time
 import uuid
@@ -16,7 +19,14 @@ import pytest
 
 IMAGE = os.environ.get("DREAMBOOTH_TEST_IMAGE_RUNTIME")
 DOCKER = os.environ.get("DOCKER", "docker")
+COMPOSE = shlex.split(os.environ.get("COMPOSE", f"{DOCKER} compose"))
+REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not IMAGE, reason="container tests: run them with `make test-container`")
+
+# The hardening of every container (README "Security"; compose.yaml's x-hardened says the same, the Makefile's
+# HARDENED too: tests/container/test_promises.py checks that they agree)
+HARDENED = ["--read-only", "--tmpfs", "/tmp:size=1g", "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+            "--network", "none"]  # fmt: skip
 
 # the demo, shrunk to seconds: every stage still runs
 QUICK = ["--max-train-steps", "4", "--save-interval", "2", "--num-class-images", "2", "--class-inference-steps", "2",
@@ -41,21 +51,80 @@ def user() -> str:
 
 
 def docker_run(
-    volumes: dict[str, Path], *args: str, env: dict | None = None, detach: bool = False, name=None, entrypoint=None
-):
+    volumes: dict[str, Path],
+    *args: str,
+    env: dict | None = None,
+    detach: bool = False,
+    name=None,
+    entrypoint=None,
+    as_user: str | None = None,
+) -> subprocess.CompletedProcess:
+    """`docker run` hardened, as the README writes it; the running container's settings are checked, then (unless
+    `detach`) its exit code and output are returned and it is removed, as --rm would."""
+    name = name or f"dreambooth-test-{uuid.uuid4().hex[:8]}"
     # --shm-size as compose.yaml sets it (several training processes exchange gradients through /dev/shm)
-    command = [DOCKER, "run", "--network", "none", "--user", user(), "--shm-size", "1g"]
+    command = [DOCKER, "run", "-d", "--name", name, *HARDENED, "--user", as_user or user(), "--shm-size", "1g"]
     if entrypoint:
         command += ["--entrypoint", entrypoint]
-    command += ["-d"] if detach else ["--rm"]
-    if name:
-        command += ["--name", name]
     for key, value in (env or {}).items():
         command += ["-e", f"{key}={value}"]
     for name_, path in volumes.items():
         mode = ":ro" if name_ in ("models", "data") else ""
         command += ["-v", f"{path}:/{name_}{mode}"]
-    return subprocess.run([*command, IMAGE, *args], capture_output=True, text=True, timeout=600)
+    started = subprocess.run([*command, IMAGE, *args], capture_output=True, text=True, timeout=120)
+    if started.returncode != 0 or detach:
+        return started
+    return finish(name, [*command, IMAGE, *args])
+
+
+def compose_run(project: Path, service: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`make train`/`make doctor`'s way: compose.yaml's service, with ./models, ./data, ./output and ./cache from
+    `project`, checked and finished like docker_run."""
+    name = f"dreambooth-test-{uuid.uuid4().hex[:8]}"
+    command = [*COMPOSE, "-f", str(REPO / "compose.yaml"), "--project-directory", str(project),
+               "--profile", "tools", "run", "-d", "--name", name, service, *args]  # fmt: skip
+    environment = {**os.environ, "DREAMBOOTH_IMAGE": IMAGE, "DREAMBOOTH_USER": user(), **(env or {})}
+    started = subprocess.run(command, capture_output=True, text=True, timeout=120, env=environment)
+    if started.returncode != 0:
+        subprocess.run([DOCKER, "rm", "-f", "-v", name], capture_output=True, timeout=60)
+        return started
+    return finish(name, command)
+
+
+def finish(name: str, command: list) -> subprocess.CompletedProcess:
+    """Check the running container's hardening, wait for it, return its exit code and output, remove it."""
+    try:
+        assert_hardened(name)
+        waited = subprocess.run([DOCKER, "wait", name], capture_output=True, text=True, timeout=600)
+        logs = subprocess.run([DOCKER, "logs", name], capture_output=True, text=True, timeout=60)
+        return subprocess.CompletedProcess(command, int(waited.stdout.strip()), logs.stdout, logs.stderr)
+    finally:
+        subprocess.run([DOCKER, "rm", "-f", "-v", name], capture_output=True, timeout=60)
+
+
+def inspect(name: str) -> dict:
+    result = subprocess.run([DOCKER, "inspect", name], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(result.stdout)[0]
+
+
+def assert_hardened(name: str) -> None:
+    """What the daemon made of the command line or compose file, read from the container itself."""
+    container = inspect(name)
+    host = container["HostConfig"]
+    assert host["ReadonlyRootfs"] is True, "the root filesystem is writable"
+    capabilities = ([c.upper() for c in host["CapDrop"] or []], host["CapAdd"])
+    assert capabilities == (["ALL"], None) or capabilities == (["ALL"], []), capabilities
+    assert {"no-new-privileges", "no-new-privileges:true"} & set(host["SecurityOpt"] or []), host["SecurityOpt"]
+    assert host["NetworkMode"] == "none" and not host["PortBindings"], (host["NetworkMode"], host["PortBindings"])
+    assert not host["Privileged"] and not host["Devices"], "privileged, or devices added"
+    # writable besides the volumes: /tmp only (/dev/shm is Docker's own tmpfs)
+    tmpfs = {*(host["Tmpfs"] or {}), *(m["Target"] for m in host.get("Mounts") or [] if m["Type"] == "tmpfs")}
+    assert tmpfs == {"/tmp"}, tmpfs
+    mounts = {m["Destination"]: m["RW"] for m in container["Mounts"] if m["Type"] == "bind"}
+    assert not {mounts.get("/models"), mounts.get("/data")} & {True}, f"an input is writable: {mounts}"
+    assert set(mounts) <= {"/models", "/data", "/output", "/cache"}, mounts
+    owner = container["Config"]["User"].split(":")[0]
+    assert owner not in ("", "0", "root"), f"runs as {container['Config']['User']!r}"
 
 
 def manifest(output: Path) -> dict:
@@ -88,16 +157,20 @@ def test_demo_runs_as_non_root_with_read_only_inputs_and_a_rerun_skips_every_sta
     assert {s: manifest(out)["stages"][s]["status"] for s in STAGES} == dict.fromkeys(STAGES, "skipped")
 
 
-def test_any_uid_can_write_the_images_own_directories(volumes):
-    """`--user $(id -u):$(id -g)` with an arbitrary uid: HOME, /cache and /output fall back to group 0 dirs."""
-    probe = "import os, tempfile; tempfile.NamedTemporaryFile(dir=os.environ['HOME']); print(os.environ['HOME'])"
-    result = subprocess.run(
-        [DOCKER, "run", "--rm", "--network", "none", "--user", "4321:0", IMAGE, "python", "-c", probe],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_any_uid_can_write_the_images_own_directories():
+    """`--user $(id -u):$(id -g)` with an arbitrary uid: HOME (on /tmp: the root filesystem is read-only) and the
+    volumes /cache and /output (group 0 dirs) are writable; nothing else is."""
+    probe = ("import os, tempfile\n"
+             "for d in (os.environ['HOME'], '/cache', '/output', '/tmp'): tempfile.NamedTemporaryFile(dir=d)\n"
+             "for d in ('/workspace', '/home/dreambooth', '/opt/venv', '/usr/local/bin'):\n"
+             "    try: tempfile.NamedTemporaryFile(dir=d)\n"
+             "    except OSError as e: print(d, e.strerror)\n"
+             "    else: print(d, 'WRITABLE')\n"
+             "print('HOME', os.environ['HOME'])")  # fmt: skip
+    result = docker_run({}, "python", "-c", probe, as_user="4321:0")
     assert result.returncode == 0, result.stderr
+    assert "WRITABLE" not in result.stdout and result.stdout.count("Read-only file system") == 4, result.stdout
+    assert "HOME /tmp/home-4321" in result.stdout
 
 
 def test_docker_stop_mid_training_saves_and_the_next_run_resumes(volumes):
@@ -108,6 +181,7 @@ def test_docker_stop_mid_training_saves_and_the_next_run_resumes(volumes):
     started = docker_run(volumes, *long_run, detach=True, name=name)
     assert started.returncode == 0, started.stderr
     try:
+        assert_hardened(name)
         deadline = time.monotonic() + 300
         while '"train_step"' not in _logs(name):
             assert time.monotonic() < deadline, _logs(name)[-3000:]
@@ -147,12 +221,7 @@ def test_a_missing_gpu_is_a_friendly_error_not_a_traceback(volumes):
 
 
 def test_reading_an_unmounted_volume_is_a_friendly_error():
-    result = subprocess.run(
-        [DOCKER, "run", "--rm", "--network", "none", IMAGE, "run", "--config", "/data/run.toml"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = docker_run({}, "run", "--config", "/data/run.toml")
     assert result.returncode == 3
     assert "/data is not mounted" in result.stderr and "-v" in result.stderr
     assert "Traceback" not in result.stderr
@@ -178,3 +247,27 @@ def test_gpus_2_trains_the_demo_with_two_processes_as_make_train_does(volumes):
     assert report["global_batch_size"] == 2 * report["per_device_batch_size"]
     bad = docker_run(volumes, env={"GPUS": "two"}, entrypoint="/opt/dreambooth/train.sh")
     assert bad.returncode == 2 and "GPUS=two" in bad.stderr
+
+
+def test_make_train_adapter_lora_runs_the_demo_as_a_lora_through_compose(volumes):
+    """`make train ADAPTER=lora` with nothing configured: compose.yaml's `train` service, hardened by compose."""
+    out = volumes["output"]
+    env = {"ADAPTER": "lora", "MODEL": "", "DATA": "", "CONFIG": "", "PROMPT": "", "GPUS": ""}
+    done = compose_run(out.parent, "train", *QUICK, env=env)
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    data = manifest(out)
+    assert data["status"] == "done" and data["stages"]["train"]["status"] == "done"
+    assert json.loads((out / "train_report.json").read_text())["adapter"] == "lora"
+    assert list((out / "checkpoints" / "step-4" / "lora").glob("*.safetensors"))
+    exported = out / "export" / Path(data["outputs"]["export"]).name
+    assert exported.is_file() and exported.stat().st_size < 2 << 20  # the LoRA, not a whole model (15 MB)
+
+
+def test_doctor_is_content_in_the_hardened_container(volumes):
+    """`make doctor`: compose.yaml's `doctor` service; a read-only root filesystem is no problem for it."""
+    done = compose_run(volumes["output"].parent, "doctor", "--json")
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-2000:])
+    checks = {c["name"]: c for c in json.loads(done.stdout)["checks"]}
+    assert [c for c in checks.values() if c["status"] == "fail"] == []
+    assert checks["volume:/output"]["detail"].startswith("rw") and checks["volume:/cache"]["detail"].startswith("rw")
+    assert checks["volume:/models"]["detail"].startswith("ro") and checks["volume:/data"]["detail"].startswith("ro")
