@@ -280,7 +280,6 @@ class _TrainCommand(typer.core.TyperCommand):
         "--caption_dropout_rate": "--caption-dropout",
         "--t5xxl_max_token_length": "--t5-max-length",
         "--discrete_flow_shift": "--flow-shift",
-        "--weighting_scheme": "--flow-weighting",
         "--enable_bucket": "--buckets",
         "--min_bucket_reso": "--bucket-min-side",
         "--max_bucket_reso": "--bucket-max-side",
