@@ -656,22 +656,46 @@ def _training_done(report: dict) -> None:
 
 @app.command()
 def sample(
-    model_dir: Annotated[Path, typer.Argument(help="Diffusers folder (e.g. OUTPUT/checkpoints/step-800).")],
+    model: Annotated[
+        Path,
+        typer.Argument(
+            help="A model: diffusers folder, single file (SD, or a Flux transformer with --clip-l/--t5xxl/--ae), or "
+            "a training checkpoint, full or LoRA (OUTPUT/checkpoints/step-N: the base it names + what trained)."
+        ),
+    ],
     prompt: Annotated[str, typer.Option("--prompt", help="What to draw.")],
     num_images: Annotated[int, typer.Option("--num-images", min=1)] = 4,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Denoising steps.")] = 30,
-    guidance_scale: Annotated[float, typer.Option("--guidance-scale")] = 7.5,
-    output: Annotated[Path | None, typer.Option("--output", help="Folder for the PNGs; default MODEL_DIR/samples.")] = (
-        None
-    ),
+    seed: Annotated[int, typer.Option("--seed", help="Image i comes from seed + i.")] = 0,
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="Default: the model's (20; schnell 4).")] = None,
+    guidance_scale: Annotated[
+        float | None, typer.Option("--guidance-scale", help="Default: the model's (7.5; Flux dev 3.5).")
+    ] = None,
+    negative_prompt: Annotated[str | None, typer.Option("--negative-prompt")] = None,
+    resolution: Annotated[
+        int | None, typer.Option("--resolution", help="Default: a checkpoint's training size, else the model's.")
+    ] = None,
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", help="A LoRA file on top, FILE or FILE:SCALE (repeatable): kohya/A1111 or diffusers."),
+    ] = None,
+    vae: Annotated[Path | None, typer.Option("--vae", help="Replacement VAE (folder or file).")] = None,
+    clip_l: Annotated[Path | None, typer.Option("--clip-l", help="Flux: CLIP-L.")] = None,
+    t5xxl: Annotated[Path | None, typer.Option("--t5xxl", help="Flux: T5-XXL.")] = None,
+    ae: Annotated[Path | None, typer.Option("--ae", help="Flux: the VAE.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Folder for the PNGs; default MODEL/samples (a file's: ./samples).")
+    ] = None,
 ) -> None:
-    """Draw images from a model folder with a fixed seed, plus a grid."""
-    from dreambooth.sample import sample_model
+    """Draw images from a model, a checkpoint as it is, or a base with LoRA files, with fixed seeds, plus a grid."""
+    from dreambooth.sample import SampleOptions, sample_model
 
-    dest = output or model_dir / "samples"
+    options = SampleOptions(
+        prompt, num_images, seed, steps, guidance_scale, negative_prompt, resolution, tuple(lora or ()), vae,
+        clip_l, t5xxl, ae,
+    )  # fmt: skip
+    dest = output or (model / "samples" if model.is_dir() else Path("samples"))
     with events.stage(f"sampling {num_images} images"):
-        paths = sample_model(model_dir, prompt, dest, num_images, seed, steps, guidance_scale)
+        paths = sample_model(model, options, dest)
     events.emit("sampled", files=[str(p) for p in paths])
     _report({"files": [str(p) for p in paths]}, f"wrote {dest}")
 

@@ -490,6 +490,19 @@ class TrainConfig:
         data = asdict(self)
         return json.loads(json.dumps(data, default=str))
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "TrainConfig":
+        """The settings `to_dict` wrote (a checkpoint's, the launcher's), paths made paths again."""
+        import typing
+
+        data = dict(data)
+        concepts = tuple(Concept(**c) for c in data.pop("concepts"))
+        for f in fields(cls):  # JSON has no paths: give Path fields theirs back
+            if isinstance(data.get(f.name), str) and Path in (f.type, *typing.get_args(f.type)):
+                data[f.name] = Path(data[f.name])
+        known = {f.name for f in fields(cls)}
+        return cls(concepts=concepts, **{k: v for k, v in data.items() if k in known})
+
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)} - {"concepts"}
 SINGLE_CONCEPT = ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")

@@ -16,13 +16,11 @@ import logging
 import os
 import signal
 import tempfile
-import typing
-from dataclasses import fields
 from pathlib import Path
 
 from dreambooth import events, runlock
 from dreambooth.checkpoints import REPORT_FILE
-from dreambooth.config import Concept, TrainConfig
+from dreambooth.config import TrainConfig
 from dreambooth.distributed import check_deepspeed
 from dreambooth.errors import UserError
 from dreambooth.preflight import check_output, preflight, resolve_model
@@ -151,9 +149,4 @@ def run_launcher(args: list[str]) -> int:
 
 def read_settings(path: Path) -> TrainConfig:
     """The settings the launching process checked and wrote (TrainConfig.to_dict() as JSON)."""
-    data = json.loads(Path(path).read_text())
-    concepts = tuple(Concept(**c) for c in data.pop("concepts"))
-    for f in fields(TrainConfig):  # JSON has no paths: give Path fields theirs back
-        if isinstance(data.get(f.name), str) and Path in (f.type, *typing.get_args(f.type)):
-            data[f.name] = Path(data[f.name])
-    return TrainConfig(concepts=concepts, **data)
+    return TrainConfig.from_dict(json.loads(Path(path).read_text()))

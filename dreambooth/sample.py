@@ -1,19 +1,23 @@
 """Sampling images from a model, and putting them side by side in a grid."""
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from dreambooth.checkpoint.folders import PROVENANCE_FILE
+from dreambooth.errors import UserError
 from dreambooth.families.base import ResolvedModel
-from dreambooth.fileio import atomic_path
+from dreambooth.fileio import atomic_path, read_json_object
 from dreambooth.grids import image_grid, labelled_grid
-from dreambooth.preflight import check_model_folder
 
 
-def load_pipeline(model: ResolvedModel, *, dtype: torch.dtype = torch.float32):
+def load_pipeline(model: ResolvedModel, *, dtype: torch.dtype = torch.float32, as_in_training: bool = False):
     """The family's pipeline (StableDiffusionPipeline, StableDiffusionXLPipeline, FluxPipeline), without safety
-    checker, progress bars or network; and what its calls need besides the prompt (Flux: T5's length)."""
+    checker, progress bars or network; and what its calls need besides the prompt (Flux: T5's length).
+    `as_in_training`: with the sampler training's samples use (SD: DDIM), not the folder's own (class images
+    keep the folder's, as the classic script made them)."""
     import diffusers
     from diffusers.utils import logging as diffusers_logging
 
@@ -22,7 +26,7 @@ def load_pipeline(model: ResolvedModel, *, dtype: torch.dtype = torch.float32):
 
     family = families.get(model.family)
     diffusers_logging.disable_progress_bar()  # its "Loading pipeline components" bar would cut through ours
-    if model.folder is None:  # original-layout files: the family loads them, the pipeline wraps its models
+    if model.folder is None or as_in_training:  # the family loads the models, its sampling pipeline wraps them
         c = family.load(model, Dtypes(dtype, dtype, dtype))
         return family.sampling_pipeline(c, c.denoiser, c.text_encoders, c.vae), family.sample_kwargs
     extra = {"vae": diffusers.AutoencoderKL.from_pretrained(model.vae, dtype=dtype)} if model.vae else {}
@@ -105,16 +109,155 @@ def save_images(
     return [*paths, folder / f"{stem}-grid.png"]
 
 
-def sample_model(
-    model_dir: Path, prompt: str, dest: Path, num_images: int, seed: int, steps: int, guidance_scale: float
-) -> list[Path]:
-    """`dreambooth sample`: images from a trained (or any) diffusers folder."""
-    check_model_folder(Path(model_dir), "MODEL_DIR")
-    pipe, call_kwargs = load_pipeline(ResolvedModel.of_folder(Path(model_dir)))
-    resolution = default_resolution(pipe)
-    images = generate(pipe, prompt, num_images, seed, resolution=resolution, steps=steps, guidance_scale=guidance_scale,
-                      **call_kwargs)  # fmt: skip
-    return save_images(images, dest, "sample", prompt=prompt, seed=seed)
+@dataclass(frozen=True)
+class SampleOptions:
+    """`dreambooth sample`: what to draw, and from what besides MODEL."""
+
+    prompt: str
+    num_images: int = 4
+    seed: int = 0
+    steps: int | None = None  # the family's (SD 20, Flux dev 20, schnell 4)
+    guidance_scale: float | None = None  # the family's (SD 7.5, Flux dev its distilled 3.5, schnell none)
+    negative_prompt: str | None = None
+    resolution: int | None = None  # a LoRA checkpoint's training resolution, else the model's own size
+    loras: tuple[str, ...] = ()  # LoRA files, each FILE or FILE:SCALE
+    vae: Path | None = None
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    ae: Path | None = None
+    cache_dir: Path | None = None
+
+    def lora_files(self) -> list[tuple[Path, float]]:
+        out = []
+        for spec in self.loras:
+            path, _, scale = spec.rpartition(":") if _has_scale(spec) else (spec, "", "1")
+            try:
+                value = float(scale)
+            except ValueError:
+                raise UserError(f"--lora {spec}: {scale!r} is not a scale", "write FILE or FILE:0.8") from None
+            if not Path(path).is_file():
+                raise UserError(f"--lora {path} does not exist", "pass an exported LoRA file (.safetensors)")
+            out.append((Path(path), value))
+        return out
+
+
+def _has_scale(spec: str) -> bool:
+    head, sep, tail = spec.rpartition(":")
+    return bool(sep) and bool(head) and tail.replace(".", "", 1).replace("-", "", 1).isdigit()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A base model as the flags name it (what `preflight.resolve_model` reads: the same names as TrainConfig's)."""
+
+    model: Path
+    cache: Path
+    vae: Path | None = None
+    clip_l: Path | None = None
+    t5xxl: Path | None = None
+    ae: Path | None = None
+
+
+def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
+    """`dreambooth sample`: images from any model the CLI reads — a diffusers folder, a single file (SD, or Flux's
+    transformer with its parts), a full or LoRA training checkpoint as it is (the base its record names plus what
+    trained), each with --lora files on top."""
+    import tempfile
+
+    from dreambooth import families
+
+    with tempfile.TemporaryDirectory(prefix="dreambooth-sample-") as tmp:
+        pipe, family, resolution = sampling_pipeline(Path(model), options, Path(options.cache_dir or tmp))
+        pipe.to("cuda" if torch.cuda.is_available() else "cpu")
+        loras = options.lora_files()
+        if loras:
+            names = [f"lora{i}" for i in range(len(loras))]
+            for (path, _), name in zip(loras, names, strict=True):
+                pipe.load_lora_weights(str(path), adapter_name=name)
+            pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
+        family = families.get(family) if isinstance(family, str) else family
+        images = generate(
+            pipe, options.prompt, options.num_images, options.seed,
+            resolution=options.resolution or resolution, steps=options.steps or family.sample_steps,
+            guidance_scale=family.sample_guidance if options.guidance_scale is None else options.guidance_scale,
+            negative_prompt=options.negative_prompt, **family.sample_kwargs,
+        )  # fmt: skip
+    return save_images(images, dest, "sample", prompt=options.prompt, seed=options.seed)
+
+
+def inference_dtype(family: str) -> torch.dtype:
+    """Half precision on a GPU (Flux's is bf16: its activations overflow fp16), fp32 on the CPU."""
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if family.startswith("flux") else torch.float16
+
+
+def sampling_pipeline(model: Path, options: SampleOptions, cache: Path):
+    """(pipeline, family, default resolution) for MODEL."""
+    from dreambooth.formats.lora import is_lora_checkpoint
+
+    if is_lora_checkpoint(model):
+        if options.loras:
+            raise UserError(f"{model} is a LoRA checkpoint; --lora adds LoRA files to a model", "drop --lora")
+        return checkpoint_pipeline(model)
+    record = read_json_object(model / PROVENANCE_FILE) if model.is_dir() else {}
+    if model.is_dir() and record.get("base_model") and not (model / "model_index.json").is_file():
+        return checkpoint_pipeline(model)  # what trained, the base by its record (Flux: no copy of T5 in it)
+    from dreambooth.preflight import resolve_model
+
+    source = ModelSource(model, cache, options.vae, options.clip_l, options.t5xxl, options.ae)
+    resolved = resolve_model(source)
+    pipe, _ = load_pipeline(resolved, dtype=inference_dtype(resolved.family), as_in_training=True)
+    return pipe, resolved.family, default_resolution(pipe)
+
+
+def _trained_components(checkpoint: Path):
+    """(family, components, config) of a training checkpoint's base with what it trained restored, as training
+    left them: the same models the checkpoint's own samples came from."""
+    import torch
+
+    from dreambooth import adapters, families
+    from dreambooth.checkpoints import STATE_FILE
+    from dreambooth.config import TrainConfig
+    from dreambooth.families.base import Dtypes
+
+    state = torch.load(checkpoint / STATE_FILE, weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    record = read_json_object(checkpoint / PROVENANCE_FILE)
+    base = _base_of(record, checkpoint)
+    if cfg.vae is not None and base.folder is not None:  # trained with a replacement VAE: its samples used it
+        base = ResolvedModel(base.family, folder=base.folder, vae=cfg.vae)
+    family = families.get(base.family)
+    adapter = adapters.get(cfg.adapter)
+    dtype = inference_dtype(base.family)
+    c = family.load(base, Dtypes(dtype, dtype, dtype))
+    c.extra.update(base=base, family=family.name, model_type=family.name)
+    family.objective(c, cfg)  # what the family sets from the settings (Flux: T5's length, dev's guidance input)
+    adapter.prepare(c, cfg, family)
+    adapter.restore(c, checkpoint, state)
+    return family, c, cfg
+
+
+def _base_of(record: dict, checkpoint: Path) -> ResolvedModel:
+    from dreambooth.families.base import Part
+
+    described = record.get("base_model")
+    if described and described.get("parts"):
+        return ResolvedModel(described["family"], parts={r: Part(Path(p)) for r, p in described["parts"].items()})
+    folder = Path((described or {}).get("folder") or record.get("trained", {}).get("base", ""))
+    if not (folder / "model_index.json").is_file():
+        raise UserError(
+            f"{checkpoint} was trained on {folder}, which is not there any more",
+            "put the base model back where it was trained from (the checkpoint's dreambooth.json names it)",
+        )
+    return ResolvedModel.of_folder(folder)
+
+
+def checkpoint_pipeline(checkpoint: Path):
+    """A training checkpoint as it is: a LoRA's (the base with the adapter), or a Flux full fine-tune's (the base
+    with the transformer it holds) — the pipeline its own samples came from."""
+    family, c, cfg = _trained_components(checkpoint)
+    return family.sampling_pipeline(c, c.denoiser, c.text_encoders, c.vae), family, cfg.resolution
 
 
 def default_resolution(pipe) -> int:
