@@ -396,8 +396,10 @@ def parts_of(path: Path, flag: str) -> dict[str, str]:
 def is_flux_file(path: Path) -> bool:
     """Whether a .safetensors file holds a part of Flux.1 (a VAE only when it makes Flux's 16-channel latents:
     Stable Diffusion's has the same layout)."""
-    from dreambooth.checkpoint.load import open_safetensors_file
+    from dreambooth.checkpoint.load import open_safetensors_file, sniff_format
 
+    if Path(path).suffix.lower() != ".safetensors" or sniff_format(Path(path)) != "safetensors":
+        return False  # a pickle, or not a model at all: the Stable Diffusion reader says what it is
     tensors = open_safetensors_file(path)
     found = identify(tensors)
     if found.keys() == {"vae"}:
