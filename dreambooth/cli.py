@@ -446,6 +446,14 @@ def train(
             rich_help_panel=_DATA,
         ),
     ] = None,
+    max_token_length: Annotated[
+        int | None,
+        typer.Option(
+            help="SD/SDXL: read prompts and captions up to 150 or 225 tokens, in CLIP's 75-token chunks (kohya's "
+            "--max_token_length); default 75, CLIP's window, past which a prompt is cut (the run says so).",
+            rich_help_panel=_DATA,
+        ),
+    ] = None,
     caption_dropout: Annotated[
         float | None,
         typer.Option(help="Share of instance examples trained with an empty caption, e.g. 0.1.", rich_help_panel=_DATA),
@@ -678,6 +686,10 @@ def sample(
         list[str] | None,
         typer.Option("--lora", help="A LoRA file on top, FILE or FILE:SCALE (repeatable): kohya/A1111 or diffusers."),
     ] = None,
+    max_token_length: Annotated[
+        int | None,
+        typer.Option("--max-token-length", help="SD/SDXL: prompts up to 150 or 225 tokens (a checkpoint: its own)."),
+    ] = None,
     vae: Annotated[Path | None, typer.Option("--vae", help="Replacement VAE (folder or file).")] = None,
     clip_l: Annotated[Path | None, typer.Option("--clip-l", help="Flux: CLIP-L.")] = None,
     t5xxl: Annotated[Path | None, typer.Option("--t5xxl", help="Flux: T5-XXL.")] = None,
@@ -690,8 +702,8 @@ def sample(
     from dreambooth.sample import SampleOptions, sample_model
 
     options = SampleOptions(
-        prompt, num_images, seed, steps, guidance_scale, negative_prompt, resolution, tuple(lora or ()), vae,
-        clip_l, t5xxl, ae,
+        prompt, num_images, seed, steps, guidance_scale, negative_prompt, resolution, tuple(lora or ()),
+        max_token_length, vae, clip_l, t5xxl, ae,
     )  # fmt: skip
     dest = output or (model / "samples" if model.is_dir() else Path("samples"))
     with events.stage(f"sampling {num_images} images"):

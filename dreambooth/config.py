@@ -165,6 +165,8 @@ class TrainConfig:
     flow_weighting: str = "none"
     guidance_scale: float = 1.0  # FLUX.1-dev's distilled-guidance input while training (kohya's recommendation)
     t5_max_length: int | None = None  # T5's tokens per prompt: None is the family's (dev 512, schnell 256)
+    # CLIP prompts of SD/SDXL read in 75-token chunks up to this many tokens (kohya's --max_token_length)
+    max_token_length: int = 75
     # the text encoders and VAE of a model given as its transformer's single file (ComfyUI keeps Flux in four)
     clip_l: Path | None = None
     t5xxl: Path | None = None
@@ -308,6 +310,11 @@ class TrainConfig:
                 raise UserError(f"{flag(name)} must be positive (got {getattr(self, name)})", "e.g. 3.0 and 1.0")
         if self.guidance_scale < 0:
             raise UserError(f"--guidance-scale must not be negative (got {self.guidance_scale})", "e.g. 1.0")
+        if self.max_token_length not in (75, 150, 225):
+            raise UserError(
+                f"--max-token-length {self.max_token_length} is not 75, 150 or 225",
+                "CLIP reads 75 tokens at a time: 150 and 225 read two and three such chunks",
+            )
         if self.t5_max_length is not None and not 1 <= self.t5_max_length <= 512:
             raise UserError(f"--t5-max-length must be in 1…512 (got {self.t5_max_length})", "dev: 512, schnell: 256")
 

@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import torch
 
-from dreambooth import events
+from dreambooth import events, families
 from dreambooth.config import Concept, TrainConfig
 from dreambooth.families.base import ResolvedModel
 from dreambooth.fileio import atomic_path
 from dreambooth.preflight import missing_class_images
-from dreambooth.sample import generate, load_pipeline
+from dreambooth.sample import chunked_prompts, generate, load_pipeline
 
 
 def generate_class_images(
@@ -45,6 +45,7 @@ def generate_class_images(
     total = sum(n for _, _, n in mine)
     pipe, call_kwargs = load_pipeline(model, dtype=dtype)
     pipe.to(device)
+    embeds = chunked_prompts(families.get(model.family), pipe, cfg.max_token_length)
     made = 0
     with events.progress("class images", total) as advance:
         for i, first, n in mine:
@@ -62,6 +63,7 @@ def generate_class_images(
                 resolution=cfg.resolution,
                 steps=cfg.class_inference_steps,
                 batch_size=n,
+                embeds=embeds,
                 **call_kwargs,
             )
             for k, image in enumerate(images):

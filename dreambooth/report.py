@@ -211,6 +211,12 @@ def section_summary(output: Path, run: dict) -> str:
                      f"<code>{_e(concept.get('instance_data_dir'))}</code>"))  # fmt: skip
         if settings.get("with_prior_preservation"):
             rows.append(("class prompt", _e(concept.get("class_prompt"))))
+    for encoder, counts in (train.get("long_prompts") or {}).items():
+        if counts.get("over"):
+            rows.append(("prompts cut off", _e(
+                f"{counts['over']} of {counts['prompts']} prompts and captions are longer than the {counts['window']} "
+                f"tokens {encoder} reads (the longest {counts['longest']}; {counts['tokens_dropped']} tokens cut off)"
+            )))  # fmt: skip
     if train.get("final_loss") is not None:
         rows.append(("final loss", f"{train['final_loss']:.4f}"))
     if manifest.get("started_at"):

@@ -49,6 +49,7 @@ def generate(
     guidance_scale: float = 7.5,
     negative_prompt: str | None = None,
     batch_size: int = 4,
+    embeds=None,
     **call_kwargs,
 ) -> list[Image.Image]:
     """`num_images` images; image i always comes from seed + i, whatever the batch size."""
@@ -56,9 +57,12 @@ def generate(
     for start in range(0, num_images, batch_size):
         count = min(batch_size, num_images - start)
         generators = [torch.Generator().manual_seed(seed + start + i) for i in range(count)]
+        # prompts read in chunks (--max-token-length) reach the pipeline as embeddings; else as text, as always
+        text = {"prompt": [prompt] * count, "negative_prompt": [negative_prompt] * count if negative_prompt else None}
+        if embeds is not None:
+            text = embeds([prompt] * count, [negative_prompt or ""] * count)
         out = pipe(
-            [prompt] * count,
-            negative_prompt=[negative_prompt] * count if negative_prompt else None,
+            **text,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=resolution,
@@ -70,6 +74,13 @@ def generate(
         check_finite_images(out.images, prompt)
         images.extend(Image.fromarray((image * 255).round().astype("uint8")) for image in out.images)
     return images
+
+
+def chunked_prompts(family, pipe, max_tokens: int):
+    """What `generate` passes for prompts read in 75-token chunks (`--max-token-length` over 75): None otherwise."""
+    if max_tokens <= 75 or not hasattr(family, "pipeline_embeds"):
+        return None
+    return lambda prompts, negative: family.pipeline_embeds(pipe, prompts, negative, max_tokens)
 
 
 def check_finite_images(images, prompt: str) -> None:
@@ -121,6 +132,7 @@ class SampleOptions:
     negative_prompt: str | None = None
     resolution: int | None = None  # a LoRA checkpoint's training resolution, else the model's own size
     loras: tuple[str, ...] = ()  # LoRA files, each FILE or FILE:SCALE
+    max_token_length: int | None = None  # a checkpoint's own, else 75 (CLIP's window; 150, 225: chunks)
     vae: Path | None = None
     clip_l: Path | None = None
     t5xxl: Path | None = None
@@ -167,7 +179,7 @@ def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
     from dreambooth import families
 
     with tempfile.TemporaryDirectory(prefix="dreambooth-sample-") as tmp:
-        pipe, family, resolution = sampling_pipeline(Path(model), options, Path(options.cache_dir or tmp))
+        pipe, family, resolution, max_tokens = sampling_pipeline(Path(model), options, Path(options.cache_dir or tmp))
         pipe.to("cuda" if torch.cuda.is_available() else "cpu")
         loras = options.lora_files()
         if loras:
@@ -180,7 +192,8 @@ def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
             pipe, options.prompt, options.num_images, options.seed,
             resolution=options.resolution or resolution, steps=options.steps or family.sample_steps,
             guidance_scale=family.sample_guidance if options.guidance_scale is None else options.guidance_scale,
-            negative_prompt=options.negative_prompt, **family.sample_kwargs,
+            negative_prompt=options.negative_prompt, embeds=chunked_prompts(family, pipe, max_tokens),
+            **family.sample_kwargs,
         )  # fmt: skip
     return save_images(images, dest, "sample", prompt=options.prompt, seed=options.seed)
 
@@ -199,16 +212,17 @@ def sampling_pipeline(model: Path, options: SampleOptions, cache: Path):
     if is_lora_checkpoint(model):
         if options.loras:
             raise UserError(f"{model} is a LoRA checkpoint; --lora adds LoRA files to a model", "drop --lora")
-        return checkpoint_pipeline(model)
+        return checkpoint_pipeline(model, options.max_token_length)
     record = read_json_object(model / PROVENANCE_FILE) if model.is_dir() else {}
     if model.is_dir() and record.get("base_model") and not (model / "model_index.json").is_file():
-        return checkpoint_pipeline(model)  # what trained, the base by its record (Flux: no copy of T5 in it)
+        # what trained, the base by its record (Flux: no copy of T5 in it)
+        return checkpoint_pipeline(model, options.max_token_length)
     from dreambooth.preflight import resolve_model
 
     source = ModelSource(model, cache, options.vae, options.clip_l, options.t5xxl, options.ae)
     resolved = resolve_model(source)
     pipe, _ = load_pipeline(resolved, dtype=inference_dtype(resolved.family), as_in_training=True)
-    return pipe, resolved.family, default_resolution(pipe)
+    return pipe, resolved.family, default_resolution(pipe), options.max_token_length or 75
 
 
 def _trained_components(checkpoint: Path):
@@ -231,7 +245,7 @@ def _trained_components(checkpoint: Path):
     adapter = adapters.get(cfg.adapter)
     dtype = inference_dtype(base.family)
     c = family.load(base, Dtypes(dtype, dtype, dtype))
-    c.extra.update(base=base, family=family.name, model_type=family.name)
+    c.extra.update(base=base, family=family.name, model_type=family.name, max_token_length=cfg.max_token_length)
     family.objective(c, cfg)  # what the family sets from the settings (Flux: T5's length, dev's guidance input)
     adapter.prepare(c, cfg, family)
     adapter.restore(c, checkpoint, state)
@@ -253,11 +267,12 @@ def _base_of(record: dict, checkpoint: Path) -> ResolvedModel:
     return ResolvedModel.of_folder(folder)
 
 
-def checkpoint_pipeline(checkpoint: Path):
+def checkpoint_pipeline(checkpoint: Path, max_tokens: int | None):
     """A training checkpoint as it is: a LoRA's (the base with the adapter), or a Flux full fine-tune's (the base
-    with the transformer it holds) — the pipeline its own samples came from."""
+    with the transformer it holds) — the pipeline its own samples came from, reading prompts as training did."""
     family, c, cfg = _trained_components(checkpoint)
-    return family.sampling_pipeline(c, c.denoiser, c.text_encoders, c.vae), family, cfg.resolution
+    pipe = family.sampling_pipeline(c, c.denoiser, c.text_encoders, c.vae)
+    return pipe, family, cfg.resolution, max_tokens or cfg.max_token_length
 
 
 def default_resolution(pipe) -> int:

@@ -52,6 +52,7 @@ from dreambooth.data import (
 from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
+from dreambooth.families.sd.prompts import token_counts
 from dreambooth.families.sd.spec import model_type_of
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
 from dreambooth.objectives import Objective
@@ -430,6 +431,8 @@ def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
         "model_dir": str(model.folder or model.parts["transformer"].path),
         "model": model.describe(),
         **describe_data(cfg, instances, classes, all_examples, stream),
+        "max_token_length": cfg.max_token_length,
+        "long_prompts": describe_long_prompts(family, c, stream.all_prompts() + list(cfg.save_sample_prompt)),
         "trainable_parameters": sum(p.numel() for p in params),
         "disk": disk,
         **describe_batch(cfg, accelerator),
@@ -472,7 +475,7 @@ def load_model(
     the attention implementation)."""
     with whole_on_load(accelerator):
         c = family.load(model, adapter.dtypes(cfg, weight_dtype))
-    c.extra["base"] = model
+    c.extra.update(base=model, max_token_length=cfg.max_token_length)
     c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
     objective = family.objective(c, cfg)
     attention = family.set_attention(c, cfg.attention, accelerator.device)
@@ -557,6 +560,25 @@ def describe_data(cfg: TrainConfig, instances, classes, all_examples, stream) ->
         "caption_dropout": cfg.caption_dropout,
         "buckets": {bucket_name(size): n for size, n in stream.bucket_counts().items()} if cfg.buckets else None,
     }
+
+
+def describe_long_prompts(family, c, prompts: list[str]) -> dict:
+    """Per text encoder: how many of the run's prompts and captions are longer than what it reads, the longest, and
+    the tokens cut off; said once in the console when any are (they would train without their ends)."""
+    out = {}
+    unique = sorted(set(prompts))
+    for encoder, tokenizer, window in family.prompt_windows(c):
+        counts = token_counts(tokenizer, unique) if unique else []
+        over = [n for n in counts if n > window]
+        out[encoder] = {"window": window, "prompts": len(counts), "over": len(over),
+                        "longest": max(counts, default=0), "tokens_dropped": sum(n - window for n in over)}  # fmt: skip
+        if over:
+            hint = ("pass --max-token-length 150 or 225 to read them in 75-token chunks" if encoder == "CLIP"
+                    else "shorten them" if encoder == "CLIP-L" else "pass --t5-max-length up to 512")  # fmt: skip
+            events.warn(f"{len(over)} of {len(counts)} prompts and captions are longer than the {window} tokens "
+                        f"{encoder} reads here (the longest is {max(over)}; {sum(n - window for n in over)} tokens "
+                        f"are cut off in all): {hint}")  # fmt: skip
+    return out
 
 
 def describe_batch(cfg: TrainConfig, accelerator) -> dict:
@@ -871,7 +893,7 @@ def save_checkpoint(run: Run) -> Path:
 
 def draw_samples(run: Run, folder: Path, trained: dict) -> None:
     """Samples with a fixed seed, so the same prompt at successive checkpoints shows what training changed."""
-    from dreambooth.sample import generate, save_images
+    from dreambooth.sample import chunked_prompts, generate, save_images
 
     cfg, c, device = run.cfg, run.c, run.accelerator.device
     denoiser = trained[c.denoiser_name]
@@ -886,7 +908,7 @@ def draw_samples(run: Run, folder: Path, trained: dict) -> None:
             images = generate(
                 pipe, prompt, cfg.n_save_sample, run.seed, resolution=cfg.resolution, steps=cfg.save_infer_steps,
                 guidance_scale=cfg.save_guidance_scale, negative_prompt=cfg.save_sample_negative_prompt,
-                **run.family.sample_kwargs,
+                embeds=chunked_prompts(run.family, pipe, cfg.max_token_length), **run.family.sample_kwargs,
             )  # fmt: skip
             save_images(images, folder, f"prompt{i}", prompt=prompt, seed=run.seed, step=run.step)
         (folder / "prompts.txt").write_text("\n".join(cfg.save_sample_prompt) + "\n")

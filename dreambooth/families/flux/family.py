@@ -97,6 +97,12 @@ class Flux:
         for name, (what, hint) in refused.items():
             if getattr(cfg, name):
                 raise UserError(f"{what}, and {self.title} is trained by flow matching, where it has no meaning", hint)
+        if cfg.max_token_length != 75:
+            raise UserError(
+                f"--max-token-length {cfg.max_token_length} reads CLIP prompts in chunks; {self.title} reads them "
+                "with T5 (up to 512 tokens), and CLIP-L gives only its pooled output",
+                "drop it; --t5-max-length sets T5's tokens (dev 512, schnell 256)",
+            )
         if cfg.resolution % self.side_multiple:
             multiple = self.side_multiple
             raise UserError(
@@ -165,6 +171,11 @@ class Flux:
 
     def latent_format(self, c: Components) -> LatentFormat:
         return LatentFormat.of(c.vae.config)
+
+    def prompt_windows(self, c: Components) -> list[tuple[str, object, int]]:
+        """(encoder, tokenizer, tokens it reads): CLIP-L's pooled output reads 75, T5 its length less </s>."""
+        t5 = c.extra.get("t5_length", self.t5_length)
+        return [("CLIP-L", c.tokenizers["text_encoder"], 75), ("T5-XXL", c.tokenizers["text_encoder_2"], t5 - 1)]
 
     # ─────────────────────────── a step ───────────────────────────
 

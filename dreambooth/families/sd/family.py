@@ -9,7 +9,9 @@ import torch
 from dreambooth import events
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
+from dreambooth.families.sd import prompts as prompts_in_chunks
 from dreambooth.families.sd.lora import PREFIXES
+from dreambooth.families.sd.prompts import WINDOW
 from dreambooth.objectives import DDPM
 
 TITLES = {"sd1": "Stable Diffusion 1.x", "sd2": "Stable Diffusion 2.x"}
@@ -185,9 +187,28 @@ class StableDiffusion:
         return LatentFormat.of(c.vae.config)
 
     def encode(self, c: Components, prompts: list[str]) -> Conditioning:
-        encoder = c.text_encoders["text_encoder"]
-        ids = tokenize(c.tokenizers["text_encoder"], prompts).to(next(encoder.parameters()).device)
+        return self.encode_text(c.text_encoders, c.tokenizers, prompts, c.extra.get("max_token_length", WINDOW))
+
+    def encode_text(self, encoders: dict, tokenizers: dict, prompts: list[str], max_tokens: int) -> Conditioning:
+        """CLIP's last hidden states (SD 2.x: its penultimate layer's, the last is cut off at conversion); prompts
+        past 75 tokens in chunks with --max-token-length (families/sd/prompts.py)."""
+        encoder, tokenizer = encoders["text_encoder"], tokenizers["text_encoder"]
+        if max_tokens > WINDOW:
+            return {"hidden": prompts_in_chunks.encode(encoder, tokenizer, prompts, max_tokens)[0]}
+        ids = tokenize(tokenizer, prompts).to(next(encoder.parameters()).device)
         return {"hidden": encoder(ids)[0]}
+
+    def pipeline_embeds(self, pipe, prompts: list[str], negative: list[str], max_tokens: int) -> dict:
+        """A pipeline's prompt arguments as embeddings (for prompts read in chunks)."""
+        encoders, tokenizers = {"text_encoder": pipe.text_encoder}, {"text_encoder": pipe.tokenizer}
+        with torch.no_grad():
+            positive = self.encode_text(encoders, tokenizers, prompts, max_tokens)["hidden"]
+            negative = self.encode_text(encoders, tokenizers, negative, max_tokens)["hidden"]
+        return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
+
+    def prompt_windows(self, c: Components) -> list[tuple[str, object, int]]:
+        """(encoder, tokenizer, tokens it reads) for the long-prompt report."""
+        return [("CLIP", c.tokenizers["text_encoder"], c.extra.get("max_token_length", WINDOW))]
 
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         return c.denoiser(noisy, timesteps, cond["hidden"]).sample

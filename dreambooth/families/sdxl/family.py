@@ -10,6 +10,7 @@ import torch
 
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
+from dreambooth.families.sd import prompts as prompts_in_chunks
 from dreambooth.families.sd.family import (
     DEFAULT_LORA_TARGETS,
     ddpm_objective,
@@ -21,6 +22,7 @@ from dreambooth.families.sd.family import (
     unet_lora_targets,
 )
 from dreambooth.families.sd.lora import PREFIXES
+from dreambooth.families.sd.prompts import WINDOW
 from dreambooth.objectives import DDPM
 
 ENCODERS = ("text_encoder", "text_encoder_2")
@@ -107,18 +109,46 @@ class StableDiffusionXL:
         return LatentFormat.of(c.vae.config)
 
     def encode(self, c: Components, prompts: list[str]) -> Conditioning:
+        return self.encode_text(c.text_encoders, c.tokenizers, prompts, c.extra.get("max_token_length", WINDOW))
+
+    def encode_text(self, encoders: dict, tokenizers: dict, prompts: list[str], max_tokens: int) -> Conditioning:
         """Both encoders' penultimate hidden states, concatenated ([B, 77, 768 + 1280] at full size), and encoder
-        2's projected pooled output ([B, 1280]) — what StableDiffusionXLPipeline.encode_prompt computes."""
+        2's projected pooled output ([B, 1280]) — what StableDiffusionXLPipeline.encode_prompt computes; prompts past
+        75 tokens in chunks with --max-token-length, the pooled output the first chunk's (kohya's choice)."""
         hidden = []
         pooled = None
         for name in ENCODERS:
-            encoder = c.text_encoders[name]
-            ids = tokenize(c.tokenizers[name], prompts).to(next(encoder.parameters()).device)
-            out = encoder(ids, output_hidden_states=True)
-            hidden.append(out.hidden_states[-2])
+            encoder, tokenizer = encoders[name], tokenizers[name]
+            if max_tokens > WINDOW:
+                states, pooled_here = prompts_in_chunks.encode(
+                    encoder, tokenizer, prompts, max_tokens, penultimate=True
+                )
+            else:
+                ids = tokenize(tokenizer, prompts).to(next(encoder.parameters()).device)
+                out = encoder(ids, output_hidden_states=True)
+                states, pooled_here = out.hidden_states[-2], getattr(out, "text_embeds", None)
+            hidden.append(states)
             if name == "text_encoder_2":
-                pooled = out.text_embeds
+                pooled = pooled_here
         return {"hidden": torch.cat(hidden, dim=-1), "pooled": pooled}
+
+    def pipeline_embeds(self, pipe, prompts: list[str], negative: list[str], max_tokens: int) -> dict:
+        """A pipeline's prompt arguments as embeddings (for prompts read in chunks); an empty negative prompt is zeros,
+        as the pipeline makes it (force_zeros_for_empty_prompt)."""
+        encoders = {"text_encoder": pipe.text_encoder, "text_encoder_2": pipe.text_encoder_2}
+        tokenizers = {"text_encoder": pipe.tokenizer, "text_encoder_2": pipe.tokenizer_2}
+        with torch.no_grad():
+            positive = self.encode_text(encoders, tokenizers, prompts, max_tokens)
+            negative_cond = self.encode_text(encoders, tokenizers, negative, max_tokens)
+        if not any(negative) and pipe.config.get("force_zeros_for_empty_prompt", True):
+            negative_cond = {k: torch.zeros_like(v) for k, v in negative_cond.items()}
+        return {"prompt_embeds": positive["hidden"], "pooled_prompt_embeds": positive["pooled"],
+                "negative_prompt_embeds": negative_cond["hidden"],
+                "negative_pooled_prompt_embeds": negative_cond["pooled"]}  # fmt: skip
+
+    def prompt_windows(self, c: Components) -> list[tuple[str, object, int]]:
+        """(encoder, tokenizer, tokens it reads): both CLIPs share one vocabulary, so one line says it."""
+        return [("CLIP", c.tokenizers["text_encoder"], c.extra.get("max_token_length", WINDOW))]
 
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         ids = time_ids(geometry, noisy, vae_scale_factor(c.vae)).to(cond["hidden"].dtype)
