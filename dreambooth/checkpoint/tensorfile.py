@@ -37,8 +37,24 @@ TORCH_NAMES = {
 FLOATING = {"F8_E5M2", "F8_E4M3", "F16", "BF16", "F32", "F64"}
 
 
+class TensorFacts:
+    """What a tensor is without its values: its shape and safetensors dtype, its size."""
+
+    shape: tuple[int, ...]
+    dtype_name: str  # safetensors' name: F16, BF16, F32, …
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return ELEMENT_BYTES[self.dtype_name]
+
+    def is_floating_point(self) -> bool:
+        return self.dtype_name in FLOATING
+
+
 @dataclass(frozen=True)
-class StoredTensor:
+class StoredTensor(TensorFacts):
     """One tensor of a .safetensors file, not read: where its bytes are, and how to view them.
 
     It answers what conversion asks of a tensor (`shape`, `numel()`, `element_size()`, `is_floating_point()`,
@@ -60,15 +76,6 @@ class StoredTensor:
     def dtype(self) -> str:
         """torch's name for the dtype (`float16`), for summaries; the file's own name is `dtype_name`."""
         return TORCH_NAMES[self.dtype_name]
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def element_size(self) -> int:
-        return ELEMENT_BYTES[self.dtype_name]
-
-    def is_floating_point(self) -> bool:
-        return self.dtype_name in FLOATING
 
     def reshape(self, *shape: int) -> "StoredTensor":
         if math.prod(shape) != self.numel() or self.transposed:
@@ -114,7 +121,7 @@ class StoredTensor:
 
 
 @dataclass(frozen=True)
-class LazyTensor:
+class LazyTensor(TensorFacts):
     """A tensor made only when it is written: its shape and dtype known up front (the header needs them), its
     values computed by `make` (torch) one tensor at a time, so a file of many computed tensors (a model with a LoRA
     merged in, a fused layout put back together) never holds more than one of them in memory."""
@@ -122,15 +129,6 @@ class LazyTensor:
     shape: tuple[int, ...]
     dtype_name: str  # safetensors' name
     make: Any  # () -> torch tensor of that shape and dtype
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def element_size(self) -> int:
-        return ELEMENT_BYTES[self.dtype_name]
-
-    def is_floating_point(self) -> bool:
-        return self.dtype_name in FLOATING
 
 
 def safetensors_dtype(torch_dtype: Any) -> str:

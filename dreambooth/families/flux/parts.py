@@ -25,6 +25,7 @@ from dreambooth.checkpoint.keymap import from_original
 from dreambooth.checkpoint.tensorfile import StoredTensor
 from dreambooth.errors import UserError
 from dreambooth.families.flux.layout import COMFY_PREFIX, infer_transformer_config, transformer_sources, variant
+from dreambooth.families.sd.components import checked
 from dreambooth.families.sd.layout import vae_sources
 
 # role → the flag that names its file, and what users call it
@@ -236,22 +237,10 @@ def materialize(role: str, config: dict, state: dict[str, Any], dtype, source: s
     # parameters on the meta device (no memory, no init); buffers made as usual (CLIP's position ids are not saved)
     with init_empty_weights(include_buffers=False):
         model = build(role, config)
-    expected = model.state_dict()
-    missing = [k for k in expected if state.get(k) is None]
-    if missing:
-        raise UserError(
-            f"{source} lacks {len(missing)} of the {len(expected)} {role} weights this architecture needs "
-            f"(first: {missing[0]})",
-            "the file is incomplete (a partial download?) or another model's part",
-        )
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state = checked(role, config, state, source, expected).state  # every weight there, each of its shape
     loaded = {}
-    for key, meta in expected.items():
-        t = state[key]
-        if tuple(t.shape) != tuple(meta.shape):
-            raise UserError(
-                f"{source}: {role} weight {key} is {tuple(t.shape)}, expected {tuple(meta.shape)}",
-                "the file is another model's part, or was cut short",
-            )
+    for key, t in state.items():
         t = t.to_torch() if isinstance(t, StoredTensor) else t
         loaded[key] = t.to(dtype) if t.is_floating_point() else t
     model.load_state_dict(loaded, assign=True)

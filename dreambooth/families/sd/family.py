@@ -135,16 +135,59 @@ def _plain(value):
     return list(value) if isinstance(value, tuple | list) else value
 
 
-class StableDiffusion:
+class UNetFamily:
+    """What SD 1.x/2.x and SDXL share: a UNet trained on the base's DDPM schedule, its attention processors, its
+    transformer and ResNet blocks, its LoRA groups and original-layout names, the classic DreamBooth's defaults."""
+
     denoiser_name = "unet"
     side_multiple = 8  # the VAE's 8; the UNet pads odd latent sizes itself
     sample_guidance = 7.5
     sample_steps = 20
     sample_kwargs: ClassVar[dict] = {}
     default_lora_targets = DEFAULT_LORA_TARGETS
-    full_bf16 = False  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 by default
+    full_bf16 = False  # a full fine-tune with --mixed-precision bf16 keeps fp32 masters unless --full-bf16
     checkpoint_holds_base = True  # a full checkpoint links the frozen parts in (a complete diffusers folder)
     half = torch.float16  # --save-fp16 and exports
+    title: str
+
+    def check(self, cfg) -> None:
+        self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
+
+    def objective(self, c: Components, cfg) -> DDPM:
+        return ddpm_objective(c, cfg)
+
+    def latent_format(self, c: Components) -> LatentFormat:
+        return LatentFormat.of(c.vae.config)
+
+    def encode(self, c: Components, prompts: list[str]) -> Conditioning:
+        return self.encode_text(c.text_encoders, c.tokenizers, prompts, c.extra.get("max_token_length", WINDOW))
+
+    def encode_text(self, encoders: dict, tokenizers: dict, prompts: list[str], max_tokens: int) -> Conditioning:
+        raise NotImplementedError
+
+    def prompt_windows(self, c: Components) -> list[tuple[str, object, int]]:
+        """(encoder, tokenizer, tokens it reads) for the long-prompt report (SDXL's two CLIPs share a vocabulary:
+        one line says it for both)."""
+        return [("CLIP", c.tokenizers["text_encoder"], c.extra.get("max_token_length", WINDOW))]
+
+    def set_attention(self, c: Components, attention: str, device: torch.device) -> str:
+        return set_unet_attention(c.denoiser, attention, device)
+
+    def blocks(self, c: Components) -> list[torch.nn.Module]:
+        return unet_blocks(c.denoiser)
+
+    def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets:
+        return unet_lora_targets(tokens, self.title)
+
+    def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
+        return unet_lora_modules(model, suffixes, conv_rank)
+
+    def lora_info(self, denoiser, cfg) -> dict:
+        return unet_lora_info(denoiser)
+
+
+class StableDiffusion(UNetFamily):
+    """SD 1.x and 2.x: one CLIP text encoder."""
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -156,9 +199,6 @@ class StableDiffusion:
 
     def __repr__(self) -> str:
         return f"StableDiffusion({self.name!r})"
-
-    def check(self, cfg) -> None:
-        self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
 
     def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
         """The base model's parts, each in the dtype the adapter asked for."""
@@ -180,15 +220,6 @@ class StableDiffusion:
             vae_dir=vae_dir,
         )
 
-    def objective(self, c: Components, cfg) -> DDPM:
-        return ddpm_objective(c, cfg)
-
-    def latent_format(self, c: Components) -> LatentFormat:
-        return LatentFormat.of(c.vae.config)
-
-    def encode(self, c: Components, prompts: list[str]) -> Conditioning:
-        return self.encode_text(c.text_encoders, c.tokenizers, prompts, c.extra.get("max_token_length", WINDOW))
-
     def encode_text(self, encoders: dict, tokenizers: dict, prompts: list[str], max_tokens: int) -> Conditioning:
         """CLIP's last hidden states (SD 2.x: its penultimate layer's, the last is cut off at conversion); prompts
         past 75 tokens in chunks with --max-token-length (families/sd/prompts.py)."""
@@ -206,27 +237,8 @@ class StableDiffusion:
             negative = self.encode_text(encoders, tokenizers, negative, max_tokens)["hidden"]
         return {"prompt_embeds": positive, "negative_prompt_embeds": negative}
 
-    def prompt_windows(self, c: Components) -> list[tuple[str, object, int]]:
-        """(encoder, tokenizer, tokens it reads) for the long-prompt report."""
-        return [("CLIP", c.tokenizers["text_encoder"], c.extra.get("max_token_length", WINDOW))]
-
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         return c.denoiser(noisy, timesteps, cond["hidden"]).sample
-
-    def set_attention(self, c: Components, attention: str, device: torch.device) -> str:
-        return set_unet_attention(c.denoiser, attention, device)
-
-    def blocks(self, c: Components) -> list[torch.nn.Module]:
-        return unet_blocks(c.denoiser)
-
-    def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets:
-        return unet_lora_targets(tokens, self.title)
-
-    def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
-        return unet_lora_modules(model, suffixes, conv_rank)
-
-    def lora_info(self, denoiser, cfg) -> dict:
-        return unet_lora_info(denoiser)
 
     def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae):
         """A pipeline over the models being trained (no copies), sampling with DDIM like the classic script."""

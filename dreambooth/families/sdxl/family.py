@@ -4,26 +4,15 @@ per image: its original size, the crop's top-left corner and the target size (SD
 what lets it train on crops and odd aspect ratios without learning to draw cut-off subjects)."""
 
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
+from dreambooth.families.base import Components, Conditioning, Dtypes, ResolvedModel
 from dreambooth.families.sd import prompts as prompts_in_chunks
-from dreambooth.families.sd.family import (
-    DEFAULT_LORA_TARGETS,
-    ddpm_objective,
-    set_unet_attention,
-    tokenize,
-    unet_blocks,
-    unet_lora_info,
-    unet_lora_modules,
-    unet_lora_targets,
-)
+from dreambooth.families.sd.family import UNetFamily, tokenize
 from dreambooth.families.sd.lora import PREFIXES
 from dreambooth.families.sd.prompts import WINDOW
-from dreambooth.objectives import DDPM
 
 ENCODERS = ("text_encoder", "text_encoder_2")
 
@@ -48,18 +37,9 @@ def vae_dtype(vae_config: dict, wanted: torch.dtype) -> torch.dtype:
     return torch.float32 if vae_config.get("force_upcast", True) and wanted == torch.float16 else wanted
 
 
-class StableDiffusionXL:
+class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     title = "Stable Diffusion XL"
-    denoiser_name = "unet"
-    side_multiple = 8
-    sample_guidance = 7.5
-    sample_steps = 20
-    sample_kwargs: ClassVar[dict] = {}
-    default_lora_targets = DEFAULT_LORA_TARGETS
-    full_bf16 = False  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 by default
-    checkpoint_holds_base = True  # a full checkpoint links the frozen parts in (a complete diffusers folder)
-    half = torch.float16  # --save-fp16 and exports
 
     def __init__(self) -> None:
         # kohya's sdxl_train_network names: lora_te1 (CLIP ViT-L), lora_te2 (OpenCLIP ViT-bigG); the UNet's
@@ -70,9 +50,6 @@ class StableDiffusionXL:
 
     def __repr__(self) -> str:
         return "StableDiffusionXL()"
-
-    def check(self, cfg) -> None:
-        self.lora_targets(cfg.lora_targets or DEFAULT_LORA_TARGETS)
 
     def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -101,15 +78,6 @@ class StableDiffusionXL:
             prediction_type=scheduler.config.prediction_type,
             vae_dir=vae_dir,
         )
-
-    def objective(self, c: Components, cfg) -> DDPM:
-        return ddpm_objective(c, cfg)
-
-    def latent_format(self, c: Components) -> LatentFormat:
-        return LatentFormat.of(c.vae.config)
-
-    def encode(self, c: Components, prompts: list[str]) -> Conditioning:
-        return self.encode_text(c.text_encoders, c.tokenizers, prompts, c.extra.get("max_token_length", WINDOW))
 
     def encode_text(self, encoders: dict, tokenizers: dict, prompts: list[str], max_tokens: int) -> Conditioning:
         """Both encoders' penultimate hidden states, concatenated ([B, 77, 768 + 1280] at full size), and encoder
@@ -146,29 +114,10 @@ class StableDiffusionXL:
                 "negative_prompt_embeds": negative_cond["hidden"],
                 "negative_pooled_prompt_embeds": negative_cond["pooled"]}  # fmt: skip
 
-    def prompt_windows(self, c: Components) -> list[tuple[str, object, int]]:
-        """(encoder, tokenizer, tokens it reads): both CLIPs share one vocabulary, so one line says it."""
-        return [("CLIP", c.tokenizers["text_encoder"], c.extra.get("max_token_length", WINDOW))]
-
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         ids = time_ids(geometry, noisy, vae_scale_factor(c.vae)).to(cond["hidden"].dtype)
         added = {"text_embeds": cond["pooled"], "time_ids": ids}
         return c.denoiser(noisy, timesteps, cond["hidden"], added_cond_kwargs=added).sample
-
-    def set_attention(self, c: Components, attention: str, device: torch.device) -> str:
-        return set_unet_attention(c.denoiser, attention, device)
-
-    def blocks(self, c: Components) -> list[torch.nn.Module]:
-        return unet_blocks(c.denoiser)
-
-    def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets:
-        return unet_lora_targets(tokens, self.title)
-
-    def lora_modules(self, model, suffixes: tuple[str, ...], conv_rank: int) -> tuple[list[str], list[str]]:
-        return unet_lora_modules(model, suffixes, conv_rank)
-
-    def lora_info(self, denoiser, cfg) -> dict:
-        return unet_lora_info(denoiser)
 
     def sampling_pipeline(self, c: Components, denoiser, text_encoders: dict, vae):
         """A pipeline over the models being trained (no copies), with the release's own Euler sampler."""
