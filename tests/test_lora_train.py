@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.families.base import Dtypes
+from dreambooth.families.base import Dtypes, ResolvedModel
 from tests.train_helpers import base_args, sigterm_at_step
 
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--lora-alpha", 2, "--save-interval", 100)
@@ -166,7 +166,7 @@ def test_exported_lora_files_reproduce_the_trained_model_in_diffusers(cli, model
     (tmp_path / "settings.json").write_text(json.dumps(state["config"]))
     cfg = read_settings(tmp_path / "settings.json")
     family = families.of_folder(model)
-    c = family.load(model, None, Dtypes(torch.float32, torch.float32, torch.float32))
+    c = family.load(ResolvedModel.of_folder(model), Dtypes(torch.float32, torch.float32, torch.float32))
     lora = adapters.get("lora")
     lora.prepare(c, cfg, family)
     lora.restore(c, checkpoint, state)

@@ -147,8 +147,8 @@ def test_an_export_to_a_destination_in_use_is_refused_and_changes_nothing(tmp_pa
 
 
 def test_an_export_holds_its_destination_while_it_writes(tmp_path, model, monkeypatch):
-    from dreambooth.checkpoint import export as export_module
     from dreambooth.cli import main
+    from dreambooth.formats import export as export_module
 
     dest = tmp_path / "models" / "x.safetensors"
     seen = {}

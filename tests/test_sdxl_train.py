@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dreambooth.families.base import Dtypes
+from dreambooth.families.base import Dtypes, ResolvedModel
 from dreambooth.tiny_model import write_tiny_diffusers
 from tests.test_buckets import BUCKET_FLAGS, _captioned_photos
 from tests.train_helpers import base_args, sigterm_at_step
@@ -38,7 +38,7 @@ def test_conditioning_is_what_the_sdxl_pipeline_computes(sdxl):
 
     family = families.of_folder(sdxl)
     assert family.name == "sdxl"
-    c = family.load(sdxl, None, F32)
+    c = family.load(ResolvedModel.of_folder(sdxl), F32)
     pipe = pipeline(sdxl)
     prompts = ["a photo of sks thing", ""]
     with torch.no_grad():
@@ -149,7 +149,7 @@ def test_sdxl_lora_kohya_file_loads_in_diffusers_and_computes_what_we_trained(cl
     state = torch.load(checkpoint / "training_state.pt", weights_only=False)
     (tmp_path / "settings.json").write_text(json.dumps(state["config"]))
     cfg = read_settings(tmp_path / "settings.json")
-    c = families.of_folder(sdxl).load(sdxl, None, F32)
+    c = families.of_folder(sdxl).load(ResolvedModel.of_folder(sdxl), F32)
     lora = adapters.get("lora")
     lora.prepare(c, cfg, families.get("sdxl"))
     lora.restore(c, checkpoint, state)
