@@ -276,6 +276,22 @@ def lora_modules(model: torch.nn.Module, cfg: TrainConfig, family: Family, targe
     return linear, convs
 
 
+def load_trained(family: Family, adapter, model: ResolvedModel, cfg: TrainConfig, dtypes: Dtypes, *,
+                 checkpoint: Path | None = None, state: dict | None = None):  # fmt: skip
+    """The base loaded, its objective named, what trains prepared, and — from a checkpoint — restored: (components,
+    objective, trained models by name). Training starts from here; `sample` draws a checkpoint from here too."""
+    from dreambooth.families.sd.spec import model_type_of
+
+    c = family.load(model, dtypes)
+    c.extra.update(base=model, family=family.name, model_type=model_type_of(family.name, c.prediction_type),
+                   max_token_length=cfg.max_token_length)  # fmt: skip
+    objective = family.objective(c, cfg)  # also what the family keeps of the settings (Flux: T5's length, guidance)
+    trained = adapter.prepare(c, cfg, family)
+    if state is not None:
+        adapter.restore(c, checkpoint, state)
+    return c, objective, trained
+
+
 ADAPTERS = {"full": Full(), "lora": Lora()}
 
 

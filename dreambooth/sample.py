@@ -242,13 +242,9 @@ def _trained_components(checkpoint: Path):
     if cfg.vae is not None and base.folder is not None:  # trained with a replacement VAE: its samples used it
         base = ResolvedModel(base.family, folder=base.folder, vae=cfg.vae)
     family = families.get(base.family)
-    adapter = adapters.get(cfg.adapter)
     dtype = inference_dtype(base.family)
-    c = family.load(base, Dtypes(dtype, dtype, dtype))
-    c.extra.update(base=base, family=family.name, model_type=family.name, max_token_length=cfg.max_token_length)
-    family.objective(c, cfg)  # what the family sets from the settings (Flux: T5's length, dev's guidance input)
-    adapter.prepare(c, cfg, family)
-    adapter.restore(c, checkpoint, state)
+    c, _, _ = adapters.load_trained(family, adapters.get(cfg.adapter), base, cfg, Dtypes(dtype, dtype, dtype),
+                                    checkpoint=checkpoint, state=state)  # fmt: skip
     return family, c, cfg
 
 

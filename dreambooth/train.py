@@ -53,7 +53,6 @@ from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
 from dreambooth.families.sd.prompts import token_counts
-from dreambooth.families.sd.spec import model_type_of
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
 from dreambooth.objectives import Objective
 from dreambooth.plots import loss_plot
@@ -474,17 +473,13 @@ def load_model(
     from (if any) restores it, and the speed levers apply: (components, the objective, the trained models by name,
     the attention implementation)."""
     with whole_on_load(accelerator):
-        c = family.load(model, adapter.dtypes(cfg, weight_dtype))
-    c.extra.update(base=model, max_token_length=cfg.max_token_length)
-    c.extra.update(family=family.name, model_type=model_type_of(family.name, c.prediction_type))
-    objective = family.objective(c, cfg)
+        # restored before the levers: compiled blocks would rename the weights it loads
+        c, objective, trained = adapters.load_trained(family, adapter, model, cfg, adapter.dtypes(cfg, weight_dtype),
+                                                      checkpoint=resume_from, state=state)  # fmt: skip
     attention = family.set_attention(c, cfg.attention, accelerator.device)
-    trained = adapter.prepare(c, cfg, family)
-    if state is not None:  # before the levers: compiled blocks would rename the weights it loads
-        adapter.restore(c, resume_from, state)
     if cfg.gradient_checkpointing:
-        for name, model in trained.items():
-            enable_gradient_checkpointing(model, denoiser=name == c.denoiser_name)
+        for name, module in trained.items():
+            enable_gradient_checkpointing(module, denoiser=name == c.denoiser_name)
     if cfg.channels_last:
         performance.use_channels_last(c.denoiser)
     if cfg.torch_compile:
