@@ -34,8 +34,9 @@ def launched() -> bool:
     return any(name in os.environ for name in _RANK_VARIABLES) or int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Train here, or start the processes the settings ask for and wait for them. Returns the run's report."""
+def train(cfg: TrainConfig, model=None, instance_images: dict | None = None) -> dict:
+    """Train here, or start the processes the settings ask for and wait for them. Returns the run's report.
+    `model`, `instance_images`: resolved and checked by the caller already (each launched process does it anew)."""
     from dreambooth import train as training
 
     if launched() and int(os.environ.get("RANK", "0")) != 0:
@@ -44,7 +45,7 @@ def train(cfg: TrainConfig) -> dict:
     # one run per output folder; the processes our launcher starts inherit the lock (runlock's rule)
     with runlock.hold(cfg.output, runlock.this_command()):
         if launched() or not cfg.launches_processes:
-            return training.train(cfg)
+            return training.train(cfg, model, instance_images)
         return launch(cfg)
 
 

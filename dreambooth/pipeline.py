@@ -333,7 +333,7 @@ def stage_convert(cfg: RunConfig, manifest: Manifest) -> ResolvedModel:
     if model.is_dir():
         check_model_folder(model, "--model")
         manifest.set_stage("convert", {"status": "not needed", "reason": f"{model} is a diffusers folder"})
-        return ResolvedModel.of_folder(model, vae=cfg.train.vae)
+        return resolve_model(cfg.train)
     if not model.is_file():
         raise UserError(f"model {model} does not exist", "set `model` in run.toml (or --model) to your .safetensors")
     if model.suffix.lower() == ".safetensors" and is_flux_file(model):
@@ -353,7 +353,7 @@ def stage_convert(cfg: RunConfig, manifest: Manifest) -> ResolvedModel:
         return (dest / "model_index.json").is_file()
 
     run_stage(manifest, "convert", inputs, body, still_there)
-    return ResolvedModel.of_folder(dest, vae=cfg.train.vae)
+    return resolve_model(replace(cfg.train, model=dest))  # the folder checked, a --vae file converted
 
 
 def base_digest(model: ResolvedModel, manifest: Manifest) -> dict:
@@ -425,7 +425,12 @@ def _caption_digests(train: TrainConfig, manifest: Manifest, instance_images: di
 
 
 def stage_train(
-    cfg: RunConfig, manifest: Manifest, base_digest: dict, instance_images: dict[int, list[Path]], classes: dict
+    cfg: RunConfig,
+    manifest: Manifest,
+    model: ResolvedModel,
+    base_digest: dict,
+    instance_images: dict[int, list[Path]],
+    classes: dict,
 ) -> dict:
     from dreambooth.checkpoints import CHECKPOINTS, latest_checkpoint
     from dreambooth.launch import train  # in this process, or in the processes --num-processes asks for
@@ -453,7 +458,7 @@ def stage_train(
         events.notice(f"{checkpoints} holds checkpoints from an earlier run: training continues from the last one")
 
     def body() -> dict:
-        report = train(replace(cfg.train, model=base, resume=False))
+        report = train(replace(cfg.train, model=base, resume=False), model, instance_images)
         return {
             "final_checkpoint": report["final_checkpoint"],
             "steps": report["steps"],
@@ -526,7 +531,7 @@ def _run_stages(cfg: RunConfig) -> dict:
             model = stage_convert(cfg, manifest)
             base = base_digest(model, manifest)
             classes = stage_classes(cfg, manifest, model, base)
-            trained = stage_train(cfg, manifest, base, instance_images, classes)
+            trained = stage_train(cfg, manifest, model, base, instance_images, classes)
             exported = stage_export(cfg, manifest, trained)
         except BaseException as exc:
             manifest.data.update(

@@ -236,10 +236,11 @@ class Run:
 # ───────────────────────────── train ─────────────────────────────
 
 
-def train(cfg: TrainConfig) -> dict:
+def train(cfg: TrainConfig, model: ResolvedModel | None = None, instance_images: dict | None = None) -> dict:
+    """`model`, `instance_images`: what the caller (`dreambooth run`) resolved and checked already; else done here."""
     started = time.perf_counter()
     with stop_on_signals() as should_stop, input_vanishes(cfg):
-        run = setup(cfg, should_stop)
+        run = setup(cfg, should_stop, model, instance_images)
         if isinstance(run, dict):  # nothing left to train: the report of the finished run
             return run
         try:
@@ -326,17 +327,18 @@ def param_groups(c, trained: dict, lr: float, text_lr: float) -> list[dict]:
     return [{"params": adapters.trainable(trained), "lr": lr}]
 
 
-def setup(cfg: TrainConfig, should_stop) -> "Run | dict":
+def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_images: dict | None) -> "Run | dict":
     started = time.perf_counter()
     # first, so that with several processes only the first one converts, writes and speaks
     accelerator, mixed = make_accelerator(cfg)
 
-    # --- check everything the user gave before anything heavy -----------------------------------------
-    instance_images = preflight(cfg)
+    # --- check everything the user gave before anything heavy (once: `run` has done it already) ----------------
+    instance_images = instance_images if instance_images is not None else preflight(cfg)
     # captions are read (and a file that is not UTF-8 refused) before anything heavy
     instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension)
-    with accelerator.main_process_first():  # a single model or VAE file is converted once, into the shared cache
-        model = resolve_model(cfg)
+    if model is None:
+        with accelerator.main_process_first():  # a single model or VAE file is converted once, into the cache
+            model = resolve_model(cfg)
     if model.vae is not None:  # from here on (class images, checkpoints, exports) the VAE is that folder
         cfg = replace(cfg, vae=model.vae)
     family = families.get(model.family)  # before class images: a model that cannot train stops here
