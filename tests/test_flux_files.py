@@ -264,4 +264,6 @@ def test_kohya_flux_lora_at_real_widths_loads_in_diffusers_and_computes_ours():
                 img_ids=torch.zeros(16, 3))  # fmt: skip
     with torch.no_grad():
         mine, got = ours(**args).sample, theirs(**args).sample
-    assert ((mine - got).norm() / mine.norm()).item() < 1e-5  # seen: ~1e-7
+    error = ((mine - got).norm() / mine.norm()).item()
+    print(f"kohya's fused Flux LoRA re-split by diffusers: relative error {error:.2e}")
+    assert error < 1e-5
