@@ -13,7 +13,7 @@ from dreambooth.errors import UserError
 
 app = typer.Typer(
     name="dreambooth",
-    help="DreamBooth for Stable Diffusion: convert → class images → train → export, offline.",
+    help="DreamBooth for Stable Diffusion 1.x/2.x/XL and FLUX.1: convert → class images → train → export, offline.",
     pretty_exceptions_enable=False,
     no_args_is_help=True,
     add_completion=False,
@@ -637,7 +637,7 @@ def train(
         Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
     ] = None,
 ) -> None:
-    """Fine-tune a Stable Diffusion model on your photos (DreamBooth), with prior preservation."""
+    """Fine-tune a model (SD 1.x/2.x/XL, FLUX.1) on your photos (DreamBooth): the whole model or a LoRA."""
     given = dict(locals())  # first line: every parameter, None where the flag was not given
     from dreambooth import launch
     from dreambooth.config import build_train_config
