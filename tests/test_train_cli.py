@@ -32,7 +32,7 @@ def captured(monkeypatch):
     """Replace the training run by a recorder: these tests are about what the command line builds."""
     configs = []
 
-    def record(cfg):
+    def record(cfg, *resolved):  # (what `run` resolved and checked already, passed on: none from `train`)
         configs.append(cfg)
         return {"steps": 0}
 
