@@ -8,6 +8,7 @@ the kohya/A1111 file the WebUI and ComfyUI load. The training loop asks the adap
 import json
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Dtypes, Family, ResolvedModel
 from dreambooth.families.sd.convert import EXTRAS_FILE
 from dreambooth.fileio import write_json
+from dreambooth.storage import HALF, BaseStorage, is_stored, store, stored_bytes
 
 COPIED = ("tokenizer", "scheduler")  # frozen folders a full checkpoint carries as they are
 
@@ -60,8 +62,13 @@ class Full:
         # what trains stays fp32 ("master weights"): fp16 gradients cannot be unscaled in place, which is the
         # "Attempting to unscale FP16 gradients" failure; the frozen parts run in half precision
         trained = torch.bfloat16 if cfg.full_bf16 else torch.float32  # --full-bf16: no master copy at all
-        text = trained if cfg.train_text_encoder else weight_dtype
-        return Dtypes(denoiser=trained, trained_text=text, frozen=weight_dtype)
+        frozen = HALF.get(cfg.base_precision, weight_dtype)  # --base-precision bf16|fp16; else as computed
+        text = trained if cfg.train_text_encoder else frozen
+        return Dtypes(denoiser=trained, trained_text=text, frozen=frozen)
+
+    def trains_whole(self, cfg: TrainConfig, family: Family) -> set[str]:
+        """The parts that train whole (never stored by --base-precision)."""
+        return {family.denoiser_name, *(family.trainable_text if cfg.train_text_encoder else ())}
 
     def prepare(self, c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
         c.vae.requires_grad_(False)
@@ -151,7 +158,11 @@ class Lora:
     name = "lora"
 
     def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> Dtypes:
-        return Dtypes(denoiser=weight_dtype, trained_text=weight_dtype, frozen=weight_dtype)
+        base = HALF.get(cfg.base_precision, weight_dtype)  # --base-precision bf16|fp16; else as computed
+        return Dtypes(denoiser=base, trained_text=base, frozen=base)
+
+    def trains_whole(self, cfg: TrainConfig, family: Family) -> set[str]:
+        return set()  # the whole base stays frozen: LoRA layers train beside it
 
     def prepare(self, c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
         from peft import LoraConfig, inject_adapter_in_model
@@ -282,14 +293,46 @@ def load_trained(family: Family, adapter, model: ResolvedModel, cfg: TrainConfig
     objective, trained models by name). Training starts from here; `sample` draws a checkpoint from here too."""
     from dreambooth.families.sd.spec import model_type_of
 
-    c = family.load(model, dtypes)
+    roles = {family.denoiser_name, *family.text_encoder_names}
+    storage = BaseStorage(cfg.base_precision, frozenset(roles - adapter.trains_whole(cfg, family)))
+    c = family.load(model, dtypes, storage)
     c.extra.update(base=model, family=family.name, model_type=model_type_of(family.name, c.prediction_type),
-                   max_token_length=cfg.max_token_length)  # fmt: skip
+                   max_token_length=cfg.max_token_length, trainable_text=family.trainable_text)  # fmt: skip
     objective = family.objective(c, cfg)  # also what the family keeps of the settings (Flux: T5's length, guidance)
+    c.extra["base_storage"] = store_base(c, family, storage, dtypes)
     trained = adapter.prepare(c, cfg, family)
     if state is not None:
         adapter.restore(c, checkpoint, state)
     return c, objective, trained
+
+
+def store_base(c: Components, family: Family, storage: BaseStorage, dtypes: Dtypes) -> dict:
+    """The frozen layers --base-precision stores (those a family's loader did not store as it read them), one at a
+    time; what each part's stored layers take, for the report."""
+    out = {}
+    for role, model in c.models.items():
+        roots = family.blocks(model) if role == c.denoiser_name else [model]
+        dtype = dtypes.denoiser if role == c.denoiser_name else dtypes.frozen
+        store(model, storage.layers(role, model, roots), storage.precision, dtype)
+        layers = [m for m in model.modules() if is_stored(m) and isinstance(m, torch.nn.Linear | torch.nn.Conv2d)]
+        if layers:
+            out[role] = {"precision": storage.precision, "layers": len(layers),
+                         "bytes": sum(stored_bytes(m) for m in layers)}  # fmt: skip
+    return out
+
+
+def with_family_defaults(cfg: TrainConfig, family) -> TrainConfig:
+    """What the user left to the family: its LoRA targets, its samples' guidance and steps."""
+    defaults = {
+        "lora_targets": family.default_lora_targets,
+        "save_guidance_scale": family.sample_guidance,
+        "save_infer_steps": family.sample_steps,
+        "full_bf16": family.full_bf16 and cfg.adapter == "full" and cfg.mixed_precision == "bf16",
+    }
+    cfg = replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
+    if cfg.low_vram:  # the family's part of the --low-vram profile, for what the user did not set
+        cfg = replace(cfg, **{k: v for k, v in family.low_vram.items() if k not in cfg.explicit})
+    return cfg
 
 
 ADAPTERS = {"full": Full(), "lora": Lora()}

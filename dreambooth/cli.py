@@ -254,6 +254,8 @@ def _train_flags(args: list[str]) -> dict:
     with command.make_context("dreambooth train", list(args)) as ctx:
         params = dict(ctx.params)
     params.pop("config", None)
+    if params.pop("dry_run", False):
+        raise UserError("--dry-run is a `dreambooth train` flag", "run `dreambooth plan` with the same flags instead")
     return {k: _flag_value(v) for k, v in params.items()}
 
 
@@ -286,7 +288,8 @@ class _TrainCommand(typer.core.TyperCommand):
         "--bucket_reso_steps": "--bucket-step",
     }
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
-        "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"]
+        "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"],
+        "--fp8_base": ["--base-precision", "fp8"],  # kohya's
     }
 
     def parse_args(self, ctx: typer.Context, args: list[str]) -> list[str]:
@@ -353,6 +356,15 @@ class Distributed(StrEnum):
 class AdapterKind(StrEnum):
     full = "full"
     lora = "lora"
+
+
+class BasePrecision(StrEnum):
+    auto = "auto"
+    bf16 = "bf16"
+    fp16 = "fp16"
+    fp8 = "fp8"
+    int8 = "int8"
+    nf4 = "nf4"
 
 
 class Offload(StrEnum):
@@ -586,6 +598,31 @@ def train(
     paged_adam: Annotated[
         bool | None, typer.Option(help="8-bit Adam's states in paged (spillable) memory.", rich_help_panel=_SPEED)
     ] = None,
+    base_precision: Annotated[
+        BasePrecision | None,
+        typer.Option(
+            help="How the frozen base is stored: auto (as --mixed-precision), bf16, fp16, fp8 (1 byte a weight, "
+            "computed in the run's precision; kohya's --fp8_base), int8 or nf4 (bitsandbytes; QLoRA). What trains "
+            "keeps its own precision.",
+            rich_help_panel=_SPEED,
+        ),
+    ] = None,
+    blocks_to_swap: Annotated[
+        int | None,
+        typer.Option(
+            help="LoRA: keep the frozen weights of the denoiser's last N blocks in host memory, each block copied to "
+            "the GPU just before it computes (overlapped with compute).",
+            rich_help_panel=_SPEED,
+        ),
+    ] = None,
+    vram_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Fit the run in this much GPU memory, e.g. 12GB: the levers you did not set (checkpointing, fp8/NF4 "
+            "base, swapped blocks, 8-bit Adam, …) are chosen from the estimate `dreambooth plan` prints.",
+            rich_help_panel=_SPEED,
+        ),
+    ] = None,
     fused_backward: Annotated[
         bool | None,
         typer.Option(help="Update each weight inside backward (no clipping/accumulation).", rich_help_panel=_SPEED),
@@ -636,15 +673,49 @@ def train(
     accelerate_config: Annotated[
         Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
     ] = None,
+    dry_run: Annotated[
+        bool | None,
+        typer.Option(
+            "--dry-run",
+            help="Print the estimated peak GPU memory and host RAM of this run, part by part, and stop (nothing "
+            "loads: `dreambooth plan`).",
+        ),
+    ] = None,
 ) -> None:
     """Fine-tune a model (SD 1.x/2.x/XL, FLUX.1) on your photos (DreamBooth): the whole model or a LoRA."""
     given = dict(locals())  # first line: every parameter, None where the flag was not given
     from dreambooth import launch
     from dreambooth.config import build_train_config
 
-    flags = {k: _flag_value(v) for k, v in given.items() if k != "config"}
+    flags = {k: _flag_value(v) for k, v in given.items() if k not in ("config", "dry_run")}
     cfg = build_train_config(config, flags)
+    if dry_run:
+        _plan(cfg)
+        return
     _training_done(launch.train(cfg))  # in this process, or in the processes it launches
+
+
+@app.command(context_settings=_EXTRA_ARGS)
+def plan(
+    ctx: typer.Context,
+    config: Annotated[Path | None, typer.Option("--config", help="TOML file with the settings; flags win.")] = None,
+) -> None:
+    """Estimate a training run's peak GPU memory and host RAM, part by part, before anything loads.
+
+    Takes `dreambooth train`'s flags (it is `train --dry-run`); with --vram-budget it shows the levers it would pick.
+    """
+    from dreambooth.config import build_train_config
+
+    _plan(build_train_config(config, _train_flags(ctx.args)))
+
+
+def _plan(cfg) -> None:
+    from dreambooth.plan import plan_run
+
+    plan = plan_run(cfg)
+    events.emit("plan", **plan.to_dict())
+    if not events._json_mode and not events.silenced():
+        print(plan.render())
 
 
 @app.command("train-worker", hidden=True)

@@ -33,6 +33,8 @@ LOW_VRAM = {
     "max_grad_norm": 0.0,
 }
 ADAPTERS = ("full", "lora")
+# --base-precision: how the frozen base's big layers are stored (dreambooth/storage.py); auto: as --mixed-precision
+BASE_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
 # flow matching (dreambooth/objectives.py): how σ is drawn, and how the loss is weighted over σ
 TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")
 FLOW_WEIGHTING = ("none", "sigma-sqrt", "cosmap")
@@ -184,6 +186,11 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = None
     lora_conv_rank: int = 0  # > 0: LoCon, the ResNet and resampling 3×3 convolutions too
     lora_conv_alpha: float | None = None  # = --lora-conv-rank when not given
+    # the frozen base (dreambooth/storage.py, blockswap.py): how its big layers are stored, how many of the
+    # denoiser's blocks live in host memory, and the GPU memory the run must fit (dreambooth/plan.py picks levers)
+    base_precision: str = "auto"
+    blocks_to_swap: int = 0
+    vram_budget: str | None = None  # "12GB" (GiB, as cards are sold)
     # speed and memory (dreambooth/performance.py); all off unless asked, --low-vram turns on the memory ones
     low_vram: bool = False
     paged_adam: bool = False
@@ -213,6 +220,8 @@ class TrainConfig:
     accelerate_config: Path | None = None  # an `accelerate config` YAML, passed through to `accelerate launch`
     distributed: str = "ddp"
     offload_optimizer: str = "none"
+    # the settings the user gave (config file or flags), so that profiles chosen later never override them
+    explicit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("model", "output"):
@@ -222,6 +231,7 @@ class TrainConfig:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "concepts", tuple(self.concepts))
         object.__setattr__(self, "save_sample_prompt", tuple(self.save_sample_prompt))
+        object.__setattr__(self, "explicit", tuple(self.explicit))
         if not self.concepts:
             raise UserError(
                 "no training images given",
@@ -287,6 +297,71 @@ class TrainConfig:
         self._check_captions_and_buckets()
         self._check_flow_matching()
         self._check_full_bf16()
+        self._check_base_storage()
+
+    def _check_base_storage(self) -> None:
+        if self.base_precision not in BASE_PRECISIONS:
+            raise UserError(
+                f"--base-precision {self.base_precision!r} is unknown", f"use {' | '.join(BASE_PRECISIONS)}"
+            )
+        if self.base_precision in ("bf16", "fp16") and self.mixed_precision == "no":
+            raise UserError(
+                f"--base-precision {self.base_precision} runs the frozen base in {self.base_precision}, and "
+                "--mixed-precision no computes in fp32",
+                f"add --mixed-precision {self.base_precision}, or use --base-precision fp8 (stored in 8 bits, computed "
+                "in the run's precision)",
+            )
+        if self.base_precision in ("int8", "nf4") and self.adapter == "full":
+            raise UserError(
+                f"--base-precision {self.base_precision} stores the base quantised, which cannot train, and --adapter "
+                "full trains it",
+                "use --adapter lora (QLoRA), or --base-precision fp8 (a full fine-tune then stores the frozen text "
+                "encoders in fp8)",
+            )
+        if self.deepspeed and (self.base_precision != "auto" or self.blocks_to_swap):
+            lever = f"--base-precision {self.base_precision}" if self.base_precision != "auto" else "--blocks-to-swap"
+            raise UserError(
+                f"{lever} and --distributed {self.distributed}: DeepSpeed converts and partitions the model itself",
+                f"use --distributed ddp with {lever}, or drop it",
+            )
+        if self.blocks_to_swap < 0:
+            raise UserError(f"--blocks-to-swap must not be negative (got {self.blocks_to_swap})", "0 turns it off")
+        if self.blocks_to_swap:
+            if self.adapter == "full":
+                raise UserError(
+                    f"--blocks-to-swap {self.blocks_to_swap} keeps frozen weights in host memory, and --adapter full "
+                    "trains every weight of the denoiser",
+                    "use --adapter lora, or for a full fine-tune --use-8bit-adam, --fused-backward and "
+                    "--gradient-checkpointing (--low-vram)",
+                )
+            if self.base_precision in ("int8", "nf4"):
+                raise UserError(
+                    f"--blocks-to-swap moves bf16/fp16/fp8 weights, and --base-precision {self.base_precision} "
+                    "quantises them with bitsandbytes",
+                    "use --base-precision fp8 with --blocks-to-swap, or NF4 without it",
+                )
+            if self.torch_compile:
+                raise UserError(
+                    "--torch-compile and --blocks-to-swap: the swap's copies run between the compiled blocks' calls",
+                    "drop one of them",
+                )
+        if self.vram_budget is not None:
+            object.__setattr__(self, "vram_budget", str(self.vram_budget).strip())
+            self.vram_budget_bytes  # noqa: B018 — checks the value
+
+    @property
+    def vram_budget_bytes(self) -> int | None:
+        """--vram-budget in bytes: 12GB, 12G, 12GiB and 12 all mean 12 GiB (a "12 GB" card has 12 GiB);
+        12000MB is MiB."""
+        if self.vram_budget is None:
+            return None
+        import re
+
+        match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*(gib|gb|g|mib|mb|m)?", self.vram_budget.lower())
+        if not match or float(match.group(1)) <= 0:
+            raise UserError(f"--vram-budget {self.vram_budget!r} is not an amount of memory", "e.g. 12GB or 8000MB")
+        unit = 2**20 if (match.group(2) or "g").startswith("m") else 2**30
+        return int(float(match.group(1)) * unit)
 
     def _check_full_bf16(self) -> None:
         if self.full_bf16 and self.mixed_precision != "bf16":
@@ -511,7 +586,7 @@ class TrainConfig:
         return cls(concepts=concepts, **{k: v for k, v in data.items() if k in known})
 
 
-FIELD_NAMES = {f.name for f in fields(TrainConfig)} - {"concepts"}
+FIELD_NAMES = {f.name for f in fields(TrainConfig)} - {"concepts", "explicit"}
 SINGLE_CONCEPT = ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")
 
 
@@ -582,6 +657,7 @@ def build_train_config(
     settings = read_toml(config_file) if config_file is not None else {}
     given = {k: v for k, v in flags.items() if v is not None}
     settings.update(_normalise_keys(given, "flags"))
+    settings["explicit"] = tuple(sorted(k for k in settings if k in FIELD_NAMES))
     if settings.get("low_vram"):  # a profile: it fills in what neither the file nor the flags set
         settings = {**LOW_VRAM, **settings}
     if "save_sample_prompt" in settings and isinstance(settings["save_sample_prompt"], str):

@@ -155,3 +155,12 @@ def compile_blocks(blocks: list[torch.nn.Module]) -> None:
     Blocks of one kind and size share their compiled code."""
     for block in blocks:
         block.compile()
+
+
+def enable_gradient_checkpointing(model, denoiser: bool) -> None:
+    """Recompute activations in backward: far less memory for ~25 % more time."""
+    if denoiser:  # a diffusers model (UNet or transformer): checkpoints its own blocks
+        model.enable_gradient_checkpointing()
+    else:
+        # non-reentrant: with a frozen embedding (LoRA) the reentrant form would give the layers' LoRA no gradient
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

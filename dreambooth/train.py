@@ -24,7 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dreambooth import adapters, events, families, performance, trackers
+from dreambooth import adapters, events, families, performance, plan, trackers
+from dreambooth.blockswap import BlockSwap
 from dreambooth.checkpoints import (
     CHECKPOINTS,
     REPORT_FILE,
@@ -138,15 +139,6 @@ def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device):
     return make(groups), name
 
 
-def enable_gradient_checkpointing(model, denoiser: bool) -> None:
-    """Recompute activations in backward: far less memory for ~25 % more time."""
-    if denoiser:  # a diffusers model (UNet or transformer): checkpoints its own blocks
-        model.enable_gradient_checkpointing()
-    else:
-        # non-reentrant: with a frozen embedding (LoRA) the reentrant form would give the layers' LoRA no gradient
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-
-
 def quiet_progress_bars() -> None:
     """Our bars are the ones the user reads; the libraries' loading bars would interleave with them."""
     from diffusers.utils import logging as diffusers_logging
@@ -231,6 +223,7 @@ class Run:
     samples_seen: int = 0  # stream positions consumed by all processes together: the data position, any world size
     last_saved: Path | None = None
     text_encoders_train: bool = False
+    swap: BlockSwap | None = None  # --blocks-to-swap
 
 
 # ───────────────────────────── train ─────────────────────────────
@@ -343,7 +336,8 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         cfg = replace(cfg, vae=model.vae)
     family = families.get(model.family)  # before class images: a model that cannot train stops here
     family.check(cfg)
-    cfg = with_family_defaults(cfg, family)
+    cfg = adapters.with_family_defaults(cfg, family)
+    cfg = plan.apply_budget(cfg, family, model)  # --vram-budget: the levers the user left open, chosen to fit
     if cfg.fused_backward and accelerator.num_processes > 1:
         raise UserError(
             f"--fused-backward updates each weight inside backward, and {accelerator.num_processes} processes run",
@@ -374,7 +368,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
 
     # --- the model: its family loads the base, the adapter decides what trains, a checkpoint restores it ---
     adapter = adapters.get(cfg.adapter)
-    c, objective, trained, attention = load_model(
+    c, objective, trained, attention, swap = load_model(
         cfg, accelerator, family, adapter, model, weight_dtype, resume_from=resume_from, state=state
     )
     disk = check_disk(cfg, adapter, c, trained)
@@ -391,6 +385,16 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
     fused = optimizer if isinstance(optimizer, performance.FusedBackwardOptimizer) else None
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
+
+    # --- caches: a frozen VAE / text encoder gives the same output every epoch, so compute it once -------
+    # before the denoiser goes to the GPU: the peak is the encoders' or the denoiser's, never both (Flux's T5-XXL
+    # and transformer together would not fit where each alone does)
+    c.vae.to(device)
+    for encoder in c.text_encoders.values():
+        encoder.to(device)
+    stream = make_stream(cfg, instances, classes, seed, world, state)
+    latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train)
+
     names = list(trained)
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(names, prepared, strict=True))
@@ -401,13 +405,6 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         # (after prepare: DDP refuses to wrap a model of which nothing trains)
         for name in text:
             trained[name].requires_grad_(False)
-    c.vae.to(device)
-    for encoder in c.text_encoders.values():
-        encoder.to(device)
-
-    # --- caches: a frozen VAE / text encoder gives the same output every epoch, so compute it once -------
-    stream = make_stream(cfg, instances, classes, seed, world, state)
-    latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train)
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
 
     run = Run(
@@ -416,6 +413,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         optimizer=optimizer, fused=fused, lr_scheduler=lr_scheduler, stream=stream, latents=latents, prompts=prompts,
         all_examples=all_examples, with_classes=classes is not None, generator=torch.Generator().manual_seed(seed),
         history=History(), seed=seed, setup={}, weight_dtype=weight_dtype, text_encoders_train=text_encoders_train,
+        swap=swap,
     )  # fmt: skip
     if state is not None:
         resume(run, state, resume_from)
@@ -426,6 +424,9 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         "mixed_precision": mixed,
         "optimizer": optimizer_name,
         "attention": attention,
+        "base_precision": cfg.base_precision,
+        "base_storage": c.extra["base_storage"],
+        "block_swap": swap.describe() if swap else None,
         "prediction_type": c.prediction_type,
         "objective": objective.name,
         "seed": seed,
@@ -448,17 +449,6 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     return run
 
 
-def with_family_defaults(cfg: TrainConfig, family) -> TrainConfig:
-    """What the user left to the family: its LoRA targets, its samples' guidance and steps."""
-    defaults = {
-        "lora_targets": family.default_lora_targets,
-        "save_guidance_scale": family.sample_guidance,
-        "save_infer_steps": family.sample_steps,
-        "full_bf16": family.full_bf16 and cfg.adapter == "full" and cfg.mixed_precision == "bf16",
-    }
-    return replace(cfg, **{k: v for k, v in defaults.items() if getattr(cfg, k) is None})
-
-
 def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict | None) -> None:
     if state is not None and state["config"].get("adapter", "full") != cfg.adapter:
         raise UserError(
@@ -472,8 +462,8 @@ def load_model(
     cfg: TrainConfig, accelerator, family, adapter, model: ResolvedModel, weight_dtype, *, resume_from, state
 ):
     """The family loads the base and names its objective, the adapter decides what trains, the checkpoint resumed
-    from (if any) restores it, and the speed levers apply: (components, the objective, the trained models by name,
-    the attention implementation)."""
+    from (if any) restores it, and the speed and memory levers apply: (components, the objective, the trained
+    models by name, the attention implementation, the block swap or None)."""
     with whole_on_load(accelerator):
         # restored before the levers: compiled blocks would rename the weights it loads
         c, objective, trained = adapters.load_trained(family, adapter, model, cfg, adapter.dtypes(cfg, weight_dtype),
@@ -481,14 +471,37 @@ def load_model(
     attention = family.set_attention(c, cfg.attention, accelerator.device)
     if cfg.gradient_checkpointing:
         for name, module in trained.items():
-            enable_gradient_checkpointing(module, denoiser=name == c.denoiser_name)
+            performance.enable_gradient_checkpointing(module, denoiser=name == c.denoiser_name)
     if cfg.channels_last:
         performance.use_channels_last(c.denoiser)
     if cfg.torch_compile:
-        blocks = family.blocks(c)
+        blocks = family.blocks(c.denoiser)
         performance.compile_blocks(blocks)
         events.notice(f"--torch-compile: {len(blocks)} {c.denoiser_name} blocks compile on first use")
-    return c, objective, trained, attention
+    swap = start_block_swap(cfg, family, c, adapter.dtypes(cfg, weight_dtype).denoiser, accelerator.device)
+    return c, objective, trained, attention, swap
+
+
+def start_block_swap(cfg: TrainConfig, family, c: Components, dtype, device) -> BlockSwap | None:
+    """--blocks-to-swap N: the frozen layers of the denoiser's last N blocks move to host memory (before anything
+    goes to the GPU) and come over per use (dreambooth/blockswap.py)."""
+    from dreambooth.storage import storable, store
+
+    if not cfg.blocks_to_swap:
+        return None
+    blocks = family.blocks(c.denoiser)
+    if cfg.blocks_to_swap > len(blocks):
+        raise UserError(
+            f"--blocks-to-swap {cfg.blocks_to_swap}: {family.title}'s {c.denoiser_name} has {len(blocks)} blocks",
+            f"pass at most {len(blocks)}",
+        )
+    swapped = blocks[len(blocks) - cfg.blocks_to_swap :]
+    # what --base-precision did not store already becomes a stored layer in the compute precision
+    store(c.denoiser, storable(c.denoiser, swapped, "auto"), "auto", dtype)
+    swap = BlockSwap(blocks, cfg.blocks_to_swap, device)
+    events.notice(f"--blocks-to-swap {cfg.blocks_to_swap}: {cfg.blocks_to_swap} of {len(blocks)} "
+                  f"{c.denoiser_name} blocks ({human_bytes(swap.swapped_bytes())}) stay in host memory")  # fmt: skip
+    return swap
 
 
 def choose_seed(cfg: TrainConfig, state: dict | None, world: int) -> int:
@@ -638,6 +651,7 @@ def fit(run: Run, should_stop) -> None:
     input_dtype = run.weight_dtype if is_deepspeed(accelerator) else None
     loop_started = time.perf_counter()
     skipped_in_a_row = 0  # fp16 steps the gradient scaler threw away because of inf/NaN gradients
+    swap_bytes = 0
     for model in run.trained.values():
         model.train()
     progress = events.progress("training", cfg.max_train_steps, completed=run.step)
@@ -647,6 +661,7 @@ def fit(run: Run, should_stop) -> None:
                 freeze_text_encoders(run)
 
             total, instance_total, class_total = 0.0, 0.0, 0.0
+            moved = run.swap.bytes_moved if run.swap else 0
             for _ in range(accum):  # gradient accumulation: several micro-batches, one optimizer step
                 batch = run.stream.at(run.samples_seen + rank * cfg.train_batch_size)  # this process's slice
                 run.samples_seen += world * cfg.train_batch_size
@@ -678,6 +693,7 @@ def fit(run: Run, should_stop) -> None:
                 class_total += class_loss.item() / accum
 
             skipped = optimizer_step(run)
+            swap_bytes += (run.swap.bytes_moved - moved) if run.swap else 0  # the steps', not the samples'
             run.step += 1
             # what is logged is the whole batch's loss, the mean over the processes' slices
             total, instance_total, class_total = mean_over_processes(accelerator, total, instance_total, class_total)
@@ -698,6 +714,9 @@ def fit(run: Run, should_stop) -> None:
                               "resume.")  # fmt: skip
                 raise KeyboardInterrupt
     run.history.seconds += time.perf_counter() - loop_started
+    if run.swap is not None:
+        steps = max(1, run.step - run.setup["first_step"])
+        run.setup["block_swap"] = {**run.swap.describe(), "bytes_moved_per_step": swap_bytes // steps}
 
 
 def freeze_text_encoders(run: Run) -> None:

@@ -2,7 +2,6 @@
 it is meant to), and each is checked here on the CPU. What they save on a GPU is measured by bench/train.py."""
 
 import json
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -119,7 +118,7 @@ def test_torch_compile_compiles_the_repeated_blocks_in_place(model, monkeypatch)
     keys = list(unet.state_dict())
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
-    blocks = families.get("sd1").blocks(SimpleNamespace(denoiser=unet))
+    blocks = families.get("sd1").blocks(unet)
     performance.compile_blocks(blocks)
     assert len(blocks) == len(compiled) > 0 and set(compiled) <= {"BasicTransformerBlock", "ResnetBlock2D"}
     assert list(unet.state_dict()) == keys  # checkpoints keep their keys

@@ -125,6 +125,8 @@ class Family(Protocol):
     lora_prefixes: dict[str, str]  # component → kohya module prefix (lora_unet, lora_te, …)
     pipeline_class: str  # the diffusers pipeline of a folder of this family (samples, class images)
     pipeline_options: dict  # what its from_pretrained needs besides the folder
+    text_encoder_names: tuple[str, ...]  # its text encoders' folders (roles), in order
+    trainable_text: tuple[str, ...]  # those --train-text-encoder trains (not Flux's T5)
     side_multiple: int  # image sides are multiples of it (VAE downsampling × the denoiser's own)
     sample_guidance: float  # samples' default guidance scale (classifier-free; Flux-dev: its distilled guidance)
     sample_steps: int  # samples' default denoising steps
@@ -133,11 +135,14 @@ class Family(Protocol):
     full_bf16: bool  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 (no fp32 masters)
     checkpoint_holds_base: bool  # a full fine-tune's checkpoint carries the frozen parts (linked) or only a record
     half: torch.dtype  # the half precision of --save-fp16 and of exports
+    low_vram: dict  # what --low-vram sets for this family besides config.LOW_VRAM (never what the user set)
 
     def check(self, cfg) -> None:
         """Refuse settings that mean nothing for this family (one UserError naming the flag)."""
 
-    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components: ...
+    def load(self, model: ResolvedModel, dtypes: Dtypes, storage=None) -> Components:
+        """The base's parts, each in the dtype asked for. `storage` (storage.BaseStorage): a family that reads
+        weights one by one may store the frozen layers as it goes; adapters.load_trained stores the rest."""
 
     def objective(self, c: Components, cfg) -> Objective: ...
 
@@ -149,10 +154,14 @@ class Family(Protocol):
         self, c: Components, noisy: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning, geometry=None
     ) -> torch.Tensor: ...
 
+    def conditioning_shapes(self, c: Components, batch: int) -> dict[str, tuple[int, ...]]:
+        """The shapes `encode` gives for a batch: `dreambooth plan` runs a step on fake tensors of them."""
+
     def set_attention(self, c: Components, attention: str, device: torch.device) -> str: ...
 
-    def blocks(self, c: Components) -> list[torch.nn.Module]:
-        """The denoiser's repeated blocks: what --torch-compile compiles one by one."""
+    def blocks(self, denoiser: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's repeated blocks, in the order they compute: what --torch-compile compiles one by one,
+        --blocks-to-swap swaps (the last N) and --base-precision stores (their Linear and Conv2d layers)."""
 
     def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets: ...
 

@@ -70,9 +70,13 @@ class Flux:
     full_bf16 = True  # a full fine-tune with --mixed-precision bf16 keeps its weights in bf16 by default
     checkpoint_holds_base = False  # a full checkpoint holds what trained; T5-XXL alone is 9.5 GB
     half = torch.bfloat16  # --save-fp16 and exports: what the releases ship (fp16 overflows Flux's activations)
+    # --low-vram adds to the shared profile (config.LOW_VRAM): the frozen 12 B transformer and T5 stored in fp8
+    low_vram: ClassVar[dict] = {"base_precision": "fp8"}
     # kohya's names: the transformer's modules in BFL's layout as lora_unet_…, CLIP-L as lora_te1_
     lora_prefixes: ClassVar[dict] = {"transformer": "lora_unet", "text_encoder": "lora_te1"}
     pipeline_class = "FluxPipeline"
+    text_encoder_names = ("text_encoder", "text_encoder_2")
+    trainable_text = ("text_encoder",)  # T5-XXL is never trained
     pipeline_options: ClassVar[dict] = {}
 
     def __init__(self, name: str) -> None:
@@ -119,13 +123,19 @@ class Flux:
 
     # ─────────────────────────── loading ───────────────────────────
 
-    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
+    def load(self, model: ResolvedModel, dtypes: Dtypes, storage=None) -> Components:
         """The transformer, CLIP-L (which may train), T5-XXL (frozen), the VAE; from a diffusers folder or from the
-        original files, each in the dtype the adapter asked for."""
+        original files, each in the dtype the adapter asked for. From the files, the frozen layers --base-precision
+        stores are stored as they are read (`storage`: a storage.BaseStorage); a folder's after loading."""
         if model.folder is not None:
             models = parts.load_folder(model.folder, model.vae, dtypes)
         else:
-            models = parts.load_files(model, dtypes)
+
+            def store(role, part):
+                roots = self.blocks(part) if role == self.denoiser_name else [part]
+                return (storage.layers(role, part, roots), storage.precision) if storage else ([], None)
+
+            models = parts.load_files(model, dtypes, store)
         transformer, clip, t5, vae, scheduler = models
         c = Components(
             denoiser=transformer,
@@ -137,8 +147,8 @@ class Flux:
             prediction_type="flow",
             vae_dir=model.vae,
             denoiser_name=self.denoiser_name,
+            extra={"trainable_text": self.trainable_text},  # T5-XXL never trains
         )
-        c.extra["trainable_text"] = ("text_encoder",)  # T5-XXL is never trained
         return c
 
     def tokenizers(self, model: ResolvedModel) -> dict:
@@ -193,6 +203,12 @@ class Flux:
         hidden = t5(ids.to(next(t5.parameters()).device), output_hidden_states=False)[0]
         return {"hidden": hidden, "pooled": pooled}
 
+    def conditioning_shapes(self, c: Components, batch: int) -> dict[str, tuple[int, ...]]:
+        """What `encode` gives for a batch (dreambooth plan runs a step on such shapes): T5's and CLIP-L's."""
+        config = c.denoiser.config
+        length = c.extra.get("t5_length", self.t5_length)
+        return {"hidden": (batch, length, config.joint_attention_dim), "pooled": (batch, config.pooled_projection_dim)}
+
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         """The transformer on the packed noisy latents at σ (`timesteps`); its velocity unpacked to [B, C, H, W]."""
         b, _, height, width = noisy.shape
@@ -219,8 +235,8 @@ class Flux:
             events.notice(f"--attention xformers: {self.title} runs its joint attention with PyTorch SDPA")
         return "sdpa"
 
-    def blocks(self, c: Components) -> list[torch.nn.Module]:
-        return [*c.denoiser.transformer_blocks, *c.denoiser.single_transformer_blocks]
+    def blocks(self, denoiser) -> list[torch.nn.Module]:
+        return [*denoiser.transformer_blocks, *denoiser.single_transformer_blocks]
 
     # ─────────────────────────── LoRA ───────────────────────────
 

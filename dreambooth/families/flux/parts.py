@@ -230,26 +230,47 @@ def part_config(role: str, tensors: dict[str, Any], model_type: str, source: str
         ) from None
 
 
-def materialize(role: str, config: dict, state: dict[str, Any], dtype, source: str):
-    """The model, its weights assigned from `state`, each tensor read and cast to `dtype` on its own."""
+def materialize(role: str, config: dict, state: dict[str, Any], dtype, source: str, store=None):
+    """The model, its weights assigned from `state`, each tensor read and cast to `dtype` on its own. `store`
+    (role, model) → the names of the layers --base-precision stores: each is stored the moment its weights are in,
+    so a base is quantised on the way (memory holds the stored model and one layer, never two copies)."""
     from accelerate import init_empty_weights
+
+    from dreambooth import storage
 
     # parameters on the meta device (no memory, no init); buffers made as usual (CLIP's position ids are not saved)
     with init_empty_weights(include_buffers=False):
         model = build(role, config)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = checked(role, config, state, source, expected).state  # every weight there, each of its shape
-    loaded = {}
+    stored, precision = store(role, model) if store is not None else ([], None)
+    waiting = {name: len(model.get_submodule(name).state_dict()) for name in stored}
     for key, t in state.items():
         t = t.to_torch() if isinstance(t, StoredTensor) else t
-        loaded[key] = t.to(dtype) if t.is_floating_point() else t
-    model.load_state_dict(loaded, assign=True)
+        module_name, _, leaf = key.rpartition(".")
+        _assign(model.get_submodule(module_name), leaf, t.to(dtype) if t.is_floating_point() else t)
+        if module_name in waiting:
+            waiting[module_name] -= 1
+            if not waiting[module_name]:  # all of this layer's weights are in: store it now
+                storage.replace(model, module_name, storage.store_layer(model.get_submodule(module_name), precision,
+                                                                         dtype))  # fmt: skip
     if role == "text_encoder_2":
         model.encoder.embed_tokens = model.shared  # one embedding, as T5 has it
     return model.eval()
 
 
-def load_part(role: str, tensors: dict[str, Any], model_type: str, dtype, source: str, metadata=None):
+def _assign(module, name: str, tensor) -> None:
+    """A parameter or buffer of `module` replaced by `tensor` (what load_state_dict(assign=True) does per key)."""
+    import torch
+
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = tensor
+
+
+def load_part(role: str, tensors: dict[str, Any], model_type: str, dtype, source: str, metadata=None, store=None):
     """One part from its original-layout tensors (prefix removed): (model, config)."""
     config = part_config(role, tensors, model_type, source, metadata)
     try:
@@ -258,11 +279,12 @@ def load_part(role: str, tensors: dict[str, Any], model_type: str, dtype, source
         raise UserError(
             f"{source} lacks {role} weight {exc.args[0]}", "the file is incomplete (a partial download?)"
         ) from None
-    return materialize(role, config, state, dtype, source), config
+    return materialize(role, config, state, dtype, source, store), config
 
 
-def load_files(model, dtypes):
-    """(transformer, CLIP-L, T5, VAE, scheduler) from the original files of a ResolvedModel."""
+def load_files(model, dtypes, store=None):
+    """(transformer, CLIP-L, T5, VAE, scheduler) from the original files of a ResolvedModel; `store` as for
+    `materialize`."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from dreambooth.checkpoint.load import open_checkpoint
@@ -275,7 +297,8 @@ def load_files(model, dtypes):
             opened[part.path] = open_checkpoint(part.path)
         ckpt = opened[part.path]
         source = f"{ROLES[role][0]} {part.path}"
-        return load_part(role, strip(ckpt.tensors, part.prefix), model.family, dtype, source, ckpt.metadata)[0]
+        tensors = strip(ckpt.tensors, part.prefix)
+        return load_part(role, tensors, model.family, dtype, source, ckpt.metadata, store)[0]
 
     transformer = load("transformer", dtypes.denoiser)
     clip = load("text_encoder", dtypes.trained_text)

@@ -74,11 +74,21 @@ def set_unet_attention(unet, attention: str, device: torch.device) -> str:
 
 
 def unet_blocks(unet) -> list[torch.nn.Module]:
-    """The UNet's transformer and ResNet blocks: blocks of one kind and size share their compiled code."""
+    """The UNet's transformer and ResNet blocks in the order they compute (each level's ResNet, then its
+    attention's transformer blocks; the middle's attention between its two ResNets): blocks of one kind and size
+    share their compiled code, and a swap prefetches the next one."""
     from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.resnet import ResnetBlock2D
 
-    return [m for m in unet.modules() if isinstance(m, BasicTransformerBlock | ResnetBlock2D)]
+    order = []
+    for level in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]:
+        resnets, attentions = list(level.resnets), list(getattr(level, "attentions", None) or [])
+        if level is unet.mid_block:  # resnet, (attention, resnet)…
+            parts = resnets[:1] + [m for pair in zip(attentions, resnets[1:], strict=False) for m in pair]
+        else:  # (resnet, attention)…
+            parts = [m for i, resnet in enumerate(resnets) for m in (resnet, *attentions[i : i + 1])]
+        order += [m for part in parts for m in part.modules() if isinstance(m, BasicTransformerBlock | ResnetBlock2D)]
+    return order
 
 
 def expand_lora_targets(tokens: tuple[str, ...], groups: dict[str, tuple[str, ...]], what: str) -> tuple[str, ...]:
@@ -148,6 +158,7 @@ class UNetFamily:
     full_bf16 = False  # a full fine-tune with --mixed-precision bf16 keeps fp32 masters unless --full-bf16
     checkpoint_holds_base = True  # a full checkpoint links the frozen parts in (a complete diffusers folder)
     half = torch.float16  # --save-fp16 and exports
+    low_vram: ClassVar[dict] = {}  # --low-vram: the shared profile (config.LOW_VRAM) is all a UNet needs
     title: str
 
     def check(self, cfg) -> None:
@@ -170,11 +181,15 @@ class UNetFamily:
         one line says it for both)."""
         return [("CLIP", c.tokenizers["text_encoder"], c.extra.get("max_token_length", WINDOW))]
 
+    def conditioning_shapes(self, c: Components, batch: int) -> dict[str, tuple[int, ...]]:
+        """What `encode` gives for a batch of 75-token prompts (dreambooth plan runs a step on such shapes)."""
+        return {"hidden": (batch, WINDOW + 2, c.denoiser.config.cross_attention_dim)}
+
     def set_attention(self, c: Components, attention: str, device: torch.device) -> str:
         return set_unet_attention(c.denoiser, attention, device)
 
-    def blocks(self, c: Components) -> list[torch.nn.Module]:
-        return unet_blocks(c.denoiser)
+    def blocks(self, denoiser) -> list[torch.nn.Module]:
+        return unet_blocks(denoiser)
 
     def lora_targets(self, tokens: tuple[str, ...]) -> LoraTargets:
         return unet_lora_targets(tokens, self.title)
@@ -195,12 +210,13 @@ class StableDiffusion(UNetFamily):
         # the kohya/A1111 convention: SD 1.x and 2.x share the names (the text encoder in the Hugging Face CLIP layout)
         self.lora_prefixes = PREFIXES[name]
         self.pipeline_class = "StableDiffusionPipeline"  # what samples and class images come from
+        self.text_encoder_names = self.trainable_text = ("text_encoder",)
         self.pipeline_options = {"safety_checker": None, "requires_safety_checker": False}
 
     def __repr__(self) -> str:
         return f"StableDiffusion({self.name!r})"
 
-    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
+    def load(self, model: ResolvedModel, dtypes: Dtypes, storage=None) -> Components:
         """The base model's parts, each in the dtype the adapter asked for."""
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer

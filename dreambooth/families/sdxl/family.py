@@ -46,12 +46,13 @@ class StableDiffusionXL(UNetFamily):
         # modules in the original (SGM) layout, see families/sd/lora.py
         self.lora_prefixes = PREFIXES["sdxl"]
         self.pipeline_class = "StableDiffusionXLPipeline"
+        self.text_encoder_names = self.trainable_text = ENCODERS
         self.pipeline_options = {}
 
     def __repr__(self) -> str:
         return "StableDiffusionXL()"
 
-    def load(self, model: ResolvedModel, dtypes: Dtypes) -> Components:
+    def load(self, model: ResolvedModel, dtypes: Dtypes, storage=None) -> Components:
         from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -113,6 +114,10 @@ class StableDiffusionXL(UNetFamily):
         return {"prompt_embeds": positive["hidden"], "pooled_prompt_embeds": positive["pooled"],
                 "negative_prompt_embeds": negative_cond["hidden"],
                 "negative_pooled_prompt_embeds": negative_cond["pooled"]}  # fmt: skip
+
+    def conditioning_shapes(self, c: Components, batch: int) -> dict[str, tuple[int, ...]]:
+        pooled = c.text_encoders["text_encoder_2"].config.projection_dim
+        return {**super().conditioning_shapes(c, batch), "pooled": (batch, pooled)}
 
     def predict(self, c: Components, noisy, timesteps, cond: Conditioning, geometry=None) -> torch.Tensor:
         ids = time_ids(geometry, noisy, vae_scale_factor(c.vae)).to(cond["hidden"].dtype)
