@@ -278,3 +278,30 @@ def stored_bytes(module: nn.Module) -> int:
 
 def stored_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, _Stored)]
+
+
+# ───────────────────────────── loading into stored layers ─────────────────────────────
+
+
+def assign_streamed(model: nn.Module, state: dict, dtype: torch.dtype, stored: list[str], precision: str) -> None:
+    """Put `state`'s tensors into `model` (built on the meta device) one at a time, each read (a file's tensor is
+    read now) and cast to `dtype`; each layer named in `stored` is stored the moment all its weights are in. Memory
+    holds the stored model and one layer in `dtype`, never two copies of the model."""
+    waiting = {name: len(model.get_submodule(name).state_dict()) for name in stored}
+    for key, t in state.items():
+        t = t.to_torch() if hasattr(t, "to_torch") else t  # a checkpoint.tensorfile.StoredTensor: read it now
+        module_name, _, leaf = key.rpartition(".")
+        _assign(model.get_submodule(module_name), leaf, t.to(dtype) if t.is_floating_point() else t)
+        if module_name in waiting:
+            waiting[module_name] -= 1
+            if not waiting[module_name]:  # all of this layer's weights are in: store it now
+                replace(model, module_name, store_layer(model.get_submodule(module_name), precision, dtype))
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    """A parameter or buffer of `module` replaced by `tensor` (what load_state_dict(assign=True) does per key)."""
+    if name in module._parameters:
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(tensor, requires_grad=old.requires_grad)
+    else:
+        module._buffers[name] = tensor

@@ -345,3 +345,44 @@ def test_bad_storage_settings_are_one_line_and_exit_2(cli, model, photos, tmp_pa
     result = cli(*base_args(model, photos, tmp_path / "out", *flags))
     assert result.exit_code == 2, result.stderr
     assert expected in result.stderr and "Traceback" not in result.stderr
+
+
+# ───────────────────────────── loading into stored layers ─────────────────────────────
+
+
+@pytest.mark.parametrize("kind", ["sd1", "sdxl", "flux"])
+def test_a_folder_part_streams_into_stored_layers_as_loading_then_storing_would(tmp_path, kind):
+    """fp8 parts are read tensor by tensor into stored layers (never whole in the load precision): the same weights
+    as from_pretrained followed by storing, T5's embedding still one tensor under both names."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    from dreambooth.families import stream
+    from dreambooth.storage import BaseStorage
+    from dreambooth.tiny_model import write_tiny_diffusers, write_tiny_flux
+
+    if kind == "flux":
+        folder = write_tiny_flux(tmp_path / kind, 0)
+        parts = [("transformer", FluxTransformer2DModel), ("text_encoder", CLIPTextModel),
+                 ("text_encoder_2", T5EncoderModel)]  # fmt: skip
+    else:
+        folder = write_tiny_diffusers(tmp_path / kind, 0, kind)
+        parts = [("unet", UNet2DConditionModel), ("text_encoder", CLIPTextModel)]
+        parts += [("text_encoder_2", CLIPTextModelWithProjection)] if kind == "sdxl" else []
+    for role, cls in parts:
+        storage = BaseStorage("fp8", frozenset({role}))
+        streamed = stream.load_part(cls, folder / role, role, torch.float32, storage)
+        loaded = cls.from_pretrained(folder / role)
+        store(loaded, storage.layers(role, loaded, [loaded]), "fp8", torch.float32)
+        for (name, a), (other, b) in zip(_weights(streamed), _weights(loaded), strict=True):
+            assert name == other and a.dtype == b.dtype and torch.equal(a, b), (role, name)
+        assert any(isinstance(m, StoredLinear) for m in streamed.modules()), role
+        if role == "text_encoder_2" and kind == "flux":
+            assert streamed.shared.weight is streamed.encoder.embed_tokens.weight
+
+
+def _weights(model):
+    """Every weight by name, a stored layer's as stored."""
+    out = [(n, p.detach()) for n, p in model.named_parameters()]
+    out += [(f"{n}.stored", m.stored) for n, m in model.named_modules() if isinstance(m, StoredLinear | StoredConv2d)]
+    return sorted(out, key=lambda x: x[0])

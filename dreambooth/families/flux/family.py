@@ -125,10 +125,10 @@ class Flux:
 
     def load(self, model: ResolvedModel, dtypes: Dtypes, storage=None) -> Components:
         """The transformer, CLIP-L (which may train), T5-XXL (frozen), the VAE; from a diffusers folder or from the
-        original files, each in the dtype the adapter asked for. From the files, the frozen layers --base-precision
-        stores are stored as they are read (`storage`: a storage.BaseStorage); a folder's after loading."""
+        original files, each in the dtype the adapter asked for. The frozen layers --base-precision stores are
+        stored as they are read (`storage`: a storage.BaseStorage)."""
         if model.folder is not None:
-            models = parts.load_folder(model.folder, model.vae, dtypes)
+            models = parts.load_folder(model.folder, model.vae, dtypes, storage, self.blocks)
         else:
 
             def store(role, part):

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.checkpoint.keymap import from_original
-from dreambooth.checkpoint.tensorfile import StoredTensor
 from dreambooth.errors import UserError
 from dreambooth.families.flux.layout import COMFY_PREFIX, infer_transformer_config, transformer_sources, variant
 from dreambooth.families.sd.components import checked
@@ -244,30 +243,10 @@ def materialize(role: str, config: dict, state: dict[str, Any], dtype, source: s
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     state = checked(role, config, state, source, expected).state  # every weight there, each of its shape
     stored, precision = store(role, model) if store is not None else ([], None)
-    waiting = {name: len(model.get_submodule(name).state_dict()) for name in stored}
-    for key, t in state.items():
-        t = t.to_torch() if isinstance(t, StoredTensor) else t
-        module_name, _, leaf = key.rpartition(".")
-        _assign(model.get_submodule(module_name), leaf, t.to(dtype) if t.is_floating_point() else t)
-        if module_name in waiting:
-            waiting[module_name] -= 1
-            if not waiting[module_name]:  # all of this layer's weights are in: store it now
-                storage.replace(model, module_name, storage.store_layer(model.get_submodule(module_name), precision,
-                                                                         dtype))  # fmt: skip
+    storage.assign_streamed(model, state, dtype, stored, precision)
     if role == "text_encoder_2":
         model.encoder.embed_tokens = model.shared  # one embedding, as T5 has it
     return model.eval()
-
-
-def _assign(module, name: str, tensor) -> None:
-    """A parameter or buffer of `module` replaced by `tensor` (what load_state_dict(assign=True) does per key)."""
-    import torch
-
-    if name in module._parameters:
-        old = module._parameters[name]
-        module._parameters[name] = torch.nn.Parameter(tensor, requires_grad=old.requires_grad)
-    else:
-        module._buffers[name] = tensor
 
 
 def load_part(role: str, tensors: dict[str, Any], model_type: str, dtype, source: str, metadata=None, store=None):
@@ -314,15 +293,20 @@ def _vae_folder(folder: Path, dtype):
     return AutoencoderKL.from_pretrained(folder, dtype=dtype)
 
 
-def load_folder(folder: Path, vae: Path | None, dtypes):
-    """(transformer, CLIP-L, T5, VAE, scheduler) from a diffusers Flux folder."""
+def load_folder(folder: Path, vae: Path | None, dtypes, storage=None, roots=None):
+    """(transformer, CLIP-L, T5, VAE, scheduler) from a diffusers Flux folder; the parts `storage` stores are read
+    into stored layers tensor by tensor (`roots`: the transformer's blocks)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
+    from dreambooth.families import stream
+
     return (
-        FluxTransformer2DModel.from_pretrained(folder / "transformer", dtype=dtypes.denoiser),
-        CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtypes.trained_text),
-        T5EncoderModel.from_pretrained(folder / "text_encoder_2", dtype=dtypes.frozen),
+        stream.load_part(
+            FluxTransformer2DModel, folder / "transformer", "transformer", dtypes.denoiser, storage, roots
+        ),
+        stream.load_part(CLIPTextModel, folder / "text_encoder", "text_encoder", dtypes.trained_text, storage),
+        stream.load_part(T5EncoderModel, folder / "text_encoder_2", "text_encoder_2", dtypes.frozen, storage),
         AutoencoderKL.from_pretrained(vae or folder / "vae", dtype=dtypes.frozen),
         FlowMatchEulerDiscreteScheduler.from_pretrained(folder / "scheduler"),
     )

@@ -8,6 +8,7 @@ import torch
 
 from dreambooth import events
 from dreambooth.errors import UserError
+from dreambooth.families import stream
 from dreambooth.families.base import Components, Conditioning, Dtypes, LatentFormat, LoraTargets, ResolvedModel
 from dreambooth.families.sd import prompts as prompts_in_chunks
 from dreambooth.families.sd.lora import PREFIXES
@@ -224,10 +225,15 @@ class StableDiffusion(UNetFamily):
         model_dir, vae_dir = model.folder, model.vae
         scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
         return Components(
-            denoiser=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes.denoiser),
+            # the parts --base-precision stores are read into stored layers tensor by tensor (families/stream.py)
+            denoiser=stream.load_part(
+                UNet2DConditionModel, model_dir / "unet", "unet", dtypes.denoiser, storage, self.blocks
+            ),
             vae=AutoencoderKL.from_pretrained(vae_dir or model_dir / "vae", dtype=dtypes.frozen),
             text_encoders={
-                "text_encoder": CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtypes.trained_text)
+                "text_encoder": stream.load_part(
+                    CLIPTextModel, model_dir / "text_encoder", "text_encoder", dtypes.trained_text, storage
+                )
             },
             tokenizers={"text_encoder": CLIPTokenizer.from_pretrained(model_dir / "tokenizer")},
             scheduler=scheduler,

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dreambooth.errors import UserError
+from dreambooth.families import stream
 from dreambooth.families.base import Components, Conditioning, Dtypes, ResolvedModel
 from dreambooth.families.sd import prompts as prompts_in_chunks
 from dreambooth.families.sd.family import UNetFamily, tokenize
@@ -62,13 +63,13 @@ class StableDiffusionXL(UNetFamily):
         # the release ships an Euler sampler's config; training noises with DDPM on the same beta schedule
         scheduler = DDPMScheduler.from_pretrained(model_dir / "scheduler")
         return Components(
-            denoiser=UNet2DConditionModel.from_pretrained(model_dir / "unet", dtype=dtypes.denoiser),
+            denoiser=stream.load_part(
+                UNet2DConditionModel, model_dir / "unet", "unet", dtypes.denoiser, storage, self.blocks
+            ),
             vae=AutoencoderKL.from_pretrained(vae_folder, dtype=vae_dtype(vae_config, dtypes.frozen)),
             text_encoders={
-                "text_encoder": CLIPTextModel.from_pretrained(model_dir / "text_encoder", dtype=dtypes.trained_text),
-                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
-                    model_dir / "text_encoder_2", dtype=dtypes.trained_text
-                ),
+                name: stream.load_part(cls, model_dir / name, name, dtypes.trained_text, storage)
+                for name, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection))
             },
             tokenizers={
                 "text_encoder": CLIPTokenizer.from_pretrained(model_dir / "tokenizer"),
@@ -111,9 +112,12 @@ class StableDiffusionXL(UNetFamily):
             negative_cond = self.encode_text(encoders, tokenizers, negative, max_tokens)
         if not any(negative) and pipe.config.get("force_zeros_for_empty_prompt", True):
             negative_cond = {k: torch.zeros_like(v) for k, v in negative_cond.items()}
-        return {"prompt_embeds": positive["hidden"], "pooled_prompt_embeds": positive["pooled"],
-                "negative_prompt_embeds": negative_cond["hidden"],
-                "negative_pooled_prompt_embeds": negative_cond["pooled"]}  # fmt: skip
+        return {
+            "prompt_embeds": positive["hidden"],
+            "pooled_prompt_embeds": positive["pooled"],
+            "negative_prompt_embeds": negative_cond["hidden"],
+            "negative_pooled_prompt_embeds": negative_cond["pooled"],
+        }
 
     def conditioning_shapes(self, c: Components, batch: int) -> dict[str, tuple[int, ...]]:
         pooled = c.text_encoders["text_encoder_2"].config.projection_dim
