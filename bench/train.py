@@ -98,6 +98,7 @@ class Config:
     memory_cap_gb: float | None = None  # torch.cuda.set_per_process_memory_fraction: prove a small card's claim
     gpu_only: bool = False  # needs CUDA (paging, xformers) or is pointless on a CPU (compile): not in --smoke
     family: str = "sd15"  # sd15 (full fine-tune, train_dreambooth.py) | flux (LoRA, train_dreambooth_lora_flux.py)
+    # | sdxl (ours only)
     lora_rank: int = 16  # flux: the LoRA's rank (both programs)
     resolution: int | None = None  # this configuration's own (default: the run's --resolution)
 
@@ -198,6 +199,39 @@ CONFIGS += [
     Config("ours-flux-lora-1024", "ours", "the same settings, 1024 px", resolution=1024, **FLUX),
     Config("ours-flux-lora-all-linear", "ours", "rank 16, kohya's targets (every linear layer of the blocks)",
            levers=("--lora-targets", "all-linear"), **FLUX),
+]  # fmt: skip
+# The frozen base's levers (--base-precision, --blocks-to-swap): ours only, each with `dreambooth plan`'s estimate
+# recorded beside the measured peak. Caps prove the small-card targets: Flux LoRA at 1024 px in 12 GiB with NF4 or
+# fp8 + swapped blocks, 24 GiB with a bf16 base; SDXL LoRA in 8; SDXL full in 16; SD 1.5 LoRA in 4.
+SD_LORA = ("--adapter", "lora", "--lora-rank", "16", "--lora-alpha", "16")
+SDXL = {"family": "sdxl", "mixed_precision": "bf16", "resolution": 1024, "gpu_only": True}
+CONFIGS += [
+    Config("ours-sd15-lora-cap4", "ours", "SD 1.5 LoRA rank 16, capped at 4 GiB", levers=SD_LORA, memory_cap_gb=4,
+           gpu_only=True),
+    Config("ours-sdxl-lora-cap8", "ours", "SDXL LoRA rank 16, 1024 px, capped at 8 GiB", levers=SD_LORA,
+           memory_cap_gb=8, **SDXL),
+    Config("ours-sdxl-lora-fp8", "ours", "SDXL LoRA rank 16, 1024 px, fp8 base", levers=(*SD_LORA,
+           "--base-precision", "fp8"), **SDXL),
+    Config("ours-sdxl-full-cap16", "ours", "SDXL full, 1024 px, bf16 weights (--full-bf16), fused backward, fp8 "
+           "frozen text encoders, 16 GiB", levers=("--full-bf16", "--fused-backward", *NO_CLIP, "--base-precision",
+           "fp8"), memory_cap_gb=16, **SDXL),
+    Config("ours-flux-lora-fp8", "ours", "rank 16, 512 px, fp8 base", levers=("--base-precision", "fp8"), gpu_only=True,
+           **FLUX),
+    Config("ours-flux-lora-nf4", "ours", "rank 16, 512 px, NF4 base", levers=("--base-precision", "nf4"), gpu_only=True,
+           **FLUX),
+    Config("ours-flux-lora-1024-cap24", "ours", "rank 16, 1024 px, bf16 base, capped at 24 GiB", resolution=1024,
+           memory_cap_gb=24, gpu_only=True, **FLUX),
+    Config("ours-flux-lora-1024-fp8", "ours", "rank 16, 1024 px, fp8 base", resolution=1024,
+           levers=("--base-precision", "fp8"), gpu_only=True, **FLUX),
+    Config("ours-flux-lora-1024-nf4-cap12", "ours", "rank 16, 1024 px, NF4 base, capped at 12 GiB", resolution=1024,
+           levers=("--base-precision", "nf4"), memory_cap_gb=12, gpu_only=True, **FLUX),
+    Config("ours-flux-lora-1024-fp8-swap16-cap12", "ours", "rank 16, 1024 px, fp8 base, 16 blocks swapped, 12 GiB",
+           resolution=1024, levers=("--base-precision", "fp8", "--blocks-to-swap", "16"), memory_cap_gb=12,
+           gpu_only=True, **FLUX),
+    Config("ours-flux-lora-1024-fp8-swap28", "ours", "rank 16, 1024 px, fp8 base, 28 blocks swapped", resolution=1024,
+           levers=("--base-precision", "fp8", "--blocks-to-swap", "28"), gpu_only=True, **FLUX),
+    Config("ours-flux-lora-1024-budget12", "ours", "rank 16, 1024 px, --vram-budget 12GB (levers chosen by the plan)",
+           resolution=1024, levers=("--vram-budget", "12GB"), memory_cap_gb=12, gpu_only=True, **FLUX),
 ]  # fmt: skip
 ON_REQUEST = {"official-xformers", "ours-xformers"}
 SMOKE = ("official-classic", "ours-classic", "ours-fused-backward", "official-flux-lora", "ours-flux-lora")
@@ -502,14 +536,15 @@ def _install_torchvision_stand_in() -> None:
 
 
 def build_model(argv: list[str]) -> None:
-    """`_build DEST [--tiny] [--flux]`: an SD 1.5 (or FLUX.1 [dev]) diffusers folder with random weights, full size
-    or the tiny test model.
+    """`_build DEST [--tiny] [--flux | --sdxl]`: an SD 1.5 (or FLUX.1 [dev], or SDXL) diffusers folder with random
+    weights, full size or the tiny test model.
 
     In its own process, so that the harness holds none of the gigabytes while the runs are measured."""
     import torch
 
     if "--flux" in argv:
         return build_flux(Path(argv[0]), tiny="--tiny" in argv)
+    model_type = "sdxl" if "--sdxl" in argv else "sd1"
 
     from dreambooth.families.sd import components as comp
     from dreambooth.families.sd.convert import write_diffusers_folder
@@ -518,16 +553,17 @@ def build_model(argv: list[str]) -> None:
 
     dest, tiny = Path(argv[0]), "--tiny" in argv
     if tiny:
-        write_tiny_diffusers(dest)
+        write_tiny_diffusers(dest, model_type=model_type)
         return
     torch.manual_seed(0)
     components = {}
-    for name in comp.COMPONENTS:
-        config = {k: v for k, v in bundled_config("sd1", name).items() if not k.startswith("_")}
+    names = ("unet", "vae", "text_encoder", "text_encoder_2") if model_type == "sdxl" else comp.COMPONENTS
+    for name in names:
+        config = {k: v for k, v in bundled_config(model_type, name).items() if not k.startswith("_")}
         model = comp.build_model(name, config)  # fp32: the official script refuses to train half weights
         components[name] = comp.Component(name, config, {k: v.contiguous() for k, v in model.state_dict().items()})
         del model
-    write_diffusers_folder(dest, components, "sd1", "sd1")
+    write_diffusers_folder(dest, components, model_type, model_type)
 
 
 def build_flux(dest: Path, *, tiny: bool) -> None:
@@ -578,7 +614,7 @@ def prepare_inputs(work: Path, *, tiny: bool, resolution: int, steps: int, env: 
     model = work / (f"model-tiny-{family}" if tiny else f"model-{family}")
     if not (model / "model_index.json").is_file():
         shutil.rmtree(model, ignore_errors=True)
-        flags = (["--tiny"] if tiny else []) + (["--flux"] if family == "flux" else [])
+        flags = (["--tiny"] if tiny else []) + ({"flux": ["--flux"], "sdxl": ["--sdxl"]}.get(family, []))
         cmd = [sys.executable, str(Path(__file__).resolve()), "_build", str(model), *flags]
         subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     images = work / f"images-{resolution}"
@@ -914,12 +950,32 @@ def run_config(
         row["log_tail"] = (out / "log.txt").read_text(errors="replace")[-3000:]
     if cfg.contender == "ours":
         row["ours_report"] = _ours_report(out / "output" / "train_report.json")
+        row["plan"] = plan_estimate(command, env)
+        measured_peak = row.get("peak_allocated_gib")  # the whole run's, caching included, as the plan's peak is
+        if row["plan"].get("peak_gpu_bytes") and measured_peak:
+            row["plan_error"] = round(row["plan"]["peak_gpu_bytes"] / (measured_peak * 2**30) - 1, 3)
     if measured.get("torchvision"):
         row["torchvision"] = measured["torchvision"]
     if not plan.keep_outputs:
         shutil.rmtree(out / "output", ignore_errors=True)  # GBs of checkpoints per run at full size
     _print_row(row)
     return row
+
+
+def plan_estimate(command: list[str], env: dict) -> dict:
+    """What `dreambooth plan` estimates for this run's flags (its peak GPU allocation, to set beside the measured
+    one: the target is within 10 %)."""
+    args = [a for a in command[2:] if a != "--dry-run"]
+    cmd = [sys.executable, "-m", "dreambooth", "--log-format", "json", "plan", *args]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    except subprocess.TimeoutExpired:
+        return {"error": "timeout"}
+    for line in done.stdout.splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == "plan":
+            event = json.loads(line)
+            return {k: event[k] for k in ("peak_gpu_bytes", "card_needs_bytes", "peak_host_bytes", "settings")}
+    return {"error": done.stderr[-500:] or done.stdout[-500:]}
 
 
 def summarise(measured: dict, plan: Plan) -> dict:
@@ -1168,7 +1224,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         {**asdict(cfg), "levers": list(cfg.levers), "status": "skipped", "reason": "time budget"}
                     )
                     continue
-            report["results"].append(run_config(cfg, inputs, plan, work_root, env, scripts[cfg.family], timeout))
+            script = scripts.get(cfg.family)  # SDXL: ours only
+            report["results"].append(run_config(cfg, inputs, plan, work_root, env, script, timeout))
             report["comparisons"] = comparisons(report["results"])
             report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             write_report(report, args.results_dir)

@@ -268,7 +268,6 @@ def estimate(cfg: TrainConfig, family, model: ResolvedModel, memo: dict | None =
     caching, training, host, loading = [], [], [], []
     # the frozen or trained weights of each part, as stored
     swap_host = swap_flight = 0
-    unstored = 0  # the most a part takes, loaded, beyond its stored size (a folder's part is stored after loading)
     for role, part in parts.items():
         if role == "vae":
             continue
@@ -286,9 +285,8 @@ def estimate(cfg: TrainConfig, family, model: ResolvedModel, memo: dict | None =
             swap_flight = sum(sorted(sizes)[-2:])  # the block computing and the one coming over
             stored -= swap_host
         nbytes = stored + rest
+        # stored layers are stored as they are read (families/stream.py): loading holds one layer more, not a part
         loading.append(Line(f"{role}", nbytes + swap_host * is_denoiser, how))
-        if names and model.folder is not None:
-            unstored = max(unstored, _nbytes(part.parameters()) // 4 * _size(dtype) - nbytes)
         if is_denoiser:
             training.append(Line(f"{role} weights", nbytes, how))
             if cfg.blocks_to_swap:
@@ -304,9 +302,6 @@ def estimate(cfg: TrainConfig, family, model: ResolvedModel, memo: dict | None =
     vae_bytes = _nbytes(vae.parameters()) // 4 * _size(dtypes.frozen)
     caching.append(Line("vae weights", vae_bytes, precision_name(dtypes.frozen)))
     loading.append(Line("vae", vae_bytes, precision_name(dtypes.frozen)))
-    if unstored:
-        loading.append(Line("a part before it is stored", unstored, "a folder's part loads whole, then is stored "
-                            "layer by layer; Flux's original files are stored as they are read"))  # fmt: skip
     if cfg.cache_latents:
         host.append(Line("vae weights", vae_bytes, precision_name(dtypes.frozen) + ", off the GPU"))
     else:
@@ -549,6 +544,7 @@ WHY = {
     "gradient_checkpointing": "gradient checkpointing (activations recomputed in backward, ~25 % slower)",
     "use_8bit_adam": "8-bit AdamW (optimizer states in a quarter of the memory)",
     "fused_backward": "--fused-backward (each weight updated in backward: no full set of gradients)",
+    "full_bf16": "--full-bf16 (the trained weights in bf16, without fp32 master weights)",
     "base_precision": "--base-precision {value} (the frozen weights in {value})",
     "blocks_to_swap": "--blocks-to-swap {value} (the frozen weights of the last {value} of {blocks} blocks in host "
     "memory, copied over as they compute)",
@@ -576,6 +572,7 @@ def candidates(cfg: TrainConfig, family, blocks: int):
     if cfg.adapter == "full":
         # fp8 stores what stays frozen in a full fine-tune: the text encoders that do not train
         ladder += [{"fused_backward": True, "max_grad_norm": 0.0}, {"base_precision": "fp8"}]
+        ladder.append({"full_bf16": True})  # last: no fp32 master weights (kohya's SDXL recipe; needs bf16)
     else:
         ladder.append({"base_precision": "fp8"})
     for changes in ladder:
