@@ -3,9 +3,10 @@
     .venv/bin/python bench/load_memory.py --family sdxl [--work-dir DIR] [--precisions auto,fp8] [--keep]
 
 Builds the model at full size with random weights (bench/train.py's `_build`: SDXL's UNet, both CLIPs and the VAE,
-fp32 files, ~14 GB) unless it is in --work-dir already, then loads it in a fresh process per precision exactly as
-training does (the family's loader, then adapters.store_base) with bf16 as the run's precision and a LoRA's frozen
-parts, and records:
+fp32 files, ~14 GB; FLUX.1 [dev]'s transformer, CLIP-L, T5-XXL and VAE, bf16 files, 33 GB: `--precisions fp8`, as
+bf16 it would not fit a 24 GB machine) unless it is in --work-dir already, then loads it in a fresh process per
+precision exactly as training does (the family's loader, then adapters.store_base) with bf16 as the run's precision
+and a LoRA's frozen parts, and records:
 - rss_after_imports: the process before the model (Python, torch, diffusers, transformers);
 - peak_rss: getrusage's maxrss at the end (the peak over the process's life);
 - loaded: peak_rss - rss_after_imports, what loading added at its peak;
@@ -40,7 +41,7 @@ def load_once(folder: Path, precision: str) -> dict:
 
     from dreambooth import adapters, families
     from dreambooth.families.base import Dtypes, ResolvedModel
-    from dreambooth.storage import BaseStorage, stored_layers
+    from dreambooth.storage import BaseStorage, return_freed_memory, stored_layers
 
     before = rss_bytes()
     started = time.perf_counter()
@@ -48,6 +49,8 @@ def load_once(folder: Path, precision: str) -> dict:
     family = families.get(model.family)
     dtypes = Dtypes(torch.bfloat16, torch.bfloat16, torch.bfloat16)
     storage = BaseStorage(precision, frozenset({family.denoiser_name, *family.text_encoder_names}))
+    if storage.stores:
+        return_freed_memory()  # as adapters.load_trained does
     c = family.load(model, dtypes, storage)
     adapters.store_base(c, family, storage, dtypes)
     seconds = time.perf_counter() - started
@@ -69,7 +72,7 @@ def load_once(folder: Path, precision: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", default="sdxl", choices=["sdxl", "sd15"])
+    parser.add_argument("--family", default="sdxl", choices=["sdxl", "sd15", "flux"])
     parser.add_argument("--work-dir", default="/tmp/bench-load-memory")
     parser.add_argument("--precisions", default="auto,fp8")
     parser.add_argument("--results-dir", default=str(ROOT / "bench" / "results"))
@@ -91,7 +94,7 @@ def main() -> None:
 
     folder = Path(args.work_dir) / f"model-{args.family}{'-tiny' if args.tiny else ''}"
     if not (folder / "model_index.json").is_file():
-        flags = (["--sdxl"] if args.family == "sdxl" else []) + (["--tiny"] if args.tiny else [])
+        flags = {"sdxl": ["--sdxl"], "flux": ["--flux"]}.get(args.family, []) + (["--tiny"] if args.tiny else [])
         subprocess.run([sys.executable, str(ROOT / "bench" / "train.py"), "_build", str(folder), *flags], check=True)
     rows = []
     for precision in args.precisions.split(","):
@@ -104,7 +107,8 @@ def main() -> None:
     report = {
         "benchmark": "peak host RAM while loading a base for training (bf16 run, LoRA: every part but the VAE frozen)",
         "family": args.family,
-        "model": f"{args.family} full size, random weights, fp32 files (bench/train.py _build)",
+        "model": f"{args.family} full size, random weights, {'bf16' if args.family == 'flux' else 'fp32'} files "
+        "(bench/train.py _build)",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
         "versions": {"torch": torch.__version__},
         "command": shlex.join([sys.executable, *sys.argv]),

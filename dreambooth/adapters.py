@@ -21,7 +21,7 @@ from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Dtypes, Family, ResolvedModel
 from dreambooth.families.sd.convert import EXTRAS_FILE
 from dreambooth.fileio import write_json
-from dreambooth.storage import HALF, BaseStorage, is_stored, store, stored_bytes
+from dreambooth.storage import HALF, BaseStorage, is_stored, return_freed_memory, store, stored_bytes
 
 COPIED = ("tokenizer", "scheduler")  # frozen folders a full checkpoint carries as they are
 
@@ -295,6 +295,8 @@ def load_trained(family: Family, adapter, model: ResolvedModel, cfg: TrainConfig
 
     roles = {family.denoiser_name, *family.text_encoder_names}
     storage = BaseStorage(cfg.base_precision, frozenset(roles - adapter.trains_whole(cfg, family)))
+    if storage.stores:
+        return_freed_memory()  # so that loading tensor by tensor peaks near the stored size
     c = family.load(model, dtypes, storage)
     c.extra.update(base=model, family=family.name, model_type=model_type_of(family.name, c.prediction_type),
                    max_token_length=cfg.max_token_length, trainable_text=family.trainable_text)  # fmt: skip

@@ -374,8 +374,10 @@ def section_settings(run: dict) -> str:
     settings, train, manifest = run["settings"], run["train"], run["manifest"]
     lora = settings.get("adapter") == "lora"
     key = [(n, _value(settings[n])) for n in KEY_SETTINGS if n in settings and (lora or not n.startswith("lora_"))]
-    for name in ("family", "prediction_type", "device", "world_size", "optimizer", "trainable_parameters"):
-        if name in train:
+    for name in ("family", "prediction_type", "device", "world_size", "optimizer", "trainable_parameters",
+                 "base_storage", "block_swap"):  # fmt: skip
+        # the stored base and the swapped blocks: only when the run had them
+        if name in train and (train[name] or name not in ("base_storage", "block_swap")):
             key.append((name, _value(train[name])))
     others = [(name, _value(v)) for name, v in sorted(settings.items()) if name not in KEY_SETTINGS]
     versions = manifest.get("versions")

@@ -228,8 +228,10 @@ def test_swapped_blocks_train_as_unswapped_ones_and_the_report_counts_the_copies
     assert 0 < report["bytes_moved_per_step"] < 2 * report["swapped_bytes"]
 
 
-def test_a_lora_on_an_fp8_base_with_swapped_blocks_resumes_bit_identically(cli, model, photos, tmp_path, monkeypatch):
-    flags = (*LORA, "--max-train-steps", 4, "--base-precision", "fp8", "--blocks-to-swap", 3, "--random-flip")
+@pytest.mark.parametrize("levers", [("--base-precision", "fp8", "--blocks-to-swap", 3), ("--base-precision", "nf4")],
+                         ids=["fp8-swap", "nf4"])  # fmt: skip
+def test_a_lora_on_a_stored_base_resumes_bit_identically(cli, model, photos, tmp_path, monkeypatch, levers):
+    flags = (*LORA, "--max-train-steps", 4, *levers, "--random-flip")
     assert cli(*base_args(model, photos, tmp_path / "a", *flags)).exit_code == 0
     sigterm_at_step(monkeypatch, 2)
     assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 130

@@ -135,18 +135,25 @@ def test_every_gpu_configuration_is_a_command_dreambooth_train_accepts(tmp_path)
     inputs = harness.Inputs(tmp_path / "model", tmp_path / "instance", tmp_path / "class", 512, 71)
     train = typer.main.get_command(app).commands["train"]
     ours = [c for c in harness.CONFIGS if c.contender == "ours"]
-    assert {"--low-vram", "--fused-backward", "--paged-adam", "--torch-compile", "--channels-last"} <= {
-        lever for c in ours for lever in c.levers
-    }
+    assert {
+        "--low-vram",
+        "--fused-backward",
+        "--paged-adam",
+        "--torch-compile",
+        "--channels-last",
+        "--base-precision",
+        "--blocks-to-swap",
+        "--vram-budget",
+    } <= {lever for c in ours for lever in c.levers}
     for cfg in ours:
         args = harness.ours_command(cfg, inputs, tmp_path / "out")
         assert args[:2] == ["dreambooth", "train"]
         with train.make_context("dreambooth train", args[2:]) as ctx:
             flags = {k: (v.value if isinstance(v, Enum) else v) for k, v in ctx.params.items() if k != "config"}
         settings = build_train_config(None, flags)
-        # the SD 1.5 recipe with prior preservation; Flux LoRAs without, as the anchors publish their figures
-        assert settings.with_prior_preservation == (cfg.family == "sd15")
-        assert settings.adapter == ("lora" if cfg.family == "flux" else "full")
+        # the SD recipe with prior preservation; Flux LoRAs without, as the anchors publish their figures
+        assert settings.with_prior_preservation == (cfg.family != "flux")
+        assert settings.adapter == ("lora" if cfg.family == "flux" or "lora" in cfg.levers else "full")
         assert settings.resolution == 512 and settings.max_train_steps == 71
         assert settings.train_batch_size == cfg.batch_size and settings.train_text_encoder == cfg.train_text_encoder
         if "--low-vram" in cfg.levers:  # the profile's choices, not the classic flags
