@@ -10,16 +10,13 @@ estimates, not measurements: bench/train.py records each GPU run's estimate besi
 
 import argparse
 import json
-import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux-dev": "FluxPipeline"}
 
 
 @dataclass(frozen=True)
@@ -62,19 +59,6 @@ ROWS = [
 ]  # fmt: skip
 
 
-def config_only_folder(kind: str, dest: Path) -> Path:
-    """A diffusers folder with the bundled full-size configs and no weights: all the estimate reads."""
-    source = Path(str(resources.files("dreambooth") / "assets" / "configs" / kind))
-    index = {"_class_name": PIPELINES[kind]}
-    for path in source.glob("*.json"):
-        if path.stem != "scheduler":
-            (dest / path.stem).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, dest / path.stem / "config.json")
-            index[path.stem] = ["diffusers", "unused"]
-    (dest / "model_index.json").write_text(json.dumps(index))
-    return dest
-
-
 def estimate(row: Row, folder: Path, photos: Path) -> dict:
     from dreambooth import families, plan
     from dreambooth.config import build_train_config
@@ -102,7 +86,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "plan-estimates.md"))
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from tests.train_helpers import write_photos
+    from tests.train_helpers import PIPELINES, config_only_folder, write_photos
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,10 +2,7 @@
 the fake-tensor measurement against the same step on real tensors, and the levers a budget picks."""
 
 import json
-import shutil
 from dataclasses import replace
-from importlib import resources
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from dreambooth import families, plan
 from dreambooth.config import build_train_config
 from dreambooth.families.base import ResolvedModel
 from tests.flux_helpers import FLUX_FLAGS, write_flux_files
-from tests.train_helpers import base_args
+from tests.train_helpers import base_args, config_only_folder
 
 LORA = ("--adapter", "lora", "--lora-rank", 4)
 
@@ -157,19 +154,6 @@ def test_plan_reads_flux_files_and_a_single_sd_file_without_loading_or_convertin
     cache = tmp_path / "cache"
     single = plan_of(cli, *base_args(tiny_sd1, photos, tmp_path / "out", *LORA, "--cache-dir", cache)[1:])
     assert single["family"] == "sd1" and not (cache / "converted").exists()
-
-
-def config_only_folder(kind: str, dest: Path) -> Path:
-    """A diffusers folder with the bundled full-size configs and no weights: all `plan` reads."""
-    source = Path(str(resources.files("dreambooth") / "assets" / "configs" / kind))
-    index = {"_class_name": "FluxPipeline"}
-    for path in source.glob("*.json"):
-        if path.stem != "scheduler":
-            (dest / path.stem).mkdir(parents=True, exist_ok=True)
-            shutil.copy(path, dest / path.stem / "config.json")
-            index[path.stem] = ["diffusers", "unused"]
-    (dest / "model_index.json").write_text(json.dumps(index))
-    return dest
 
 
 @pytest.mark.slow

@@ -1,6 +1,9 @@
 """Shared pieces for the training tests: a tiny model folder and a few tiny photos, made in code."""
 
+import json
+import shutil
 import signal
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +60,19 @@ def sigterm_at_step(monkeypatch, step: int) -> None:
             signal.raise_signal(signal.SIGTERM)
 
     monkeypatch.setattr(events, "emit", emit_and_stop)
+
+
+PIPELINES = {"sd1": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "flux-dev": "FluxPipeline"}
+
+
+def config_only_folder(kind: str, dest: Path) -> Path:
+    """A diffusers folder with the bundled full-size configs and no weights: all the estimate reads."""
+    source = Path(str(resources.files("dreambooth") / "assets" / "configs" / kind))
+    index = {"_class_name": PIPELINES[kind]}
+    for path in source.glob("*.json"):
+        if path.stem != "scheduler":
+            (dest / path.stem).mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, dest / path.stem / "config.json")
+            index[path.stem] = ["diffusers", "unused"]
+    (dest / "model_index.json").write_text(json.dumps(index))
+    return dest
