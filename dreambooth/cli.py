@@ -286,6 +286,8 @@ class _TrainCommand(typer.core.TyperCommand):
         "--min_bucket_reso": "--bucket-min-side",
         "--max_bucket_reso": "--bucket-max-side",
         "--bucket_reso_steps": "--bucket-step",
+        "--loss_type": "--loss",
+        "--debiased_estimation_loss": "--debiased-estimation",
     }
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"],
@@ -356,6 +358,19 @@ class Distributed(StrEnum):
 class AdapterKind(StrEnum):
     full = "full"
     lora = "lora"
+
+
+class Loss(StrEnum):
+    l2 = "l2"
+    huber = "huber"
+    smooth_l1 = "smooth-l1"
+    smooth_l1_kohya = "smooth_l1"  # kohya's spelling (--loss_type smooth_l1): the same loss
+
+
+class HuberSchedule(StrEnum):
+    constant = "constant"
+    exponential = "exponential"
+    snr = "snr"
 
 
 class BasePrecision(StrEnum):
@@ -555,6 +570,39 @@ def train(
     cache_latents: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
     offset_noise: Annotated[float | None, typer.Option(help="e.g. 0.05.", rich_help_panel=_OPT)] = None,
     snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR weighting, e.g. 5.", rich_help_panel=_OPT)] = None,
+    loss: Annotated[
+        Loss | None,
+        typer.Option(
+            help="l2 (default), or kohya's pseudo-Huber (huber) or smooth L1, robust to outlier pixels, with a "
+            "threshold scheduled over the timesteps.",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    huber_schedule: Annotated[
+        HuberSchedule | None,
+        typer.Option(
+            help="The threshold over the timesteps (default: snr for SD/SDXL, exponential for Flux).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    huber_c: Annotated[
+        float | None,
+        typer.Option(help="The threshold (constant) or its end value, in (0, 1]; 0.1.", rich_help_panel=_OPT),
+    ] = None,
+    huber_scale: Annotated[float | None, typer.Option(help="Scales the threshold; 1.0.", rich_help_panel=_OPT)] = None,
+    debiased_estimation: Annotated[
+        bool | None,
+        typer.Option(
+            help="Weight each example by 1/√SNR (SD/SDXL; kohya's --debiased_estimation_loss).", rich_help_panel=_OPT
+        ),
+    ] = None,
+    multires_noise_iterations: Annotated[
+        int | None,
+        typer.Option(help="Multi-resolution noise levels, e.g. 6 (SD/SDXL); 0: off.", rich_help_panel=_OPT),
+    ] = None,
+    multires_noise_discount: Annotated[
+        float | None, typer.Option(help="Each coarser level's weight factor; 0.3.", rich_help_panel=_OPT)
+    ] = None,
     zero_terminal_snr: Annotated[
         bool | None,
         typer.Option(

@@ -38,6 +38,8 @@ BASE_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
 # flow matching (dreambooth/objectives.py): how σ is drawn, and how the loss is weighted over σ
 TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift")
 FLOW_WEIGHTING = ("none", "sigma-sqrt", "cosmap")
+LOSSES = ("l2", "huber", "smooth-l1")  # --loss (kohya's --loss_type; smooth_l1 is accepted too)
+HUBER_SCHEDULES = ("constant", "exponential", "snr")
 # what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
 DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
@@ -159,6 +161,15 @@ class TrainConfig:
     offset_noise: float = 0.0
     snr_gamma: float | None = None
     zero_terminal_snr: bool = False
+    # the loss (dreambooth/objectives.py, train.elementwise_loss): L2, or kohya's pseudo-Huber / smooth L1 with a
+    # threshold scheduled over the timesteps (None: "snr" for DDPM, "exponential" for flow matching)
+    loss: str = "l2"
+    huber_schedule: str | None = None
+    huber_c: float = 0.1
+    huber_scale: float = 1.0
+    debiased_estimation: bool = False  # weight each example by 1/√SNR (DDPM)
+    multires_noise_iterations: int = 0  # multi-resolution noise levels (DDPM); 0: off
+    multires_noise_discount: float = 0.3
     # flow matching (Flux): how σ is drawn (None: the family's choice), and the dev model's guidance input
     timestep_sampling: str | None = None
     flow_shift: float = 3.0  # for --timestep-sampling shift
@@ -296,6 +307,7 @@ class TrainConfig:
         self._check_scaling()
         self._check_captions_and_buckets()
         self._check_flow_matching()
+        self._check_loss()
         self._check_full_bf16()
         self._check_base_storage()
 
@@ -372,6 +384,29 @@ class TrainConfig:
         if self.full_bf16 and self.adapter != "full":
             raise UserError("--full-bf16 is for --adapter full (a LoRA trains in fp32 beside a bf16 base already)",
                             "drop --full-bf16")  # fmt: skip
+
+    def _check_loss(self) -> None:
+        object.__setattr__(self, "loss", {"smooth_l1": "smooth-l1"}.get(self.loss, self.loss))  # kohya's spelling
+        if self.loss not in LOSSES:
+            raise UserError(f"--loss {self.loss!r} is unknown", f"use {' | '.join(LOSSES)}")
+        if self.huber_schedule is not None and self.huber_schedule not in HUBER_SCHEDULES:
+            raise UserError(
+                f"--huber-schedule {self.huber_schedule!r} is unknown", f"use {' | '.join(HUBER_SCHEDULES)}"
+            )
+        if not 0 < self.huber_c <= 1:
+            raise UserError(f"--huber-c must be in (0, 1] (got {self.huber_c})", "0.1 is kohya's default")
+        if not self.huber_scale > 0:
+            raise UserError(f"--huber-scale must be positive (got {self.huber_scale})", "1.0 is kohya's default")
+        if self.multires_noise_iterations < 0:
+            raise UserError(
+                f"--multires-noise-iterations must not be negative (got {self.multires_noise_iterations})",
+                "0 turns it off; 6 to 10 are usual",
+            )
+        if not 0 < self.multires_noise_discount < 1:
+            raise UserError(
+                f"--multires-noise-discount must be between 0 and 1 (got {self.multires_noise_discount})",
+                "0.3 is kohya's default, 0.1 a weaker one",
+            )
 
     def _check_flow_matching(self) -> None:
         if self.timestep_sampling is not None and self.timestep_sampling not in TIMESTEP_SAMPLING:

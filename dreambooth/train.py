@@ -684,7 +684,8 @@ def fit(run: Run, should_stop) -> None:
                     # (orig h, w, crop top, left, target h, w) per row: SDXL's size and crop conditioning
                     pred = family.predict(c, noisy, noised.timesteps, cond, batch.geometry.to(device))
                 weights = objective.weights(noised)
-                instance_loss, class_loss = prior_preserving_loss(pred, target, weights, batch.num_instance)
+                losses = elementwise_loss(pred, target, cfg.loss, huber_threshold(cfg, objective, noised))
+                instance_loss, class_loss = prior_preserving_loss(losses, weights, batch.num_instance)
                 loss = instance_loss + cfg.prior_loss_weight * class_loss
                 # divides by --gradient-accumulation-steps; with --fused-backward the weights update in here
                 accelerator.backward(run.fused.scale_loss(loss) if run.fused else loss)
@@ -756,10 +757,31 @@ def any_process_stops(accelerator, stopping: bool) -> bool:
     return accelerator.reduce(asked, "sum").item() > 0
 
 
-def prior_preserving_loss(pred, target, weights, num_instance: int):
-    """(instance loss, class loss): the batch's instance rows, then its class rows (prior preservation: the class
-    half keeps the model's idea of the class). `weights`: the objective's per-example weights (min-SNR, …)."""
-    per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.ndim)))
+def huber_threshold(cfg: TrainConfig, objective, noised) -> torch.Tensor | None:
+    """--loss huber|smooth-l1: the threshold per example, on the schedule asked for (default: "snr" for DDPM,
+    "exponential" for flow matching); None for L2."""
+    if cfg.loss == "l2":
+        return None
+    schedule = cfg.huber_schedule or ("exponential" if objective.prediction_type == "flow" else "snr")
+    return objective.huber_c(noised, schedule, cfg.huber_c, cfg.huber_scale)
+
+
+def elementwise_loss(pred, target, kind: str, threshold: torch.Tensor | None) -> torch.Tensor:
+    """The loss per element, in fp32: L2 (the squared error), or kohya's pseudo-Huber 2c(√(d² + c²) − c) ("huber":
+    ~d² for small errors, ~2c|d| for large ones) and smooth L1 2(√(d² + c²) − c), with c per example."""
+    pred, target = pred.float(), target.float()
+    if kind == "l2":
+        return F.mse_loss(pred, target, reduction="none")
+    c = threshold.float().view(-1, *([1] * (pred.ndim - 1)))
+    root = torch.sqrt((pred - target) ** 2 + c**2) - c
+    return 2 * c * root if kind == "huber" else 2 * root
+
+
+def prior_preserving_loss(losses, weights, num_instance: int):
+    """(instance loss, class loss) from the per-element `losses`: the batch's instance rows, then its class rows
+    (prior preservation: the class half keeps the model's idea of the class). `weights`: the objective's
+    per-example weights (min-SNR, debiased estimation, …)."""
+    per_example = losses.mean(dim=tuple(range(1, losses.ndim)))
     if weights is not None:
         per_example = per_example * weights
     instance_loss = per_example[:num_instance].mean()

@@ -97,10 +97,20 @@ class Flux:
                           "drop it; --flow-weighting sigma-sqrt|cosmap weights flow-matching σ"),
             "zero_terminal_snr": ("--zero-terminal-snr rescales a DDPM beta schedule",
                                   "drop it: a flow path ends in pure noise already (σ = 1)"),
+            "debiased_estimation": ("--debiased-estimation weights DDPM timesteps by 1/√SNR",
+                                    "drop it; --flow-weighting sigma-sqrt|cosmap weights flow-matching σ"),
+            "multires_noise_iterations": ("--multires-noise-iterations shapes the noise of a DDPM schedule",
+                                          "drop it (kohya applies it to SD/SDXL only); --offset-noise works here"),
         }  # fmt: skip
         for name, (what, hint) in refused.items():
             if getattr(cfg, name):
                 raise UserError(f"{what}, and {self.title} is trained by flow matching, where it has no meaning", hint)
+        if cfg.huber_schedule == "snr":
+            raise UserError(
+                f"--huber-schedule snr follows a DDPM schedule's signal-to-noise ratio; {self.title} is trained by "
+                "flow matching",
+                "use --huber-schedule exponential (the default here) or constant",
+            )
         if cfg.max_token_length != 75:
             raise UserError(
                 f"--max-token-length {cfg.max_token_length} reads CLIP prompts in chunks; {self.title} reads them "

@@ -42,7 +42,9 @@ def ddpm_objective(c: Components, cfg) -> DDPM:
         )
     if cfg.zero_terminal_snr:
         c.scheduler = zero_terminal_snr(c)
-    return DDPM(c.scheduler, offset_noise=cfg.offset_noise, snr_gamma=cfg.snr_gamma)
+    return DDPM(c.scheduler, offset_noise=cfg.offset_noise, snr_gamma=cfg.snr_gamma,
+                debiased=cfg.debiased_estimation, multires_iterations=cfg.multires_noise_iterations,
+                multires_discount=cfg.multires_noise_discount)  # fmt: skip
 
 
 def zero_terminal_snr(c: Components):
