@@ -254,6 +254,7 @@ def _train_flags(args: list[str]) -> dict:
     with command.make_context("dreambooth train", list(args)) as ctx:
         params = dict(ctx.params)
     params.pop("config", None)
+    params.pop("list_presets", None)
     if params.pop("dry_run", False):
         raise UserError("--dry-run is a `dreambooth train` flag", "run `dreambooth plan` with the same flags instead")
     return {k: _flag_value(v) for k, v in params.items()}
@@ -721,6 +722,16 @@ def train(
     accelerate_config: Annotated[
         Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
     ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Start from shipped settings (`--list-presets`): the classic SD 1.5 recipe, SD 1.5 LoRA, SDXL LoRA, "
+            "SDXL full on ~24 GB, Flux LoRA. The config file and flags win.",
+        ),
+    ] = None,
+    list_presets: Annotated[
+        bool | None, typer.Option("--list-presets", help="List the presets and what each sets, and stop.")
+    ] = None,
     dry_run: Annotated[
         bool | None,
         typer.Option(
@@ -735,12 +746,23 @@ def train(
     from dreambooth import launch
     from dreambooth.config import build_train_config
 
-    flags = {k: _flag_value(v) for k, v in given.items() if k not in ("config", "dry_run")}
+    if list_presets:
+        _list_presets()
+        return
+    flags = {k: _flag_value(v) for k, v in given.items() if k not in ("config", "dry_run", "list_presets")}
     cfg = build_train_config(config, flags)
     if dry_run:
         _plan(cfg)
         return
     _training_done(launch.train(cfg))  # in this process, or in the processes it launches
+
+
+def _list_presets() -> None:
+    from dreambooth.config import presets
+
+    for name, settings in presets().items():
+        shown = ", ".join(f"{k} = {v!r}" for k, v in settings.items() if k != "description")
+        print(f"{name}: {settings.get('description', '')}\n    {shown}")
 
 
 @app.command(context_settings=_EXTRA_ARGS)

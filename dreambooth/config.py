@@ -231,6 +231,7 @@ class TrainConfig:
     accelerate_config: Path | None = None  # an `accelerate config` YAML, passed through to `accelerate launch`
     distributed: str = "ddp"
     offload_optimizer: str = "none"
+    preset: str | None = None  # --preset: the shipped settings (assets/presets/NAME.toml) this run started from
     # the settings the user gave (config file or flags), so that profiles chosen later never override them
     explicit: tuple[str, ...] = ()
 
@@ -601,7 +602,11 @@ class TrainConfig:
 
     @property
     def lr_source(self) -> str:
-        return "--learning-rate" if self.learning_rate is not None else f"the default for --adapter {self.adapter}"
+        if self.learning_rate is None:
+            return f"the default for --adapter {self.adapter}"
+        if self.preset and "learning_rate" not in self.explicit:
+            return f"--preset {self.preset}"
+        return "--learning-rate"
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -640,6 +645,28 @@ def _normalise_keys(data: dict, where: str) -> dict:
 def _folder_name(prompt: str) -> str:
     """'a photo of dog' → 'a-photo-of-dog': a class prompt as a folder name."""
     return "-".join("".join(ch if ch.isalnum() else " " for ch in prompt.lower()).split())[:80] or "class"
+
+
+def presets() -> dict[str, dict]:
+    """The shipped presets by name (dreambooth/assets/presets/NAME.toml): their settings and a `description`."""
+    from importlib import resources
+
+    folder = resources.files("dreambooth") / "assets" / "presets"
+    found = {}
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".toml"):
+            found[entry.name.removesuffix(".toml")] = tomllib.loads(entry.read_text(encoding="utf-8"))
+    return found
+
+
+def load_preset(name: str) -> dict:
+    """A preset's settings (without its description); an unknown name is one line that lists the known ones."""
+    known = presets()
+    if name not in known:
+        raise UserError(
+            f"--preset {name!r} is unknown", f"use one of: {', '.join(known)} (`dreambooth train --list-presets`)"
+        )
+    return _normalise_keys({k: v for k, v in known[name].items() if k != "description"}, f"preset {name}")
 
 
 def read_toml(path: Path) -> dict:
@@ -692,7 +719,9 @@ def build_train_config(
     settings = read_toml(config_file) if config_file is not None else {}
     given = {k: v for k, v in flags.items() if v is not None}
     settings.update(_normalise_keys(given, "flags"))
-    settings["explicit"] = tuple(sorted(k for k in settings if k in FIELD_NAMES))
+    settings["explicit"] = tuple(sorted(k for k in settings if k in FIELD_NAMES and k != "preset"))
+    if settings.get("preset"):  # a preset fills in what neither the file nor the flags set
+        settings = {**load_preset(settings["preset"]), **settings}
     if settings.get("low_vram"):  # a profile: it fills in what neither the file nor the flags set
         settings = {**LOW_VRAM, **settings}
     if "save_sample_prompt" in settings and isinstance(settings["save_sample_prompt"], str):

@@ -51,6 +51,9 @@ CONTINUABLE = frozenset({
     # compiling does not change what a step computes
     "num_processes", "num_machines", "machine_rank", "main_process_ip", "main_process_port", "accelerate_config",
     "report_to", "torch_compile",
+    # how the settings were arrived at (given or from a preset or a budget), and where frozen weights are kept:
+    # the settings themselves decide the lineage (a swapped block computes what a resident one does)
+    "explicit", "preset", "vram_budget", "blocks_to_swap",
 })  # fmt: skip
 PACKAGES = (*STACK, "numpy")
 
