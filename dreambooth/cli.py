@@ -374,6 +374,11 @@ class HuberSchedule(StrEnum):
     snr = "snr"
 
 
+class EmaDevice(StrEnum):
+    gpu = "gpu"
+    cpu = "cpu"
+
+
 class BasePrecision(StrEnum):
     auto = "auto"
     bf16 = "bf16"
@@ -721,6 +726,24 @@ def train(
     ] = None,
     accelerate_config: Annotated[
         Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
+    ] = None,
+    ema_decay: Annotated[
+        float | None,
+        typer.Option(
+            help="Keep an exponential moving average of the trained weights, e.g. 0.999.", rich_help_panel=_OPT
+        ),
+    ] = None,
+    ema_device: Annotated[
+        EmaDevice | None, typer.Option(help="Where the average lives (cpu: no GPU memory).", rich_help_panel=_OPT)
+    ] = None,
+    ema_start_step: Annotated[
+        int | None, typer.Option(help="Before this step the average follows the weights.", rich_help_panel=_OPT)
+    ] = None,
+    export_ema: Annotated[
+        bool | None,
+        typer.Option(
+            help="Checkpoints, exports and samples hold the average (default with --ema-decay).", rich_help_panel=_OPT
+        ),
     ] = None,
     preset: Annotated[
         str | None,

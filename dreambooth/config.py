@@ -231,6 +231,11 @@ class TrainConfig:
     accelerate_config: Path | None = None  # an `accelerate config` YAML, passed through to `accelerate launch`
     distributed: str = "ddp"
     offload_optimizer: str = "none"
+    # an exponential moving average of the trained weights (dreambooth/ema.py); exports and samples from it
+    ema_decay: float | None = None
+    ema_device: str = "gpu"  # gpu (the training device) | cpu
+    ema_start_step: int = 0
+    export_ema: bool | None = None  # None: on with --ema-decay
     preset: str | None = None  # --preset: the shipped settings (assets/presets/NAME.toml) this run started from
     # the settings the user gave (config file or flags), so that profiles chosen later never override them
     explicit: tuple[str, ...] = ()
@@ -309,6 +314,7 @@ class TrainConfig:
         self._check_captions_and_buckets()
         self._check_flow_matching()
         self._check_loss()
+        self._check_ema()
         self._check_full_bf16()
         self._check_base_storage()
 
@@ -385,6 +391,26 @@ class TrainConfig:
         if self.full_bf16 and self.adapter != "full":
             raise UserError("--full-bf16 is for --adapter full (a LoRA trains in fp32 beside a bf16 base already)",
                             "drop --full-bf16")  # fmt: skip
+
+    def _check_ema(self) -> None:
+        if self.ema_decay is None:
+            if self.export_ema:
+                raise UserError("--export-ema needs --ema-decay", "add e.g. --ema-decay 0.999")
+            return
+        if not 0 < self.ema_decay < 1:
+            raise UserError(f"--ema-decay must be between 0 and 1 (got {self.ema_decay})", "e.g. 0.999 or 0.9999")
+        if self.ema_device not in ("gpu", "cpu"):
+            raise UserError(f"--ema-device {self.ema_device!r} is unknown", "use gpu or cpu")
+        if self.ema_start_step < 0:
+            raise UserError(f"--ema-start-step must not be negative (got {self.ema_start_step})", "0 starts at once")
+        if self.deepspeed:
+            raise UserError(
+                f"--ema-decay and --distributed {self.distributed}: DeepSpeed partitions the weights the average "
+                "would follow",
+                "use --distributed ddp with --ema-decay",
+            )
+        if self.export_ema is None:
+            object.__setattr__(self, "export_ema", True)
 
     def _check_loss(self) -> None:
         object.__setattr__(self, "loss", {"smooth_l1": "smooth-l1"}.get(self.loss, self.loss))  # kohya's spelling

@@ -16,7 +16,7 @@ import random
 import shutil
 import signal
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -51,6 +51,7 @@ from dreambooth.data import (
     scan_images,
 )
 from dreambooth.distributed import Shard, is_deepspeed, make_accelerator, whole_on_load, whole_weights
+from dreambooth.ema import EMA, load_raw_weights, raw_weights, trained_parameters
 from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
 from dreambooth.families.sd.prompts import token_counts
@@ -224,6 +225,7 @@ class Run:
     last_saved: Path | None = None
     text_encoders_train: bool = False
     swap: BlockSwap | None = None  # --blocks-to-swap
+    ema: EMA | None = None  # --ema-decay
 
 
 # ───────────────────────────── train ─────────────────────────────
@@ -413,7 +415,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         optimizer=optimizer, fused=fused, lr_scheduler=lr_scheduler, stream=stream, latents=latents, prompts=prompts,
         all_examples=all_examples, with_classes=classes is not None, generator=torch.Generator().manual_seed(seed),
         history=History(), seed=seed, setup={}, weight_dtype=weight_dtype, text_encoders_train=text_encoders_train,
-        swap=swap,
+        swap=swap, ema=start_ema(cfg, accelerator, trained),
     )  # fmt: skip
     if state is not None:
         resume(run, state, resume_from)
@@ -427,6 +429,14 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         "base_precision": cfg.base_precision,
         "base_storage": c.extra["base_storage"],
         "block_swap": swap.describe() if swap else None,
+        "ema": {
+            "decay": cfg.ema_decay,
+            "device": cfg.ema_device,
+            "start_step": cfg.ema_start_step,
+            "checkpoints_hold": "the average" if cfg.export_ema else "the raw weights",
+        }
+        if cfg.ema_decay
+        else None,
         "prediction_type": c.prediction_type,
         "objective": objective.name,
         "seed": seed,
@@ -502,6 +512,20 @@ def start_block_swap(cfg: TrainConfig, family, c: Components, dtype, device) -> 
     events.notice(f"--blocks-to-swap {cfg.blocks_to_swap}: {cfg.blocks_to_swap} of {len(blocks)} "
                   f"{c.denoiser_name} blocks ({human_bytes(swap.swapped_bytes())}) stay in host memory")  # fmt: skip
     return swap
+
+
+def start_ema(cfg: TrainConfig, accelerator, trained: dict) -> EMA | None:
+    """--ema-decay: the average of the trained weights, on the training device or in host memory."""
+    if not cfg.ema_decay:
+        return None
+    device = accelerator.device if cfg.ema_device == "gpu" else torch.device("cpu")
+    params = trained_parameters({n: accelerator.unwrap_model(m) for n, m in trained.items()})
+    return EMA(params, cfg.ema_decay, device, cfg.ema_start_step)
+
+
+def ema_applied(run: "Run"):
+    """The EMA's weights in place while a checkpoint is written and its samples drawn (--export-ema)."""
+    return run.ema.applied() if run.ema is not None and run.cfg.export_ema else nullcontext()
 
 
 def choose_seed(cfg: TrainConfig, state: dict | None, world: int) -> int:
@@ -628,6 +652,16 @@ def resume(run: Run, state: dict, checkpoint: Path) -> None:
     set_rng_states(state["rng"])
     run.history = History(**state["history"])
     run.step = state["step"]
+    # a checkpoint whose files hold the EMA's weights keeps the raw ones in its state: training continues from those
+    params = trained_parameters({n: run.accelerator.unwrap_model(m) for n, m in run.trained.items()})
+    if state.get("raw_weights") is not None:
+        load_raw_weights(params, state["raw_weights"])
+    if run.ema is not None:
+        if state.get("ema") is not None:
+            run.ema.load_state_dict(state["ema"])
+        else:
+            run.ema.shadow = {n: p.detach().to(run.ema.device, torch.float32, copy=True) for n, p in params.items()}
+            events.notice(f"--ema-decay: {checkpoint} has no average; it starts from the weights at step {run.step}")
     # checkpoints from before several processes existed: one process, the batch of their own settings
     old = state["config"]
     default_seen = run.step * old["gradient_accumulation_steps"] * old["train_batch_size"]
@@ -696,6 +730,8 @@ def fit(run: Run, should_stop) -> None:
             skipped = optimizer_step(run)
             swap_bytes += (run.swap.bytes_moved - moved) if run.swap else 0  # the steps', not the samples'
             run.step += 1
+            if run.ema is not None and not skipped:
+                run.ema.update(run.step)
             # what is logged is the whole batch's loss, the mean over the processes' slices
             total, instance_total, class_total = mean_over_processes(accelerator, total, instance_total, class_total)
             log_step(run, total, instance_total, class_total, advance)
@@ -900,7 +936,8 @@ def save_checkpoint(run: Run) -> Path:
     check_finite_weights(run, trained)
     need = int(run.adapter.checkpoint_bytes(run.c, trained, cfg))  # for the message if the disk fills up
     with events.stage(f"saving checkpoint step-{run.step}"), atomic_dir(dest, overwrite=True, need=need) as tmp:
-        extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed, run.family)
+        with ema_applied(run):  # --export-ema: the checkpoint's weights are the average's
+            extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed, run.family)
         training_state = {
             "step": run.step,
             "seed": run.seed,
@@ -915,10 +952,13 @@ def save_checkpoint(run: Run) -> Path:
             "samples_seen": run.samples_seen,
             "world_size": accelerator.num_processes,
             **extra,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "raw_weights": raw_weights(run.ema.params) if run.ema is not None and cfg.export_ema else None,
         }
         torch.save(training_state, tmp / STATE_FILE)
         if cfg.save_sample_prompt:
-            draw_samples(run, tmp / "samples", trained)
+            with ema_applied(run):
+                draw_samples(run, tmp / "samples", trained)
     if cfg.keep_last:
         prune(cfg.output, cfg.keep_last)
     if cfg.export_single_file:
