@@ -727,6 +727,20 @@ def train(
     accelerate_config: Annotated[
         Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
     ] = None,
+    validation_split: Annotated[
+        float | None,
+        typer.Option(
+            help="Hold out this share of the instance images (e.g. 0.1) and log their loss.", rich_help_panel=_DATA
+        ),
+    ] = None,
+    validation_dir: Annotated[
+        Path | None,
+        typer.Option(help="Held-out images of their own (captions as for training).", rich_help_panel=_DATA),
+    ] = None,
+    validation_every: Annotated[
+        int | None,
+        typer.Option(help="Steps between validations (default: --save-interval).", rich_help_panel=_DATA),
+    ] = None,
     ema_decay: Annotated[
         float | None,
         typer.Option(

@@ -231,6 +231,10 @@ class TrainConfig:
     accelerate_config: Path | None = None  # an `accelerate config` YAML, passed through to `accelerate launch`
     distributed: str = "ddp"
     offload_optimizer: str = "none"
+    # held-out images (dreambooth/validation.py): their loss at fixed noise levels and fixed noise, every N steps
+    validation_split: float = 0.0  # this share of the instance images is held out
+    validation_dir: Path | None = None  # or a folder of its own
+    validation_every: int | None = None  # None: --save-interval, else a tenth of the run
     # an exponential moving average of the trained weights (dreambooth/ema.py); exports and samples from it
     ema_decay: float | None = None
     ema_device: str = "gpu"  # gpu (the training device) | cpu
@@ -241,6 +245,8 @@ class TrainConfig:
     explicit: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        if self.validation_dir is not None and not isinstance(self.validation_dir, Path):
+            object.__setattr__(self, "validation_dir", Path(self.validation_dir))
         for name in ("model", "output"):
             object.__setattr__(self, name, Path(getattr(self, name)))
         for name in ("vae", "cache_dir", "clip_l", "t5xxl", "ae"):
@@ -315,6 +321,7 @@ class TrainConfig:
         self._check_flow_matching()
         self._check_loss()
         self._check_ema()
+        self._check_validation()
         self._check_full_bf16()
         self._check_base_storage()
 
@@ -391,6 +398,31 @@ class TrainConfig:
         if self.full_bf16 and self.adapter != "full":
             raise UserError("--full-bf16 is for --adapter full (a LoRA trains in fp32 beside a bf16 base already)",
                             "drop --full-bf16")  # fmt: skip
+
+    def _check_validation(self) -> None:
+        if not 0 <= self.validation_split < 0.5:
+            raise UserError(
+                f"--validation-split must be in [0, 0.5) (got {self.validation_split})", "e.g. 0.1 holds out a tenth"
+            )
+        if self.validation_split and self.validation_dir is not None:
+            raise UserError("--validation-split and --validation-dir both given", "use one of them")
+        if self.validation_every is not None and self.validation_every < 1:
+            raise UserError(f"--validation-every must be at least 1 (got {self.validation_every})", "e.g. 100")
+        if self.validates and self.deepspeed:
+            raise UserError(
+                f"--validation-split/--validation-dir and --distributed {self.distributed}: DeepSpeed runs the model "
+                "in its own precision and partitions",
+                "use --distributed ddp to validate",
+            )
+
+    @property
+    def validates(self) -> bool:
+        return bool(self.validation_split) or self.validation_dir is not None
+
+    @property
+    def validation_interval(self) -> int:
+        """Steps between validations: --validation-every, else --save-interval, else a tenth of the run."""
+        return self.validation_every or self.save_interval or max(1, self.max_train_steps // 10)
 
     def _check_ema(self) -> None:
         if self.ema_decay is None:

@@ -61,6 +61,8 @@ class Objective(Protocol):
 
     def huber_c(self, noised: Noised, schedule: str, c: float, scale: float) -> torch.Tensor: ...
 
+    def at_levels(self, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> Noised: ...
+
 
 class DDPM:
     """Denoising diffusion on the base's own (diffusers DDPMScheduler) beta schedule."""
@@ -98,6 +100,11 @@ class DDPM:
             noise = multires_noise(noise, draws, generator, self.multires_iterations, self.multires_discount)
         timesteps = draws.randint(generator, self.scheduler.config.num_train_timesteps).to(device)
         return Noised(noise, timesteps, self.scheduler.add_noise(latents, noise, timesteps))
+
+    def at_levels(self, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> Noised:
+        """`latents` noised with `noise` at fixed noise levels in (0, 1) (validation): timestep ⌊level · T⌋."""
+        steps = (levels * self.scheduler.config.num_train_timesteps).long().to(latents.device)
+        return Noised(noise, steps, self.scheduler.add_noise(latents, noise, steps))
 
     def target(self, latents: torch.Tensor, noised: Noised) -> torch.Tensor:
         """The noise (SD 1.x, SD 2.x base, SDXL) or the velocity (SD 2.x 768-v, v fine-tunes)."""
@@ -190,6 +197,12 @@ class FlowMatching:
             mu = resolution_shift(latent_size[0] * latent_size[1] // (self.pack * self.pack))
             return math.exp(mu) / (math.exp(mu) + (1.0 / sigma - 1.0))
         return sigma
+
+    def at_levels(self, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor) -> Noised:
+        """`latents` noised with `noise` at fixed σ (validation)."""
+        sigmas = levels.to(latents.device, latents.dtype)
+        s = sigmas.view(-1, *([1] * (latents.ndim - 1)))
+        return Noised(noise, sigmas, (1.0 - s) * latents + s * noise, sigmas)
 
     def target(self, latents: torch.Tensor, noised: Noised) -> torch.Tensor:
         return noised.noise - latents

@@ -9,6 +9,7 @@ from pathlib import Path
 from dreambooth.fileio import atomic_path
 
 INSTANCE_COLOR, CLASS_COLOR, LR_COLOR, SKIP_COLOR = "#1f5fbf", "#d9730d", "#2e8b57", "#c62828"
+VALIDATION_COLOR = "#7b1fa2"
 
 
 def smoothed(values: list[float], span: int | None = None) -> list[float]:
@@ -27,7 +28,8 @@ def smoothed(values: list[float], span: int | None = None) -> list[float]:
 
 
 def loss_plot(losses: dict, dest: Path, checkpoints: list[int] = (), title: str | None = None) -> Path:
-    """Draw `losses` (train_report.json's: per step `instance`, `class`, `lr`, and `skipped` step numbers) to
+    """Draw `losses` (train_report.json's: per step `instance`, `class`, `lr`, `skipped` step numbers and
+    `validation` [step, loss] pairs) to
     `dest` (PNG). Checkpoint steps are marked, so the curve says which checkpoint was saved where."""
     from matplotlib.figure import Figure
 
@@ -55,6 +57,10 @@ def loss_plot(losses: dict, dest: Path, checkpoints: list[int] = (), title: str 
         finite = [v for v in instance if math.isfinite(v)] or [0.0]
         loss_axes.plot(skipped, [max(finite)] * len(skipped), linestyle="none", marker="v", color=SKIP_COLOR,
                        label=f"skipped fp16 step ({len(skipped)})")  # fmt: skip
+    validation = [(int(step), float(v)) for step, v in losses.get("validation") or []]
+    if validation:  # the held-out images' loss at fixed noise (--validation-split / --validation-dir)
+        loss_axes.plot([s for s, _ in validation], [v for _, v in validation], color=VALIDATION_COLOR, marker="o",
+                       linewidth=1.5, label="validation loss (held out)")  # fmt: skip
     loss_axes.set_ylabel("loss (MSE)")
     loss_axes.grid(alpha=0.3)
     lr_axes.plot(steps[: len(lrs)], lrs, color=LR_COLOR, linewidth=1.5, label="learning rate")

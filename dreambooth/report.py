@@ -86,6 +86,7 @@ def _history_of(checkpoint: Path) -> tuple[dict, dict]:
         "class": history.get("class_losses", []),
         "lr": history.get("lrs", []),
         "skipped": history.get("skipped_steps", []),
+        "validation": history.get("validation", []),
     }
     return losses, {"steps": state.get("step"), "seed": state.get("seed"), "settings": state.get("config", {})}
 

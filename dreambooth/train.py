@@ -22,9 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from dreambooth import adapters, events, families, performance, plan, trackers
+from dreambooth import adapters, events, families, performance, plan, trackers, validation
 from dreambooth.blockswap import BlockSwap
 from dreambooth.checkpoints import (
     CHECKPOINTS,
@@ -56,6 +55,7 @@ from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
 from dreambooth.families.sd.prompts import token_counts
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
+from dreambooth.losses import elementwise_loss, huber_threshold
 from dreambooth.objectives import Objective
 from dreambooth.plots import loss_plot
 from dreambooth.preflight import preflight, resolve_model
@@ -192,6 +192,7 @@ class History:
     lrs: list[float] = field(default_factory=list)
     seconds: float = 0.0
     skipped_steps: list[int] = field(default_factory=list)  # fp16 steps the gradient scaler threw away
+    validation: list[list[float]] = field(default_factory=list)  # [step, held-out loss]
 
 
 @dataclass
@@ -226,6 +227,7 @@ class Run:
     text_encoders_train: bool = False
     swap: BlockSwap | None = None  # --blocks-to-swap
     ema: EMA | None = None  # --ema-decay
+    held_out: validation.ValidationSet | None = None  # --validation-split / --validation-dir
 
 
 # ───────────────────────────── train ─────────────────────────────
@@ -331,6 +333,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     instance_images = instance_images if instance_images is not None else preflight(cfg)
     # captions are read (and a file that is not UTF-8 refused) before anything heavy
     instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension)
+    instances, held_out = validation.split(cfg, instances)  # --validation-split / --validation-dir
     if model is None:
         with accelerator.main_process_first():  # a single model or VAE file is converted once, into the cache
             model = resolve_model(cfg)
@@ -395,7 +398,9 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     for encoder in c.text_encoders.values():
         encoder.to(device)
     stream = make_stream(cfg, instances, classes, seed, world, state)
-    latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train)
+    held_out_set = validation.prepare(cfg, held_out, c.vae, device, seed)  # while the VAE is on the device
+    latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train,
+                                   [e.prompt for e in held_out])  # fmt: skip
 
     names = list(trained)
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
@@ -415,7 +420,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         optimizer=optimizer, fused=fused, lr_scheduler=lr_scheduler, stream=stream, latents=latents, prompts=prompts,
         all_examples=all_examples, with_classes=classes is not None, generator=torch.Generator().manual_seed(seed),
         history=History(), seed=seed, setup={}, weight_dtype=weight_dtype, text_encoders_train=text_encoders_train,
-        swap=swap, ema=start_ema(cfg, accelerator, trained),
+        swap=swap, ema=start_ema(cfg, accelerator, trained), held_out=held_out_set,
     )  # fmt: skip
     if state is not None:
         resume(run, state, resume_from)
@@ -429,6 +434,14 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         "base_precision": cfg.base_precision,
         "base_storage": c.extra["base_storage"],
         "block_swap": swap.describe() if swap else None,
+        "validation": {
+            "images": len(held_out),
+            "every": cfg.validation_interval,
+            "levels": list(validation.LEVELS),
+            "from": str(cfg.validation_dir) if cfg.validation_dir else f"--validation-split {cfg.validation_split}",
+        }
+        if held_out
+        else None,
         "ema": {
             "decay": cfg.ema_decay,
             "device": cfg.ema_device,
@@ -565,7 +578,9 @@ def make_lr_scheduler(cfg: TrainConfig, optimizer):
     )  # fmt: skip
 
 
-def make_caches(cfg: TrainConfig, family, c, stream: DataStream, seed: int, device, text_encoders_train: bool):
+def make_caches(
+    cfg: TrainConfig, family, c, stream: DataStream, seed: int, device, text_encoders_train: bool, extra_prompts=()
+):
     """The latent source and the prompt cache. A frozen VAE or text encoder gives the same output every epoch:
     with --cache-latents, or text encoders that do not train, it is computed once and the model leaves the GPU."""
     # in the VAE's own precision: the family may keep it in fp32 (SDXL's overflows in fp16)
@@ -577,7 +592,7 @@ def make_caches(cfg: TrainConfig, family, c, stream: DataStream, seed: int, devi
             latents.build_cache(entries, cfg.random_flip, seed)
         c.vae.to("cpu")  # not needed on the GPU again until samples are drawn
     if not text_encoders_train:
-        prompts.build(stream.all_prompts())
+        prompts.build(stream.all_prompts() + list(extra_prompts))  # the held-out images' prompts too
         if not cfg.train_text_encoder:
             for encoder in c.text_encoders.values():
                 encoder.to("cpu")
@@ -735,6 +750,10 @@ def fit(run: Run, should_stop) -> None:
             # what is logged is the whole batch's loss, the mean over the processes' slices
             total, instance_total, class_total = mean_over_processes(accelerator, total, instance_total, class_total)
             log_step(run, total, instance_total, class_total, advance)
+            if run.held_out is not None and (
+                run.step % cfg.validation_interval == 0 or run.step == cfg.max_train_steps
+            ):
+                validate(run)
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             if skipped:
                 run.history.skipped_steps.append(run.step)
@@ -793,26 +812,6 @@ def any_process_stops(accelerator, stopping: bool) -> bool:
     return accelerator.reduce(asked, "sum").item() > 0
 
 
-def huber_threshold(cfg: TrainConfig, objective, noised) -> torch.Tensor | None:
-    """--loss huber|smooth-l1: the threshold per example, on the schedule asked for (default: "snr" for DDPM,
-    "exponential" for flow matching); None for L2."""
-    if cfg.loss == "l2":
-        return None
-    schedule = cfg.huber_schedule or ("exponential" if objective.prediction_type == "flow" else "snr")
-    return objective.huber_c(noised, schedule, cfg.huber_c, cfg.huber_scale)
-
-
-def elementwise_loss(pred, target, kind: str, threshold: torch.Tensor | None) -> torch.Tensor:
-    """The loss per element, in fp32: L2 (the squared error), or kohya's pseudo-Huber 2c(√(d² + c²) − c) ("huber":
-    ~d² for small errors, ~2c|d| for large ones) and smooth L1 2(√(d² + c²) − c), with c per example."""
-    pred, target = pred.float(), target.float()
-    if kind == "l2":
-        return F.mse_loss(pred, target, reduction="none")
-    c = threshold.float().view(-1, *([1] * (pred.ndim - 1)))
-    root = torch.sqrt((pred - target) ** 2 + c**2) - c
-    return 2 * c * root if kind == "huber" else 2 * root
-
-
 def prior_preserving_loss(losses, weights, num_instance: int):
     """(instance loss, class loss) from the per-element `losses`: the batch's instance rows, then its class rows
     (prior preservation: the class half keeps the model's idea of the class). `weights`: the objective's
@@ -868,6 +867,14 @@ def check_finite_weights(run: Run, trained: dict) -> None:
                     f"lower --learning-rate (now {run.cfg.lr:g}) or try --mixed-precision bf16; the last good "
                     f"checkpoint is kept ({run.last_saved or 'none yet'})",
                 )
+
+
+def validate(run: Run) -> None:
+    """The held-out loss now: in the history (so in the report and the checkpoint), the events and the trackers."""
+    loss = validation.validation_loss(run, run.held_out)
+    run.history.validation.append([run.step, loss])
+    events.emit("validation", step=run.step, loss=round(loss, 6))
+    trackers.log_step(run.accelerator, run.cfg, run.step, {"validation_loss": loss})
 
 
 def log_step(run: Run, total: float, instance_loss: float, class_loss: float, advance) -> None:
@@ -1024,6 +1031,7 @@ def _write_report(cfg, step, history: History, started, checkpoint, setup, write
             "class": history.class_losses,
             "lr": history.lrs,
             "skipped": history.skipped_steps,
+            "validation": history.validation,
         },
     }
     if not write:  # another process writes it

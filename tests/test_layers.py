@@ -14,12 +14,24 @@ PACKAGE = Path(dreambooth.__file__).parent
 LAYERS = [
     ["dreambooth", "errors", "events", "fileio", "checkpoints", "runlock"],
     # the mechanism of model files: safe loading, byte ranges, table-driven renaming, bundled tokenizers
-    ["config", "performance", "grids", "plots", "objectives", "checkpoint", "storage", "blockswap", "memory"],
+    [
+        "config",
+        "performance",
+        "grids",
+        "plots",
+        "objectives",
+        "checkpoint",
+        "storage",
+        "blockswap",
+        "memory",
+        "losses",
+        "ema",
+    ],
     # what differs per family: training behaviour, key tables, detection, shapes, LoRA naming
     ["families"],
     # the files users bring and take: convert, export, inspect, LoRA files (dispatching to the families)
     ["formats", "tiny_model"],
-    ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report"],
+    ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report", "validation"],
     ["prior", "train", "plan"],
     ["launch", "pipeline"],
     ["cli", "demo", "__main__"],

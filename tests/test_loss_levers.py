@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth.distributed import Shard
+from dreambooth.losses import elementwise_loss
 from dreambooth.objectives import DDPM, FlowMatching, Noised, multires_noise
-from dreambooth.train import elementwise_loss
 from tests.flux_helpers import FLUX_FLAGS
 from tests.train_helpers import base_args, sigterm_at_step
 
