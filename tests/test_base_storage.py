@@ -12,7 +12,7 @@ from torch import nn
 from dreambooth.blockswap import BlockSwap
 from dreambooth.families.base import Dtypes, ResolvedModel
 from dreambooth.storage import FP8, StoredConv2d, StoredLinear, is_stored, storable, store
-from tests.train_helpers import base_args, sigterm_at_step
+from tests.train_helpers import base_args, straight_and_resumed
 
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--lora-alpha", 4, "--learning-rate", "1e-2", "--save-interval", 100,
         "--train-text-encoder")  # fmt: skip
@@ -232,11 +232,13 @@ def test_swapped_blocks_train_as_unswapped_ones_and_the_report_counts_the_copies
                          ids=["fp8-swap", "nf4"])  # fmt: skip
 def test_a_lora_on_a_stored_base_resumes_bit_identically(cli, model, photos, tmp_path, monkeypatch, levers):
     flags = (*LORA, "--max-train-steps", 4, *levers, "--random-flip")
-    assert cli(*base_args(model, photos, tmp_path / "a", *flags)).exit_code == 0
-    sigterm_at_step(monkeypatch, 2)
-    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 130
-    monkeypatch.undo()
-    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 0
+    straight_and_resumed(
+        cli,
+        monkeypatch,
+        base_args(model, photos, tmp_path / "a", *flags),
+        base_args(model, photos, tmp_path / "b", *flags),
+        stop_at=2,
+    )
     assert_same(lora_weights(tmp_path / "a", 4), lora_weights(tmp_path / "b", 4))
 
 

@@ -7,7 +7,7 @@ import torch
 
 from dreambooth.ema import EMA, trained_parameters
 from dreambooth.families.base import Dtypes, ResolvedModel
-from tests.train_helpers import base_args, sigterm_at_step
+from tests.train_helpers import base_args, straight_and_resumed
 
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--save-interval", 100, "--learning-rate", "1e-2")
 
@@ -82,11 +82,13 @@ def test_the_exported_lora_is_the_average(cli, model, photos, tmp_path):
 
 def test_a_run_with_an_average_resumes_bit_identically(cli, model, photos, tmp_path, monkeypatch):
     flags = (*LORA, "--max-train-steps", 4, "--ema-decay", 0.7, "--ema-start-step", 1, "--random-flip")
-    assert cli(*base_args(model, photos, tmp_path / "a", *flags)).exit_code == 0
-    sigterm_at_step(monkeypatch, 2)
-    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 130
-    monkeypatch.undo()
-    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 0
+    straight_and_resumed(
+        cli,
+        monkeypatch,
+        base_args(model, photos, tmp_path / "a", *flags),
+        base_args(model, photos, tmp_path / "b", *flags),
+        stop_at=2,
+    )
     states = [
         torch.load(tmp_path / r / "checkpoints" / "step-4" / "training_state.pt", weights_only=False) for r in "ab"
     ]

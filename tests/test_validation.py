@@ -11,7 +11,7 @@ from dreambooth.config import build_train_config
 from dreambooth.data import instance_examples
 from dreambooth.validation import split
 from tests.flux_helpers import FLUX_FLAGS
-from tests.train_helpers import base_args, sigterm_at_step, write_photos
+from tests.train_helpers import base_args, straight_and_resumed, write_photos
 
 LORA = ("--adapter", "lora", "--lora-rank", 4, "--save-interval", 100, "--learning-rate", "1e-2")
 
@@ -56,11 +56,13 @@ def test_validation_changes_nothing_of_training_and_measures_the_model(cli, mode
 def test_a_split_run_resumes_with_the_same_validation_losses(cli, model, tmp_path, monkeypatch):
     photos = write_photos(tmp_path / "photos", count=5)
     flags = (*LORA, "--max-train-steps", 4, "--validation-split", 0.2, "--validation-every", 2, "--random-flip")
-    assert cli(*base_args(model, photos, tmp_path / "a", *flags)).exit_code == 0
-    sigterm_at_step(monkeypatch, 3)
-    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 130
-    monkeypatch.undo()
-    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 0
+    straight_and_resumed(
+        cli,
+        monkeypatch,
+        base_args(model, photos, tmp_path / "a", *flags),
+        base_args(model, photos, tmp_path / "b", *flags),
+        stop_at=3,
+    )
     a, b = report(tmp_path / "a"), report(tmp_path / "b")
     assert a["losses"]["validation"] == b["losses"]["validation"] and len(a["losses"]["validation"]) == 2
     assert a["instance_images"] == 4  # one of five held out

@@ -76,3 +76,13 @@ def config_only_folder(kind: str, dest: Path) -> Path:
             index[path.stem] = ["diffusers", "unused"]
     (dest / "model_index.json").write_text(json.dumps(index))
     return dest
+
+
+def straight_and_resumed(cli, monkeypatch, straight: list, resumed: list, stop_at: int) -> None:
+    """The same run twice: `straight` through, and `resumed` stopped by SIGTERM at step `stop_at` (exit 130) and
+    run again to the end; each call's arguments are the whole command line."""
+    assert cli(*straight).exit_code == 0
+    sigterm_at_step(monkeypatch, stop_at)
+    assert cli(*resumed).exit_code == 130
+    monkeypatch.undo()
+    assert cli(*resumed).exit_code == 0
