@@ -232,13 +232,7 @@ def test_swapped_blocks_train_as_unswapped_ones_and_the_report_counts_the_copies
                          ids=["fp8-swap", "nf4"])  # fmt: skip
 def test_a_lora_on_a_stored_base_resumes_bit_identically(cli, model, photos, tmp_path, monkeypatch, levers):
     flags = (*LORA, "--max-train-steps", 4, *levers, "--random-flip")
-    straight_and_resumed(
-        cli,
-        monkeypatch,
-        base_args(model, photos, tmp_path / "a", *flags),
-        base_args(model, photos, tmp_path / "b", *flags),
-        stop_at=2,
-    )
+    straight_and_resumed(cli, monkeypatch, model, photos, tmp_path, flags, stop_at=2)
     assert_same(lora_weights(tmp_path / "a", 4), lora_weights(tmp_path / "b", 4))
 
 

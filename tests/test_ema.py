@@ -82,13 +82,7 @@ def test_the_exported_lora_is_the_average(cli, model, photos, tmp_path):
 
 def test_a_run_with_an_average_resumes_bit_identically(cli, model, photos, tmp_path, monkeypatch):
     flags = (*LORA, "--max-train-steps", 4, "--ema-decay", 0.7, "--ema-start-step", 1, "--random-flip")
-    straight_and_resumed(
-        cli,
-        monkeypatch,
-        base_args(model, photos, tmp_path / "a", *flags),
-        base_args(model, photos, tmp_path / "b", *flags),
-        stop_at=2,
-    )
+    straight_and_resumed(cli, monkeypatch, model, photos, tmp_path, flags, stop_at=2)
     states = [
         torch.load(tmp_path / r / "checkpoints" / "step-4" / "training_state.pt", weights_only=False) for r in "ab"
     ]

@@ -56,13 +56,7 @@ def test_validation_changes_nothing_of_training_and_measures_the_model(cli, mode
 def test_a_split_run_resumes_with_the_same_validation_losses(cli, model, tmp_path, monkeypatch):
     photos = write_photos(tmp_path / "photos", count=5)
     flags = (*LORA, "--max-train-steps", 4, "--validation-split", 0.2, "--validation-every", 2, "--random-flip")
-    straight_and_resumed(
-        cli,
-        monkeypatch,
-        base_args(model, photos, tmp_path / "a", *flags),
-        base_args(model, photos, tmp_path / "b", *flags),
-        stop_at=3,
-    )
+    straight_and_resumed(cli, monkeypatch, model, photos, tmp_path, flags, stop_at=3)
     a, b = report(tmp_path / "a"), report(tmp_path / "b")
     assert a["losses"]["validation"] == b["losses"]["validation"] and len(a["losses"]["validation"]) == 2
     assert a["instance_images"] == 4  # one of five held out

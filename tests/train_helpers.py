@@ -78,11 +78,11 @@ def config_only_folder(kind: str, dest: Path) -> Path:
     return dest
 
 
-def straight_and_resumed(cli, monkeypatch, straight: list, resumed: list, stop_at: int) -> None:
-    """The same run twice: `straight` through, and `resumed` stopped by SIGTERM at step `stop_at` (exit 130) and
-    run again to the end; each call's arguments are the whole command line."""
-    assert cli(*straight).exit_code == 0
+def straight_and_resumed(cli, monkeypatch, model: Path, photos: Path, tmp_path: Path, flags, stop_at: int) -> None:
+    """The same training twice: into tmp_path/a straight through, and into tmp_path/b stopped by SIGTERM at step
+    `stop_at` (exit 130) and run again to the end."""
+    assert cli(*base_args(model, photos, tmp_path / "a", *flags)).exit_code == 0
     sigterm_at_step(monkeypatch, stop_at)
-    assert cli(*resumed).exit_code == 130
+    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 130
     monkeypatch.undo()
-    assert cli(*resumed).exit_code == 0
+    assert cli(*base_args(model, photos, tmp_path / "b", *flags)).exit_code == 0
