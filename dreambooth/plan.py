@@ -18,7 +18,7 @@ import torch
 from dreambooth import events
 from dreambooth.config import TrainConfig
 from dreambooth.errors import UserError
-from dreambooth.families.base import Components, ResolvedModel
+from dreambooth.families.base import Components, Dtypes, ResolvedModel
 from dreambooth.storage import BYTES_PER_WEIGHT, FP8, BaseStorage, storable
 
 GIB = 2**30
@@ -253,20 +253,36 @@ def _memo(memo: dict, key, make):
 def estimate(cfg: TrainConfig, family, model: ResolvedModel, memo: dict | None = None) -> Plan:
     """The memory `cfg` needs on `model`. `memo` keeps what does not change between the candidates of --vram-budget
     (the skeleton, the trained tensors, the measured step and VAE encoding)."""
-    memo = {} if memo is None else memo
     from dreambooth import adapters
 
+    memo = {} if memo is None else memo
     adapter = adapters.get(cfg.adapter)
     weight_dtype = _mixed(cfg)
     dtypes = adapter.dtypes(cfg, weight_dtype)
+    settings = {
+        "resolution": cfg.resolution,
+        "batch": cfg.train_batch_size,
+        "mixed_precision": precision_name(weight_dtype),
+        "base_precision": cfg.base_precision,
+        "blocks_to_swap": cfg.blocks_to_swap,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "optimizer": _optimizer_name(cfg),
+    }
+    plan = Plan(family.name, cfg.adapter, settings, budget=cfg.vram_budget_bytes)
     parts = _memo(memo, "parts", lambda: _meta_skeleton(model))
+    swap_host = _add_weights(plan, cfg, family, adapter, parts, dtypes)
+    _add_trained_state(plan, cfg, family, adapter, model, memo, dtypes, weight_dtype)
+    if swap_host:
+        plan.host.append(Line("swapped blocks", swap_host, "pinned host memory"))
+    return plan
+
+
+def _add_weights(plan: Plan, cfg: TrainConfig, family, adapter, parts: dict, dtypes: Dtypes) -> int:
+    """Each part's weights as stored, in the phases and places they take memory; the swapped blocks' bytes."""
     denoiser_name = family.denoiser_name
     trains_whole = adapter.trains_whole(cfg, family)
     storage = BaseStorage(cfg.base_precision, frozenset({denoiser_name, *family.text_encoder_names} - trains_whole))
     text_trains = set(family.trainable_text) if cfg.train_text_encoder else set()
-
-    caching, training, host, loading = [], [], [], []
-    # the frozen or trained weights of each part, as stored
     swap_host = swap_flight = 0
     for role, part in parts.items():
         if role == "vae":
@@ -286,64 +302,55 @@ def estimate(cfg: TrainConfig, family, model: ResolvedModel, memo: dict | None =
             stored -= swap_host
         nbytes = stored + rest
         # stored layers are stored as they are read (families/stream.py): loading holds one layer more, not a part
-        loading.append(Line(f"{role}", nbytes + swap_host * is_denoiser, how))
+        plan.loading.append(Line(f"{role}", nbytes + swap_host * is_denoiser, how))
         if is_denoiser:
-            training.append(Line(f"{role} weights", nbytes, how))
+            plan.training.append(Line(f"{role} weights", nbytes, how))
             if cfg.blocks_to_swap:
-                training.append(Line("swapped blocks in flight", swap_flight,
-                                     f"2 of {cfg.blocks_to_swap} swapped blocks"))  # fmt: skip
+                plan.training.append(Line("swapped blocks in flight", swap_flight,
+                                          f"2 of {cfg.blocks_to_swap} swapped blocks"))  # fmt: skip
         elif role in text_trains:
-            training.append(Line(f"{role} weights", nbytes, how))
-            caching.append(Line(f"{role} weights", nbytes, how))
+            plan.training.append(Line(f"{role} weights", nbytes, how))
+            plan.caching.append(Line(f"{role} weights", nbytes, how))
         else:
-            caching.append(Line(f"{role} weights", nbytes, how + ", leaves the GPU after caching"))
-            host.append(Line(f"{role} weights", nbytes, how + ", off the GPU"))
-    vae = parts["vae"]
-    vae_bytes = _nbytes(vae.parameters()) // 4 * _size(dtypes.frozen)
-    caching.append(Line("vae weights", vae_bytes, precision_name(dtypes.frozen)))
-    loading.append(Line("vae", vae_bytes, precision_name(dtypes.frozen)))
+            plan.caching.append(Line(f"{role} weights", nbytes, how + ", leaves the GPU after caching"))
+            plan.host.append(Line(f"{role} weights", nbytes, how + ", off the GPU"))
+    vae_bytes = _nbytes(parts["vae"].parameters()) // 4 * _size(dtypes.frozen)
+    vae_how = precision_name(dtypes.frozen)
+    plan.caching.append(Line("vae weights", vae_bytes, vae_how))
+    plan.loading.append(Line("vae", vae_bytes, vae_how))
     if cfg.cache_latents:
-        host.append(Line("vae weights", vae_bytes, precision_name(dtypes.frozen) + ", off the GPU"))
+        plan.host.append(Line("vae weights", vae_bytes, vae_how + ", off the GPU"))
     else:
-        training.append(Line("vae weights", vae_bytes, "--no-cache-latents: encodes every step"))
+        plan.training.append(Line("vae weights", vae_bytes, "--no-cache-latents: encodes every step"))
+    return swap_host
 
-    # what trains: its weights (LoRA's or the model's own fp32 masters are counted above), gradients, optimizer
+
+def _add_trained_state(plan: Plan, cfg: TrainConfig, family, adapter, model, memo: dict, dtypes: Dtypes,
+                       weight_dtype: torch.dtype) -> None:  # fmt: skip
+    """What trains (a LoRA's weights; a full model's are counted with the weights), its gradients and optimizer
+    states, the step's activations, and the VAE encoding while latents are cached."""
     lora_key = (cfg.adapter, cfg.lora_rank, cfg.lora_conv_rank, cfg.lora_targets, cfg.train_text_encoder, cfg.full_bf16)
     trained = _memo(memo, ("trained", lora_key), lambda: _trained_params(cfg, family, adapter, _meta_skeleton(model)))
     if cfg.adapter == "lora":
-        training.append(Line("LoRA weights", _nbytes(trained), f"rank {cfg.lora_rank}, fp32"))
+        plan.training.append(Line("LoRA weights", _nbytes(trained), f"rank {cfg.lora_rank}, fp32"))
     step_key = ("step", cfg.gradient_checkpointing, cfg.train_batch_size, cfg.with_prior_preservation, lora_key,
                 dtypes.denoiser, weight_dtype, cfg.resolution)  # fmt: skip
     step = _memo(memo, step_key, lambda: measure(cfg, family, model, weight_dtype))
     if cfg.fused_backward:
         largest = max((t.numel() * t.element_size() for t in trained), default=0)
-        training.append(Line("gradients", largest, "--fused-backward: one weight's at a time"))
+        plan.training.append(Line("gradients", largest, "--fused-backward: one weight's at a time"))
     else:
-        training.append(Line("gradients", _nbytes(trained), "what trains, in its own precision"))
+        plan.training.append(Line("gradients", _nbytes(trained), "what trains, in its own precision"))
     states = _optimizer_bytes(cfg, trained)
     if cfg.offload_optimizer == "cpu":
-        host.append(Line("optimizer states", states, "--offload-optimizer cpu"))
+        plan.host.append(Line("optimizer states", states, "--offload-optimizer cpu"))
     else:
-        training.append(Line("optimizer states", states, _optimizer_name(cfg)))
-    training.append(Line("activations", step.activations,
-                         _activation_note(cfg) + (", measured on fake tensors" if step.peak else "")))  # fmt: skip
+        plan.training.append(Line("optimizer states", states, _optimizer_name(cfg)))
+    plan.training.append(Line("activations", step.activations,
+                              _activation_note(cfg) + (", measured on fake tensors" if step.peak else "")))  # fmt: skip
     encoding = _memo(memo, ("vae", cfg.resolution, dtypes.frozen),
                      lambda: _vae_encode_bytes(cfg, family, model, dtypes.frozen))  # fmt: skip
-    caching.append(Line("VAE encoding", encoding,
-                        f"one {cfg.resolution} px image, measured on fake tensors"))  # fmt: skip
-    if swap_host:
-        host.append(Line("swapped blocks", swap_host, "pinned host memory"))
-
-    settings = {
-        "resolution": cfg.resolution,
-        "batch": cfg.train_batch_size,
-        "mixed_precision": precision_name(weight_dtype),
-        "base_precision": cfg.base_precision,
-        "blocks_to_swap": cfg.blocks_to_swap,
-        "gradient_checkpointing": cfg.gradient_checkpointing,
-        "optimizer": _optimizer_name(cfg),
-    }
-    return Plan(family.name, cfg.adapter, settings, caching, training, host, loading, cfg.vram_budget_bytes)
+    plan.caching.append(Line("VAE encoding", encoding, f"one {cfg.resolution} px image, measured on fake tensors"))
 
 
 def _meta_skeleton(model: ResolvedModel) -> dict[str, torch.nn.Module]:
