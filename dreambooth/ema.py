@@ -30,7 +30,11 @@ class EMA:
         self.decay = decay
         self.start_step = start_step
         self.device = torch.device(device)
-        self.shadow = {name: p.detach().to(self.device, torch.float32, copy=True) for name, p in params.items()}
+        self.restart()
+
+    def restart(self) -> None:
+        """The average starts from the weights as they are now."""
+        self.shadow = {name: p.detach().to(self.device, torch.float32, copy=True) for name, p in self.params.items()}
 
     @torch.no_grad()
     def update(self, step: int) -> None:

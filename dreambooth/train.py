@@ -431,25 +431,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         "mixed_precision": mixed,
         "optimizer": optimizer_name,
         "attention": attention,
-        "base_precision": cfg.base_precision,
-        "base_storage": c.extra["base_storage"],
-        "block_swap": swap.describe() if swap else None,
-        "validation": {
-            "images": len(held_out),
-            "every": cfg.validation_interval,
-            "levels": list(validation.LEVELS),
-            "from": str(cfg.validation_dir) if cfg.validation_dir else f"--validation-split {cfg.validation_split}",
-        }
-        if held_out
-        else None,
-        "ema": {
-            "decay": cfg.ema_decay,
-            "device": cfg.ema_device,
-            "start_step": cfg.ema_start_step,
-            "checkpoints_hold": "the average" if cfg.export_ema else "the raw weights",
-        }
-        if cfg.ema_decay
-        else None,
+        **describe_levers(cfg, c, swap, held_out),
         "prediction_type": c.prediction_type,
         "objective": objective.name,
         "seed": seed,
@@ -470,6 +452,25 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     run.last_saved = resume_from
     events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
     return run
+
+
+def describe_levers(cfg: TrainConfig, c: Components, swap: BlockSwap | None, held_out: list) -> dict:
+    """The report's account of the memory levers, the held-out images and the EMA (None where unused)."""
+    validates = {
+        "images": len(held_out),
+        "every": cfg.validation_interval,
+        "levels": list(validation.LEVELS),
+        "from": str(cfg.validation_dir) if cfg.validation_dir else f"--validation-split {cfg.validation_split}",
+    }
+    ema = {"decay": cfg.ema_decay, "device": cfg.ema_device, "start_step": cfg.ema_start_step,
+           "checkpoints_hold": "the average" if cfg.export_ema else "the raw weights"}  # fmt: skip
+    return {
+        "base_precision": cfg.base_precision,
+        "base_storage": c.extra["base_storage"],
+        "block_swap": swap.describe() if swap else None,
+        "validation": validates if held_out else None,
+        "ema": ema if cfg.ema_decay else None,
+    }
 
 
 def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict | None) -> None:
@@ -675,7 +676,7 @@ def resume(run: Run, state: dict, checkpoint: Path) -> None:
         if state.get("ema") is not None:
             run.ema.load_state_dict(state["ema"])
         else:
-            run.ema.shadow = {n: p.detach().to(run.ema.device, torch.float32, copy=True) for n, p in params.items()}
+            run.ema.restart()  # from the raw weights just restored
             events.notice(f"--ema-decay: {checkpoint} has no average; it starts from the weights at step {run.step}")
     # checkpoints from before several processes existed: one process, the batch of their own settings
     old = state["config"]
@@ -745,15 +746,10 @@ def fit(run: Run, should_stop) -> None:
             skipped = optimizer_step(run)
             swap_bytes += (run.swap.bytes_moved - moved) if run.swap else 0  # the steps', not the samples'
             run.step += 1
-            if run.ema is not None and not skipped:
-                run.ema.update(run.step)
             # what is logged is the whole batch's loss, the mean over the processes' slices
             total, instance_total, class_total = mean_over_processes(accelerator, total, instance_total, class_total)
             log_step(run, total, instance_total, class_total, advance)
-            if run.held_out is not None and (
-                run.step % cfg.validation_interval == 0 or run.step == cfg.max_train_steps
-            ):
-                validate(run)
+            after_step(run, skipped)
             skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             if skipped:
                 run.history.skipped_steps.append(run.step)
@@ -770,9 +766,7 @@ def fit(run: Run, should_stop) -> None:
                               "resume.")  # fmt: skip
                 raise KeyboardInterrupt
     run.history.seconds += time.perf_counter() - loop_started
-    if run.swap is not None:
-        steps = max(1, run.step - run.setup["first_step"])
-        run.setup["block_swap"] = {**run.swap.describe(), "bytes_moved_per_step": swap_bytes // steps}
+    record_swap(run, swap_bytes)
 
 
 def freeze_text_encoders(run: Run) -> None:
@@ -867,6 +861,24 @@ def check_finite_weights(run: Run, trained: dict) -> None:
                     f"lower --learning-rate (now {run.cfg.lr:g}) or try --mixed-precision bf16; the last good "
                     f"checkpoint is kept ({run.last_saved or 'none yet'})",
                 )
+
+
+def record_swap(run: Run, swap_bytes: int) -> None:
+    """--blocks-to-swap in the report: the swap's counts and what moved per optimizer step of this run."""
+    if run.swap is not None:
+        steps = max(1, run.step - run.setup["first_step"])
+        run.setup["block_swap"] = {**run.swap.describe(), "bytes_moved_per_step": swap_bytes // steps}
+
+
+def after_step(run: Run, skipped: bool) -> None:
+    """What follows an optimizer step: the EMA's update (unless fp16 skipped the step), and every
+    --validation-every steps (and at the last) the held-out loss."""
+    if run.ema is not None and not skipped:
+        run.ema.update(run.step)
+    if run.held_out is not None and (
+        run.step % run.cfg.validation_interval == 0 or run.step == run.cfg.max_train_steps
+    ):
+        validate(run)
 
 
 def validate(run: Run) -> None:
