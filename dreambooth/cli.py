@@ -2,13 +2,18 @@
 
 import json
 import sys
+import types
+import typing
+from dataclasses import MISSING, Field, fields
 from enum import StrEnum
+from inspect import Parameter, Signature, signature
 from pathlib import Path
-from typing import Annotated, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import typer
 
 from dreambooth import __version__, events
+from dreambooth.config import DATA, MODEL, PRIOR, TrainConfig
 from dreambooth.errors import UserError
 
 app = typer.Typer(
@@ -316,458 +321,54 @@ class _TrainCommand(typer.core.TyperCommand):
         return super().parse_args(ctx, rewritten)
 
 
-class MixedPrecision(StrEnum):
-    no = "no"
-    fp16 = "fp16"
-    bf16 = "bf16"
+def _choice_type(name: str, values: tuple[str, ...]) -> type[StrEnum]:
+    """The option's choices as Typer wants them: an enum whose members are the setting's values."""
+    return StrEnum("".join(part.title() for part in name.split("_")), [(value, value) for value in values])
 
 
-class LrScheduler(StrEnum):
-    constant = "constant"
-    constant_with_warmup = "constant_with_warmup"
-    linear = "linear"
-    cosine = "cosine"
-    cosine_with_restarts = "cosine_with_restarts"
-    polynomial = "polynomial"
+def _with_default(help_text: str, default) -> str:
+    """The help with the config's default after it; nothing for "not set" (the help says what that means)."""
+    if default in (None, (), MISSING):
+        return help_text
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return f"{help_text} Default: {shown}."
 
 
-class Attention(StrEnum):
-    sdpa = "sdpa"
-    xformers = "xformers"
+def _train_option(setting: Field) -> Parameter:
+    """One `dreambooth train` option, generated from a TrainConfig field (its `config.setting` declaration).
+
+    The option's value is None when the flag is not given, so that the config file, a preset or a profile can fill
+    it in; the help shows the config's default instead."""
+    meta = setting.metadata
+    kind = meta["option_type"] or setting.type
+    if isinstance(kind, types.UnionType):  # `int | None`: the option reads an int
+        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+    if typing.get_origin(kind) is tuple:  # repeatable: --save-sample-prompt A --save-sample-prompt B
+        kind = list[str]
+    if meta["choices"]:
+        kind = _choice_type(setting.name, meta["choices"])
+    decls = (meta["option"],) if meta["option"] else ()
+    option = typer.Option(*decls, help=_with_default(meta["help"], setting.default), rich_help_panel=meta["panel"])
+    return Parameter(setting.name, Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind | None, option])
 
 
-class AdamImpl(StrEnum):
-    auto = "auto"
-    for_loop = "for-loop"
-    foreach = "foreach"
-    fused = "fused"
-
-
-class ReportTo(StrEnum):
-    none = "none"
-    tensorboard = "tensorboard"
-    wandb = "wandb"
-    all = "all"
-
-
-class Distributed(StrEnum):
-    ddp = "ddp"
-    deepspeed_zero2 = "deepspeed-zero2"
-    deepspeed_zero3 = "deepspeed-zero3"
-
-
-class AdapterKind(StrEnum):
-    full = "full"
-    lora = "lora"
-
-
-class Loss(StrEnum):
-    l2 = "l2"
-    huber = "huber"
-    smooth_l1 = "smooth-l1"
-    smooth_l1_kohya = "smooth_l1"  # kohya's spelling (--loss_type smooth_l1): the same loss
-
-
-class HuberSchedule(StrEnum):
-    constant = "constant"
-    exponential = "exponential"
-    snr = "snr"
-
-
-class EmaDevice(StrEnum):
-    gpu = "gpu"
-    cpu = "cpu"
-
-
-class BasePrecision(StrEnum):
-    auto = "auto"
-    bf16 = "bf16"
-    fp16 = "fp16"
-    fp8 = "fp8"
-    int8 = "int8"
-    nf4 = "nf4"
-
-
-class Offload(StrEnum):
-    none = "none"
-    cpu = "cpu"
-
-
-class TimestepSampling(StrEnum):
-    uniform = "uniform"
-    sigmoid = "sigmoid"
-    logit_normal = "logit-normal"
-    shift = "shift"
-    flux_shift = "flux-shift"
-
-
-class FlowWeighting(StrEnum):
-    none = "none"
-    sigma_sqrt = "sigma-sqrt"
-    cosmap = "cosmap"
-
-
-_DATA = "Data"
-_PRIOR = "Prior preservation"
-_OPT = "Optimisation"
-_SAVE = "Saving"
-_SPEED = "Speed and memory"
-_SCALE = "Scaling out (several GPUs or machines)"
-_ADAPTER = "What trains: the whole model or a LoRA"
-_FLOW = "Flow matching (Flux.1)"
-
-
-@app.command(cls=_TrainCommand, epilog="The classic script's snake_case flags (--max_train_steps, …) also work.")
-def train(
-    config: Annotated[Path | None, typer.Option("--config", help="TOML file with the settings; flags win.")] = None,
-    model: Annotated[
-        Path | None, typer.Option("--model", help="Base model: diffusers folder, or a .ckpt/.safetensors file.")
-    ] = None,
-    vae: Annotated[
-        Path | None, typer.Option("--vae", help="Replacement VAE: a diffusers VAE folder or a .safetensors/.ckpt file.")
-    ] = None,
-    clip_l: Annotated[
+def _train_own_options(
+    config: Annotated[
         Path | None,
-        typer.Option(
-            "--clip-l", help="Flux given as its transformer's file: CLIP-L (clip_l.safetensors).", rich_help_panel=_FLOW
-        ),
-    ] = None,
-    t5xxl: Annotated[
-        Path | None,
-        typer.Option(
-            "--t5xxl",
-            help="Flux given as its transformer's file: T5-XXL (t5xxl_fp16.safetensors).",
-            rich_help_panel=_FLOW,
-        ),
-    ] = None,
-    ae: Annotated[
-        Path | None,
-        typer.Option(
-            "--ae", help="Flux given as its transformer's file: the VAE (ae.safetensors).", rich_help_panel=_FLOW
-        ),
-    ] = None,
-    output: Annotated[Path | None, typer.Option("--output", help="Where checkpoints and reports go.")] = None,
-    cache_dir: Annotated[
-        Path | None, typer.Option("--cache-dir", help="Converted models; default OUTPUT/cache.")
+        typer.Option("--config", help="TOML file with the settings (run.toml); flags win.", rich_help_panel=MODEL),
     ] = None,
     concepts_list: Annotated[
-        Path | None, typer.Option("--concepts-list", help="JSON list of concepts.", rich_help_panel=_DATA)
+        Path | None, typer.Option("--concepts-list", help="JSON list of concepts.", rich_help_panel=DATA)
     ] = None,
-    instance_data_dir: Annotated[
-        Path | None, typer.Option(help="Photos of the subject.", rich_help_panel=_DATA)
-    ] = None,
+    instance_data_dir: Annotated[Path | None, typer.Option(help="Photos of the subject.", rich_help_panel=DATA)] = None,
     instance_prompt: Annotated[
-        str | None, typer.Option(help="e.g. 'a photo of sks dog'.", rich_help_panel=_DATA)
+        str | None, typer.Option(help="e.g. 'a photo of sks dog'.", rich_help_panel=DATA)
     ] = None,
-    class_data_dir: Annotated[Path | None, typer.Option(help="Class images folder.", rich_help_panel=_PRIOR)] = None,
-    class_prompt: Annotated[str | None, typer.Option(help="e.g. 'a photo of dog'.", rich_help_panel=_PRIOR)] = None,
-    with_prior_preservation: Annotated[bool | None, typer.Option(rich_help_panel=_PRIOR)] = None,
-    prior_loss_weight: Annotated[float | None, typer.Option(rich_help_panel=_PRIOR)] = None,
-    num_class_images: Annotated[int | None, typer.Option(rich_help_panel=_PRIOR)] = None,
-    sample_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_PRIOR)] = None,
-    class_inference_steps: Annotated[int | None, typer.Option(rich_help_panel=_PRIOR)] = None,
-    resolution: Annotated[int | None, typer.Option(rich_help_panel=_DATA)] = None,
-    center_crop: Annotated[bool | None, typer.Option(rich_help_panel=_DATA)] = None,
-    random_flip: Annotated[bool | None, typer.Option(rich_help_panel=_DATA)] = None,
-    caption_extension: Annotated[
-        str | None,
-        typer.Option(
-            help="Per-image captions: the first line of photo.txt beside photo.jpg for '.txt' (UTF-8); none or empty: "
-            "the instance prompt. A caption without the instance prompt's identifier (its words that the class "
-            "prompt lacks, e.g. 'sks') gets the instance prompt in front: '<instance prompt>, <caption>'. Class "
-            "images: the class prompt, or their own caption files.",
-            rich_help_panel=_DATA,
-        ),
-    ] = None,
-    max_token_length: Annotated[
-        int | None,
-        typer.Option(
-            help="SD/SDXL: read prompts and captions up to 150 or 225 tokens, in CLIP's 75-token chunks (kohya's "
-            "--max_token_length); default 75, CLIP's window, past which a prompt is cut (the run says so).",
-            rich_help_panel=_DATA,
-        ),
-    ] = None,
-    caption_dropout: Annotated[
-        float | None,
-        typer.Option(help="Share of instance examples trained with an empty caption, e.g. 0.1.", rich_help_panel=_DATA),
-    ] = None,
-    buckets: Annotated[
-        bool | None,
-        typer.Option(
-            help="Aspect-ratio buckets of about resolution² px (sides multiples of --bucket-step) instead of square "
-            "crops; each batch from one bucket; small images are never upscaled.",
-            rich_help_panel=_DATA,
-        ),
-    ] = None,
-    bucket_min_side: Annotated[
-        int | None, typer.Option(help="Shortest bucket side (default 256, or --resolution).", rich_help_panel=_DATA)
-    ] = None,
-    bucket_max_side: Annotated[
-        int | None, typer.Option(help="Longest bucket side (default 2 × --resolution).", rich_help_panel=_DATA)
-    ] = None,
-    bucket_step: Annotated[
-        int | None, typer.Option(help="Bucket sides are multiples of it (default 64).", rich_help_panel=_DATA)
-    ] = None,
-    seed: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    train_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    max_train_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    learning_rate: Annotated[
-        float | None, typer.Option(help="Default 5e-6 (full), 1e-4 (LoRA).", rich_help_panel=_OPT)
-    ] = None,
-    text_encoder_lr: Annotated[
-        float | None, typer.Option(help="The text encoder's own rate (default: --learning-rate).", rich_help_panel=_OPT)
-    ] = None,
-    adapter: Annotated[
-        AdapterKind | None,
-        typer.Option(
-            help="full: fine-tune the whole UNet; lora: train LoRA layers (kohya/A1111 file).", rich_help_panel=_ADAPTER
-        ),
-    ] = None,
-    full_bf16: Annotated[
-        bool | None,
-        typer.Option(
-            help="Full fine-tune: keep the trained weights in bf16, no fp32 master copy (kohya's --full_bf16; needs "
-            "--mixed-precision bf16). Default: on for Flux with bf16.",
-            rich_help_panel=_ADAPTER,
-        ),
-    ] = None,
-    lora_rank: Annotated[
-        int | None, typer.Option(help="LoRA rank (network dim), default 16.", rich_help_panel=_ADAPTER)
-    ] = None,
-    lora_alpha: Annotated[
-        float | None,
-        typer.Option(help="LoRA alpha; scale = alpha / rank (default: the rank).", rich_help_panel=_ADAPTER),
-    ] = None,
-    lora_dropout: Annotated[float | None, typer.Option(rich_help_panel=_ADAPTER)] = None,
-    lora_targets: Annotated[
-        str | None,
-        typer.Option(
-            help="Comma-separated: attention (default), feed-forward, projections, or module names.",
-            rich_help_panel=_ADAPTER,
-        ),
-    ] = None,
-    lora_conv_rank: Annotated[
-        int | None, typer.Option(help="> 0: LoCon, the 3×3 convolutions at this rank.", rich_help_panel=_ADAPTER)
-    ] = None,
-    lora_conv_alpha: Annotated[
-        float | None, typer.Option(help="Default: --lora-conv-rank.", rich_help_panel=_ADAPTER)
-    ] = None,
-    scale_lr: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
-    lr_scheduler: Annotated[LrScheduler | None, typer.Option(rich_help_panel=_OPT)] = None,
-    lr_warmup_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    lr_num_cycles: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    lr_power: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
-    adam_beta1: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
-    adam_beta2: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
-    adam_weight_decay: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
-    adam_epsilon: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
-    max_grad_norm: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
-    gradient_accumulation_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    use_8bit_adam: Annotated[bool | None, typer.Option("--use-8bit-adam/--no-use-8bit-adam", rich_help_panel=_OPT)] = (
-        None
-    ),
-    gradient_checkpointing: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
-    mixed_precision: Annotated[MixedPrecision | None, typer.Option(rich_help_panel=_OPT)] = None,
-    attention: Annotated[Attention | None, typer.Option(rich_help_panel=_OPT)] = None,
-    train_text_encoder: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
-    text_encoder_steps: Annotated[
-        int | None, typer.Option(help="Train the text encoder only for the first N steps.", rich_help_panel=_OPT)
-    ] = None,
-    cache_latents: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
-    offset_noise: Annotated[float | None, typer.Option(help="e.g. 0.05.", rich_help_panel=_OPT)] = None,
-    snr_gamma: Annotated[float | None, typer.Option(help="Min-SNR weighting, e.g. 5.", rich_help_panel=_OPT)] = None,
-    loss: Annotated[
-        Loss | None,
-        typer.Option(
-            help="l2 (default), or kohya's pseudo-Huber (huber) or smooth L1, robust to outlier pixels, with a "
-            "threshold scheduled over the timesteps.",
-            rich_help_panel=_OPT,
-        ),
-    ] = None,
-    huber_schedule: Annotated[
-        HuberSchedule | None,
-        typer.Option(
-            help="The threshold over the timesteps (default: snr for SD/SDXL, exponential for Flux).",
-            rich_help_panel=_OPT,
-        ),
-    ] = None,
-    huber_c: Annotated[
-        float | None,
-        typer.Option(help="The threshold (constant) or its end value, in (0, 1]; 0.1.", rich_help_panel=_OPT),
-    ] = None,
-    huber_scale: Annotated[float | None, typer.Option(help="Scales the threshold; 1.0.", rich_help_panel=_OPT)] = None,
-    debiased_estimation: Annotated[
-        bool | None,
-        typer.Option(
-            help="Weight each example by 1/√SNR (SD/SDXL; kohya's --debiased_estimation_loss).", rich_help_panel=_OPT
-        ),
-    ] = None,
-    multires_noise_iterations: Annotated[
-        int | None,
-        typer.Option(help="Multi-resolution noise levels, e.g. 6 (SD/SDXL); 0: off.", rich_help_panel=_OPT),
-    ] = None,
-    multires_noise_discount: Annotated[
-        float | None, typer.Option(help="Each coarser level's weight factor; 0.3.", rich_help_panel=_OPT)
-    ] = None,
-    zero_terminal_snr: Annotated[
-        bool | None,
-        typer.Option(
-            help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023): true black/white and the full "
-            "range at the last step. Needs a v-prediction model.",
-            rich_help_panel=_OPT,
-        ),
-    ] = None,
-    timestep_sampling: Annotated[
-        TimestepSampling | None,
-        typer.Option(
-            help="How σ is drawn: uniform, sigmoid/logit-normal (of --logit-mean/--logit-std), shift (sigmoid then "
-            "--flow-shift), flux-shift (sigmoid then Flux-dev's resolution-dependent shift). Default: the model's.",
-            rich_help_panel=_FLOW,
-        ),
-    ] = None,
-    flow_shift: Annotated[
-        float | None,
-        typer.Option(help="--timestep-sampling shift: σ' = kσ/(1+(k−1)σ), default 3.", rich_help_panel=_FLOW),
-    ] = None,
-    logit_mean: Annotated[float | None, typer.Option(help="Default 0.", rich_help_panel=_FLOW)] = None,
-    logit_std: Annotated[float | None, typer.Option(help="Default 1.", rich_help_panel=_FLOW)] = None,
-    flow_weighting: Annotated[
-        FlowWeighting | None, typer.Option(help="Loss weighting over σ (SD3's), default none.", rich_help_panel=_FLOW)
-    ] = None,
-    guidance_scale: Annotated[
-        float | None,
-        typer.Option(help="FLUX.1-dev's guidance input while training (default 1.0).", rich_help_panel=_FLOW),
-    ] = None,
-    t5_max_length: Annotated[
-        int | None, typer.Option(help="T5 tokens per prompt (default: dev 512, schnell 256).", rich_help_panel=_FLOW)
-    ] = None,
-    low_vram: Annotated[
-        bool | None,
-        typer.Option(
-            help="Profile: 8-bit paged AdamW, checkpointing, cached latents, fp16, the step inside backward "
-            "(each still overridable).",
-            rich_help_panel=_SPEED,
-        ),
-    ] = None,
-    paged_adam: Annotated[
-        bool | None, typer.Option(help="8-bit Adam's states in paged (spillable) memory.", rich_help_panel=_SPEED)
-    ] = None,
-    base_precision: Annotated[
-        BasePrecision | None,
-        typer.Option(
-            help="How the frozen base is stored: auto (as --mixed-precision), bf16, fp16, fp8 (1 byte a weight, "
-            "computed in the run's precision; kohya's --fp8_base), int8 or nf4 (bitsandbytes; QLoRA). What trains "
-            "keeps its own precision.",
-            rich_help_panel=_SPEED,
-        ),
-    ] = None,
-    blocks_to_swap: Annotated[
-        int | None,
-        typer.Option(
-            help="LoRA: keep the frozen weights of the denoiser's last N blocks in host memory, each block copied to "
-            "the GPU just before it computes (overlapped with compute).",
-            rich_help_panel=_SPEED,
-        ),
-    ] = None,
-    vram_budget: Annotated[
-        str | None,
-        typer.Option(
-            help="Fit the run in this much GPU memory, e.g. 12GB: the levers you did not set (checkpointing, fp8/NF4 "
-            "base, swapped blocks, 8-bit Adam, …) are chosen from the estimate `dreambooth plan` prints.",
-            rich_help_panel=_SPEED,
-        ),
-    ] = None,
-    fused_backward: Annotated[
-        bool | None,
-        typer.Option(help="Update each weight inside backward (no clipping/accumulation).", rich_help_panel=_SPEED),
-    ] = None,
-    adam_impl: Annotated[
-        AdamImpl | None, typer.Option(help="torch AdamW's kernels (auto = torch's choice).", rich_help_panel=_SPEED)
-    ] = None,
-    torch_compile: Annotated[
-        bool | None, typer.Option(help="Compile the UNet's blocks (regional torch.compile).", rich_help_panel=_SPEED)
-    ] = None,
-    channels_last: Annotated[bool | None, typer.Option(help="NHWC convolutions.", rich_help_panel=_SPEED)] = None,
-    report_to: Annotated[
-        ReportTo | None,
-        typer.Option(help="Also log to TensorBoard / W&B (offline) under OUTPUT/logs.", rich_help_panel=_SAVE),
-    ] = None,
-    save_interval: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    save_min_steps: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    save_fp16: Annotated[bool | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    export_single_file: Annotated[
-        bool | None, typer.Option(help="Also write an A1111 .safetensors per checkpoint.", rich_help_panel=_SAVE)
-    ] = None,
-    keep_last: Annotated[int | None, typer.Option(help="Keep only the last K checkpoints.", rich_help_panel=_SAVE)] = (
-        None
-    ),
-    save_sample_prompt: Annotated[list[str] | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    save_sample_negative_prompt: Annotated[str | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    n_save_sample: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    save_guidance_scale: Annotated[float | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    save_infer_steps: Annotated[int | None, typer.Option(rich_help_panel=_SAVE)] = None,
-    resume: Annotated[
-        bool | None, typer.Option("--resume", help="Require a checkpoint to continue from (re-runs resume anyway).")
-    ] = None,
-    num_processes: Annotated[
-        int | None, typer.Option(help="Processes (GPUs) of all machines together.", rich_help_panel=_SCALE)
-    ] = None,
-    num_machines: Annotated[int | None, typer.Option(rich_help_panel=_SCALE)] = None,
-    machine_rank: Annotated[
-        int | None, typer.Option(help="This machine's number, 0 … num-machines − 1.", rich_help_panel=_SCALE)
-    ] = None,
-    main_process_ip: Annotated[
-        str | None, typer.Option(help="Address of the machine with rank 0.", rich_help_panel=_SCALE)
-    ] = None,
-    main_process_port: Annotated[int | None, typer.Option(rich_help_panel=_SCALE)] = None,
-    distributed: Annotated[Distributed | None, typer.Option(rich_help_panel=_SCALE)] = None,
-    offload_optimizer: Annotated[
-        Offload | None, typer.Option(help="DeepSpeed: keep the optimizer in CPU memory.", rich_help_panel=_SCALE)
-    ] = None,
-    accelerate_config: Annotated[
-        Path | None, typer.Option(help="An `accelerate config` file for the launch.", rich_help_panel=_SCALE)
-    ] = None,
-    validation_split: Annotated[
-        float | None,
-        typer.Option(
-            help="Hold out this share of the instance images (e.g. 0.1) and log their loss.", rich_help_panel=_DATA
-        ),
-    ] = None,
-    validation_dir: Annotated[
-        Path | None,
-        typer.Option(help="Held-out images of their own (captions as for training).", rich_help_panel=_DATA),
-    ] = None,
-    validation_every: Annotated[
-        int | None,
-        typer.Option(help="Steps between validations (default: --save-interval).", rich_help_panel=_DATA),
-    ] = None,
-    ema_decay: Annotated[
-        float | None,
-        typer.Option(
-            help="Keep an exponential moving average of the trained weights, e.g. 0.999.", rich_help_panel=_OPT
-        ),
-    ] = None,
-    ema_device: Annotated[
-        EmaDevice | None, typer.Option(help="Where the average lives (cpu: no GPU memory).", rich_help_panel=_OPT)
-    ] = None,
-    ema_start_step: Annotated[
-        int | None, typer.Option(help="Before this step the average follows the weights.", rich_help_panel=_OPT)
-    ] = None,
-    export_ema: Annotated[
-        bool | None,
-        typer.Option(
-            help="Checkpoints, exports and samples hold the average (default with --ema-decay).", rich_help_panel=_OPT
-        ),
-    ] = None,
-    preset: Annotated[
-        str | None,
-        typer.Option(
-            help="Start from shipped settings (`--list-presets`): the classic SD 1.5 recipe, SD 1.5 LoRA, SDXL LoRA, "
-            "SDXL full on ~24 GB, Flux LoRA. The config file and flags win.",
-        ),
-    ] = None,
+    class_data_dir: Annotated[Path | None, typer.Option(help="Class images folder.", rich_help_panel=PRIOR)] = None,
+    class_prompt: Annotated[str | None, typer.Option(help="e.g. 'a photo of dog'.", rich_help_panel=PRIOR)] = None,
     list_presets: Annotated[
-        bool | None, typer.Option("--list-presets", help="List the presets and what each sets, and stop.")
+        bool | None,
+        typer.Option("--list-presets", help="List the presets and what each sets, and stop.", rich_help_panel=MODEL),
     ] = None,
     dry_run: Annotated[
         bool | None,
@@ -775,23 +376,41 @@ def train(
             "--dry-run",
             help="Print the estimated peak GPU memory and host RAM of this run, part by part, and stop (nothing "
             "loads: `dreambooth plan`).",
+            rich_help_panel=MODEL,
         ),
     ] = None,
 ) -> None:
+    """The options of `dreambooth train` that are not TrainConfig settings: the config file, the concept given by
+    flags (the config holds it as `concepts`), and the two that stop before training."""
+
+
+def _train_signature() -> Signature:
+    """`dreambooth train`'s options: its own, then one per TrainConfig setting, in the config's order."""
+    own = [
+        p.replace(kind=Parameter.KEYWORD_ONLY) for p in signature(_train_own_options, eval_str=True).parameters.values()
+    ]
+    settings = [_train_option(f) for f in fields(TrainConfig) if f.metadata["panel"] is not None]
+    return Signature(own + settings, return_annotation=None)
+
+
+def train(**given: Any) -> None:
     """Fine-tune a model (SD 1.x/2.x/XL, FLUX.1) on your photos (DreamBooth): the whole model or a LoRA."""
-    given = dict(locals())  # first line: every parameter, None where the flag was not given
     from dreambooth import launch
     from dreambooth.config import build_train_config
 
-    if list_presets:
+    if given["list_presets"]:
         _list_presets()
         return
     flags = {k: _flag_value(v) for k, v in given.items() if k not in ("config", "dry_run", "list_presets")}
-    cfg = build_train_config(config, flags)
-    if dry_run:
+    cfg = build_train_config(given["config"], flags)
+    if given["dry_run"]:
         _plan(cfg)
         return
     _training_done(launch.train(cfg))  # in this process, or in the processes it launches
+
+
+train.__signature__ = _train_signature()
+app.command(cls=_TrainCommand, epilog="The classic script's snake_case flags (--max_train_steps, …) also work.")(train)
 
 
 def _list_presets() -> None:

@@ -6,7 +6,7 @@ models on disk are usable is checked by `train.preflight`, still before any heav
 
 import json
 import tomllib
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,44 @@ TIMESTEP_SAMPLING = ("uniform", "sigmoid", "logit-normal", "shift", "flux-shift"
 FLOW_WEIGHTING = ("none", "sigma-sqrt", "cosmap")
 LOSSES = ("l2", "huber", "smooth-l1")  # --loss (kohya's --loss_type; smooth_l1 is accepted too)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
+EMA_DEVICES = ("gpu", "cpu")  # --ema-device: the training device, or host memory
 # what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
 DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
+
+
+# --help panels of `dreambooth train` (and the sections of any other form built from TrainConfig)
+MODEL = "Model, output and run"
+DATA = "Data"
+PRIOR = "Prior preservation"
+ADAPTER = "What trains: the whole model or an adapter"
+OPTIMIZER = "Optimizer, schedule and averaged weights"
+LOSS = "Loss and noise"
+FLOW = "Flow matching (FLUX.1)"
+MEMORY = "Memory and speed"
+SAVING = "Saving, samples and logs"
+SCALING = "Scaling out (several GPUs or machines)"
+PANELS = (MODEL, DATA, PRIOR, ADAPTER, OPTIMIZER, LOSS, FLOW, MEMORY, SAVING, SCALING)
+
+
+def setting(
+    default: Any,
+    panel: str | None,
+    help: str = "",
+    *,
+    choices: tuple[str, ...] = (),
+    option: str | None = None,
+    option_type: type | None = None,
+) -> Any:
+    """A TrainConfig field and what a front end shows for it: its panel (None: not an option), one help text, the
+    values it takes, the option's spelling where it is not the kebab-case name, and the type an option reads
+    where it differs from the field's (a comma-separated string for a tuple)."""
+    metadata = {"panel": panel, "help": help, "choices": choices, "option": option, "option_type": option_type}
+    if default is MISSING:
+        return field(metadata=metadata)
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("a setting's default must be immutable (a tuple, not a list)")
+    return field(default=default, metadata=metadata)
 
 
 def flag(name: str) -> str:
@@ -111,138 +146,241 @@ def _concept_from_dict(entry: Any, where: str) -> Concept:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything `dreambooth train` needs. Field names are the flags' names in snake_case."""
+    """Everything `dreambooth train` needs. Field names are the flags' names in snake_case.
 
-    model: Path
-    concepts: tuple[Concept, ...]
-    output: Path = Path("output")
-    vae: Path | None = None
-    cache_dir: Path | None = None  # converted single files go here; default <output>/cache
-    # prior preservation
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    sample_batch_size: int = 4
-    class_inference_steps: int = 50
-    # data
-    resolution: int = 512
-    center_crop: bool = False
-    random_flip: bool = False
-    caption_extension: str | None = None  # ".txt": each image's caption from photo.txt beside photo.jpg
-    caption_dropout: float = 0.0  # this share of instance examples trains with the empty caption
-    buckets: bool = False  # aspect-ratio buckets of about resolution² pixels instead of square crops
-    bucket_min_side: int | None = None  # 256, or --resolution when that is smaller
-    bucket_max_side: int | None = None  # 2 × --resolution
-    bucket_step: int | None = None  # 64: the sides' multiple (the VAE's 8 × the UNet's 8 for SD and SDXL)
-    # optimisation
-    seed: int | None = None
-    train_batch_size: int = 1
-    max_train_steps: int = 800
-    learning_rate: float | None = None  # DEFAULT_LEARNING_RATE of the adapter when not given
-    text_encoder_lr: float | None = None  # --learning-rate when not given
-    scale_lr: bool = False
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    lr_num_cycles: int = 1
-    lr_power: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    gradient_accumulation_steps: int = 1
-    use_8bit_adam: bool = False
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    attention: str = "sdpa"
-    train_text_encoder: bool = False
-    text_encoder_steps: int | None = None  # train the text encoder only for the first N steps
-    cache_latents: bool = True
-    offset_noise: float = 0.0
-    snr_gamma: float | None = None
-    zero_terminal_snr: bool = False
-    # the loss (dreambooth/objectives.py, train.elementwise_loss): L2, or kohya's pseudo-Huber / smooth L1 with a
-    # threshold scheduled over the timesteps (None: "snr" for DDPM, "exponential" for flow matching)
-    loss: str = "l2"
-    huber_schedule: str | None = None
-    huber_c: float = 0.1
-    huber_scale: float = 1.0
-    debiased_estimation: bool = False  # weight each example by 1/√SNR (DDPM)
-    multires_noise_iterations: int = 0  # multi-resolution noise levels (DDPM); 0: off
-    multires_noise_discount: float = 0.3
-    # flow matching (Flux): how σ is drawn (None: the family's choice), and the dev model's guidance input
-    timestep_sampling: str | None = None
-    flow_shift: float = 3.0  # for --timestep-sampling shift
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    flow_weighting: str = "none"
-    guidance_scale: float = 1.0  # FLUX.1-dev's distilled-guidance input while training (kohya's recommendation)
-    t5_max_length: int | None = None  # T5's tokens per prompt: None is the family's (dev 512, schnell 256)
-    # CLIP prompts of SD/SDXL read in 75-token chunks up to this many tokens (kohya's --max_token_length)
-    max_token_length: int = 75
+    Each field is declared with `setting(default, panel, help)`: the `dreambooth train` option (its name, choices,
+    help and --help panel) is generated from it, so a new setting is one line here.
+    """
+
+    model: Path = setting(MISSING, MODEL, "Base model: a diffusers folder, or a .ckpt/.safetensors file.")
+    concepts: tuple[Concept, ...] = setting(MISSING, None)  # from --instance-*/--class-* or --concepts-list
+    output: Path = setting(Path("output"), MODEL, "Where checkpoints, exports and reports go.")
+    vae: Path | None = setting(None, MODEL, "Replacement VAE: a diffusers VAE folder or a .safetensors/.ckpt file.")
+    cache_dir: Path | None = setting(None, MODEL, "Where converted single files go; default OUTPUT/cache.")
     # the text encoders and VAE of a model given as its transformer's single file (ComfyUI keeps Flux in four)
-    clip_l: Path | None = None
-    t5xxl: Path | None = None
-    ae: Path | None = None
+    clip_l: Path | None = setting(None, FLOW, "Flux given as its transformer's file: CLIP-L (clip_l.safetensors).")
+    t5xxl: Path | None = setting(None, FLOW, "Flux given as its transformer's file: T5-XXL (t5xxl_fp16.safetensors).")
+    ae: Path | None = setting(None, FLOW, "Flux given as its transformer's file: the VAE (ae.safetensors).")
+    # prior preservation
+    with_prior_preservation: bool = setting(False, PRIOR, "Also train on class images, keeping the class's look.")
+    prior_loss_weight: float = setting(1.0, PRIOR, "Weight of the class images' loss.")
+    num_class_images: int = setting(100, PRIOR, "Class images to have; missing ones are generated first.")
+    sample_batch_size: int = setting(4, PRIOR, "Class images generated at a time.")
+    class_inference_steps: int = setting(50, PRIOR, "Sampling steps per generated class image.")
+    # data
+    resolution: int = setting(512, DATA, "Training images' side in pixels (buckets: about resolution² pixels).")
+    center_crop: bool = setting(False, DATA, "Crop the centre of each image (otherwise a random crop).")
+    random_flip: bool = setting(False, DATA, "Mirror images at random (the ShivamShrirao fork's --hflip).")
+    caption_extension: str | None = setting(
+        None,
+        DATA,
+        "Per-image captions: the first line of photo.txt beside photo.jpg for '.txt' (UTF-8); none or empty: the "
+        "instance prompt. A caption without the instance prompt's identifier (its words that the class prompt "
+        "lacks, e.g. 'sks') gets the instance prompt in front: '<instance prompt>, <caption>'. Class images: the "
+        "class prompt, or their own caption files.",
+    )
+    caption_dropout: float = setting(0.0, DATA, "Share of instance examples trained with an empty caption, e.g. 0.1.")
+    # CLIP prompts of SD/SDXL read in 75-token chunks up to this many tokens (kohya's --max_token_length)
+    max_token_length: int = setting(
+        75,
+        DATA,
+        "SD/SDXL: read prompts and captions up to 150 or 225 tokens, in CLIP's 75-token chunks (kohya's "
+        "--max_token_length); 75 is CLIP's window, past which a prompt is cut (the run says so).",
+    )
+    buckets: bool = setting(
+        False,
+        DATA,
+        "Aspect-ratio buckets of about resolution² px (sides multiples of --bucket-step) instead of square crops; "
+        "each batch from one bucket; small images are never upscaled.",
+    )
+    bucket_min_side: int | None = setting(None, DATA, "Shortest bucket side (default 256, or --resolution).")
+    bucket_max_side: int | None = setting(None, DATA, "Longest bucket side (default 2 × --resolution).")
+    bucket_step: int | None = setting(None, DATA, "Bucket sides are multiples of it (default 64: VAE 8 × UNet 8).")
+    # held-out images (dreambooth/validation.py): their loss at fixed noise levels and fixed noise, every N steps
+    validation_split: float = setting(
+        0.0, DATA, "Hold out this share of the instance images (e.g. 0.1) and log their loss."
+    )
+    validation_dir: Path | None = setting(None, DATA, "Held-out images of their own (captions as for training).")
+    validation_every: int | None = setting(
+        None, DATA, "Steps between validations (default: --save-interval, else a tenth of the run)."
+    )
     # what trains (dreambooth/adapters.py): the whole model, or LoRA layers beside the frozen base
-    adapter: str = "full"
+    adapter: str = setting(
+        "full",
+        ADAPTER,
+        "full: fine-tune the whole denoiser; lora: train LoRA layers (kohya/A1111 file).",
+        choices=ADAPTERS,
+    )
     # a full fine-tune's weights kept in bf16, no fp32 master copy (kohya's --full_bf16); None: the family's choice
     # (Flux: on with --mixed-precision bf16, where fp32 masters of 12 B parameters would need 48 GB more)
-    full_bf16: bool | None = None
-    lora_rank: int = 16
-    lora_alpha: float | None = None  # = --lora-rank when not given (scale 1)
-    lora_dropout: float = 0.0
+    full_bf16: bool | None = setting(
+        None,
+        ADAPTER,
+        "Full fine-tune: keep the trained weights in bf16, no fp32 master copy (kohya's --full_bf16; needs "
+        "--mixed-precision bf16). Default: on for Flux with bf16.",
+    )
+    lora_rank: int = setting(16, ADAPTER, "LoRA rank (kohya's network dim).")
+    lora_alpha: float | None = setting(None, ADAPTER, "LoRA alpha; scale = alpha / rank (default: the rank).")
+    lora_dropout: float = setting(0.0, ADAPTER, "Dropout on the LoRA layers' input while training.")
     # the family's groups (attention, feed-forward, …) or module names; None: the family's default (its module tables
     # live with the family, which expands and checks them once the model is known)
-    lora_targets: tuple[str, ...] | None = None
-    lora_conv_rank: int = 0  # > 0: LoCon, the ResNet and resampling 3×3 convolutions too
-    lora_conv_alpha: float | None = None  # = --lora-conv-rank when not given
+    lora_targets: tuple[str, ...] | None = setting(
+        None,
+        ADAPTER,
+        "Comma-separated: attention (default), feed-forward, projections, or module names.",
+        option_type=str,
+    )
+    lora_conv_rank: int = setting(0, ADAPTER, "> 0: LoCon, the 3×3 convolutions too, at this rank.")
+    lora_conv_alpha: float | None = setting(None, ADAPTER, "LoCon's alpha (default: --lora-conv-rank).")
+    train_text_encoder: bool = setting(False, ADAPTER, "Train the text encoder(s) too.")
+    text_encoder_steps: int | None = setting(None, ADAPTER, "Train the text encoder only for the first N steps.")
+    # optimisation
+    seed: int | None = setting(None, OPTIMIZER, "Seed of everything random; none: a new one, recorded in the report.")
+    train_batch_size: int = setting(1, OPTIMIZER, "Examples per process and micro-batch.")
+    max_train_steps: int = setting(800, OPTIMIZER, "Optimizer steps to train.")
+    learning_rate: float | None = setting(None, OPTIMIZER, "Default 5e-6 (full), 1e-4 (LoRA).")
+    text_encoder_lr: float | None = setting(None, OPTIMIZER, "The text encoder's own rate (default: --learning-rate).")
+    scale_lr: bool = setting(False, OPTIMIZER, "Multiply the rate by the examples per optimizer step.")
+    lr_scheduler: str = setting("constant", OPTIMIZER, "The rate over the run.", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = setting(0, OPTIMIZER, "Steps of linear warm-up.")
+    lr_num_cycles: int = setting(1, OPTIMIZER, "cosine_with_restarts: the number of cycles.")
+    lr_power: float = setting(1.0, OPTIMIZER, "polynomial: the power.")
+    adam_beta1: float = setting(0.9, OPTIMIZER, "AdamW's β1.")
+    adam_beta2: float = setting(0.999, OPTIMIZER, "AdamW's β2.")
+    adam_weight_decay: float = setting(1e-2, OPTIMIZER, "AdamW's decoupled weight decay.")
+    adam_epsilon: float = setting(1e-8, OPTIMIZER, "AdamW's ε.")
+    max_grad_norm: float = setting(1.0, OPTIMIZER, "Clip the gradients' norm to this; 0: no clipping.")
+    gradient_accumulation_steps: int = setting(1, OPTIMIZER, "Micro-batches per optimizer step.")
+    use_8bit_adam: bool = setting(False, OPTIMIZER, "8-bit AdamW (bitsandbytes): a quarter of AdamW's state memory.")
+    # an exponential moving average of the trained weights (dreambooth/ema.py); exports and samples from it
+    ema_decay: float | None = setting(
+        None, OPTIMIZER, "Keep an exponential moving average of the trained weights, e.g. 0.999."
+    )
+    ema_device: str = setting("gpu", OPTIMIZER, "Where the average lives (cpu: no GPU memory).", choices=EMA_DEVICES)
+    ema_start_step: int = setting(0, OPTIMIZER, "Before this step the average follows the weights.")
+    export_ema: bool | None = setting(
+        None, OPTIMIZER, "Checkpoints, exports and samples hold the average (default with --ema-decay)."
+    )
+    # the loss (dreambooth/objectives.py, train.elementwise_loss): L2, or kohya's pseudo-Huber / smooth L1 with a
+    # threshold scheduled over the timesteps (None: "snr" for DDPM, "exponential" for flow matching)
+    loss: str = setting(
+        "l2",
+        LOSS,
+        "l2, or kohya's pseudo-Huber (huber) or smooth L1, robust to outlier pixels, with a threshold scheduled "
+        "over the timesteps.",
+        choices=(*LOSSES, "smooth_l1"),  # kohya's spelling (--loss_type smooth_l1): the same loss
+    )
+    huber_schedule: str | None = setting(
+        None,
+        LOSS,
+        "The threshold over the timesteps (default: snr for SD/SDXL, exponential for Flux).",
+        choices=HUBER_SCHEDULES,
+    )
+    huber_c: float = setting(0.1, LOSS, "The threshold (constant) or its end value, in (0, 1].")
+    huber_scale: float = setting(1.0, LOSS, "Scales the threshold.")
+    debiased_estimation: bool = setting(
+        False, LOSS, "Weight each example by 1/√SNR (SD/SDXL; kohya's --debiased_estimation_loss)."
+    )
+    multires_noise_iterations: int = setting(0, LOSS, "Multi-resolution noise levels, e.g. 6 (SD/SDXL); 0: off.")
+    multires_noise_discount: float = setting(0.3, LOSS, "Each coarser level's weight factor.")
+    offset_noise: float = setting(0.0, LOSS, "Offset noise, e.g. 0.05: darker darks and brighter brights.")
+    snr_gamma: float | None = setting(None, LOSS, "Min-SNR weighting, e.g. 5.")
+    zero_terminal_snr: bool = setting(
+        False,
+        LOSS,
+        "Rescale the noise schedule to zero terminal SNR (Lin et al. 2023): true black/white and the full range "
+        "at the last step. Needs a v-prediction model.",
+    )
+    # flow matching (Flux): how σ is drawn (None: the family's choice), and the dev model's guidance input
+    timestep_sampling: str | None = setting(
+        None,
+        FLOW,
+        "How σ is drawn: uniform, sigmoid/logit-normal (of --logit-mean/--logit-std), shift (sigmoid then "
+        "--flow-shift), flux-shift (sigmoid then Flux-dev's resolution-dependent shift). Default: the model's.",
+        choices=TIMESTEP_SAMPLING,
+    )
+    flow_shift: float = setting(3.0, FLOW, "--timestep-sampling shift: σ' = kσ/(1+(k−1)σ).")
+    logit_mean: float = setting(0.0, FLOW, "The mean of the normal that sigmoid/logit-normal sampling squashes.")
+    logit_std: float = setting(1.0, FLOW, "Its standard deviation.")
+    flow_weighting: str = setting("none", FLOW, "Loss weighting over σ (SD3's).", choices=FLOW_WEIGHTING)
+    guidance_scale: float = setting(1.0, FLOW, "FLUX.1-dev's guidance input while training (kohya's advice).")
+    t5_max_length: int | None = setting(None, FLOW, "T5 tokens per prompt (default: dev 512, schnell 256).")
     # the frozen base (dreambooth/storage.py, blockswap.py): how its big layers are stored, how many of the
     # denoiser's blocks live in host memory, and the GPU memory the run must fit (dreambooth/plan.py picks levers)
-    base_precision: str = "auto"
-    blocks_to_swap: int = 0
-    vram_budget: str | None = None  # "12GB" (GiB, as cards are sold)
+    base_precision: str = setting(
+        "auto",
+        MEMORY,
+        "How the frozen base is stored: auto (as --mixed-precision), bf16, fp16, fp8 (1 byte a weight, computed "
+        "in the run's precision; kohya's --fp8_base), int8 or nf4 (bitsandbytes; QLoRA). What trains keeps its "
+        "own precision.",
+        choices=BASE_PRECISIONS,
+    )
+    blocks_to_swap: int = setting(
+        0,
+        MEMORY,
+        "LoRA: keep the frozen weights of the denoiser's last N blocks in host memory, each block copied to the "
+        "GPU just before it computes (overlapped with compute).",
+    )
+    vram_budget: str | None = setting(
+        None,
+        MEMORY,
+        "Fit the run in this much GPU memory, e.g. 12GB (GiB, as cards are sold): the levers you did not set "
+        "(checkpointing, fp8/NF4 base, swapped blocks, 8-bit Adam, …) are chosen from the estimate `dreambooth "
+        "plan` prints.",
+    )
     # speed and memory (dreambooth/performance.py); all off unless asked, --low-vram turns on the memory ones
-    low_vram: bool = False
-    paged_adam: bool = False
-    fused_backward: bool = False
-    torch_compile: bool = False
-    channels_last: bool = False
-    adam_impl: str = "auto"
-    report_to: str = "none"
+    low_vram: bool = setting(
+        False,
+        MEMORY,
+        "Profile: 8-bit paged AdamW, checkpointing, cached latents, fp16, the step inside backward (each still "
+        "overridable).",
+    )
+    mixed_precision: str = setting("no", MEMORY, "Compute in fp16 or bf16 (autocast).", choices=MIXED_PRECISION)
+    gradient_checkpointing: bool = setting(False, MEMORY, "Recompute activations in backward: less memory, slower.")
+    cache_latents: bool = setting(
+        True, MEMORY, "Encode images and prompts once, then free the VAE and frozen text encoders."
+    )
+    attention: str = setting("sdpa", MEMORY, "The attention kernels.", choices=ATTENTION)
+    paged_adam: bool = setting(False, MEMORY, "8-bit Adam's states in paged (spillable) memory.")
+    fused_backward: bool = setting(False, MEMORY, "Update each weight inside backward (no clipping/accumulation).")
+    torch_compile: bool = setting(False, MEMORY, "Compile the denoiser's blocks (regional torch.compile).")
+    channels_last: bool = setting(False, MEMORY, "NHWC convolutions.")
+    adam_impl: str = setting("auto", MEMORY, "torch AdamW's kernels (auto = torch's choice).", choices=ADAM_IMPLS)
     # saving
-    save_interval: int = 500
-    save_min_steps: int = 0
-    save_fp16: bool = False
-    export_single_file: bool = False
-    keep_last: int | None = None
-    save_sample_prompt: tuple[str, ...] = ()
-    save_sample_negative_prompt: str | None = None
-    n_save_sample: int = 4
-    save_guidance_scale: float | None = None  # None: the family's (SD 7.5; Flux.1-dev its distilled 3.5)
-    save_infer_steps: int | None = None  # None: the family's (20; Flux.1-schnell 4)
-    resume: bool = False
+    save_interval: int = setting(500, SAVING, "Steps between checkpoints.")
+    save_min_steps: int = setting(0, SAVING, "No checkpoint before this step.")
+    save_fp16: bool = setting(False, SAVING, "Checkpoints and exports in fp16 (the classic --save_half).")
+    export_single_file: bool = setting(False, SAVING, "Also write an A1111 .safetensors per checkpoint.")
+    keep_last: int | None = setting(None, SAVING, "Keep only the last K checkpoints.")
+    save_sample_prompt: tuple[str, ...] = setting((), SAVING, "A prompt to sample at each checkpoint (repeatable).")
+    save_sample_negative_prompt: str | None = setting(None, SAVING, "The samples' negative prompt.")
+    n_save_sample: int = setting(4, SAVING, "Samples per prompt and checkpoint.")
+    save_guidance_scale: float | None = setting(None, SAVING, "Samples' guidance (default: SD 7.5, Flux-dev 3.5).")
+    save_infer_steps: int | None = setting(None, SAVING, "Samples' steps (default 20; Flux-schnell 4).")
+    report_to: str = setting(
+        "none", SAVING, "Also log to TensorBoard / W&B (offline) under OUTPUT/logs.", choices=REPORT_TO
+    )
+    resume: bool = setting(
+        False, MODEL, "Require a checkpoint to continue from (re-runs resume anyway).", option="--resume"
+    )
     # scaling out (dreambooth/launch.py starts the processes through accelerate; train.py shards the work)
-    num_processes: int = 1  # over all machines together, as accelerate counts: 2 machines × 4 GPUs = 8
-    num_machines: int = 1
-    machine_rank: int = 0
-    main_process_ip: str | None = None
-    main_process_port: int | None = None
-    accelerate_config: Path | None = None  # an `accelerate config` YAML, passed through to `accelerate launch`
-    distributed: str = "ddp"
-    offload_optimizer: str = "none"
-    # held-out images (dreambooth/validation.py): their loss at fixed noise levels and fixed noise, every N steps
-    validation_split: float = 0.0  # this share of the instance images is held out
-    validation_dir: Path | None = None  # or a folder of its own
-    validation_every: int | None = None  # None: --save-interval, else a tenth of the run
-    # an exponential moving average of the trained weights (dreambooth/ema.py); exports and samples from it
-    ema_decay: float | None = None
-    ema_device: str = "gpu"  # gpu (the training device) | cpu
-    ema_start_step: int = 0
-    export_ema: bool | None = None  # None: on with --ema-decay
-    preset: str | None = None  # --preset: the shipped settings (assets/presets/NAME.toml) this run started from
+    num_processes: int = setting(1, SCALING, "Processes (GPUs) of all machines together: 2 machines × 4 GPUs = 8.")
+    num_machines: int = setting(1, SCALING, "Machines taking part.")
+    machine_rank: int = setting(0, SCALING, "This machine's number, 0 … num-machines − 1.")
+    main_process_ip: str | None = setting(None, SCALING, "Address of the machine with rank 0.")
+    main_process_port: int | None = setting(None, SCALING, "Its port.")
+    accelerate_config: Path | None = setting(None, SCALING, "An `accelerate config` file for the launch.")
+    distributed: str = setting("ddp", SCALING, "How processes share the work.", choices=DISTRIBUTED)
+    offload_optimizer: str = setting("none", SCALING, "DeepSpeed: keep the optimizer in CPU memory.", choices=OFFLOAD)
+    # --preset: the shipped settings (assets/presets/NAME.toml) this run started from
+    preset: str | None = setting(
+        None,
+        MODEL,
+        "Start from shipped settings (`--list-presets`): the classic SD 1.5 recipe, SD 1.5 LoRA, SDXL LoRA, SDXL "
+        "full on ~24 GB, Flux LoRA. The config file and flags win.",
+    )
     # the settings the user gave (config file or flags), so that profiles chosen later never override them
-    explicit: tuple[str, ...] = ()
+    explicit: tuple[str, ...] = setting((), None)
 
     def __post_init__(self) -> None:
         if self.validation_dir is not None and not isinstance(self.validation_dir, Path):
@@ -431,7 +569,7 @@ class TrainConfig:
             return
         if not 0 < self.ema_decay < 1:
             raise UserError(f"--ema-decay must be between 0 and 1 (got {self.ema_decay})", "e.g. 0.999 or 0.9999")
-        if self.ema_device not in ("gpu", "cpu"):
+        if self.ema_device not in EMA_DEVICES:
             raise UserError(f"--ema-device {self.ema_device!r} is unknown", "use gpu or cpu")
         if self.ema_start_step < 0:
             raise UserError(f"--ema-start-step must not be negative (got {self.ema_start_step})", "0 starts at once")
