@@ -6,6 +6,7 @@ models on disk are usable is checked by `train.preflight`, still before any heav
 
 import json
 import tomllib
+import typing
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -811,18 +812,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
         """The settings `to_dict` wrote (a checkpoint's, the launcher's), paths made paths again."""
-        import typing
-
         data = dict(data)
         concepts = tuple(Concept(**c) for c in data.pop("concepts"))
-        for f in fields(cls):  # JSON has no paths: give Path fields theirs back
-            if isinstance(data.get(f.name), str) and Path in (f.type, *typing.get_args(f.type)):
-                data[f.name] = Path(data[f.name])
+        for name in PATH_SETTINGS:  # JSON has no paths: give Path fields theirs back
+            if isinstance(data.get(name), str):
+                data[name] = Path(data[name])
         known = {f.name for f in fields(cls)}
         return cls(concepts=concepts, **{k: v for k, v in data.items() if k in known})
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)} - {"concepts", "explicit"}
+# the settings that are paths (`Path` or `Path | None`): a config file's are relative to the file
+PATH_SETTINGS = frozenset(f.name for f in fields(TrainConfig) if Path in (f.type, *typing.get_args(f.type)))
 SINGLE_CONCEPT = ("instance_data_dir", "instance_prompt", "class_data_dir", "class_prompt")
 
 
@@ -886,8 +887,7 @@ def read_toml(path: Path) -> dict:
     data = {k: v for k, v in data.items() if not isinstance(v, dict)}
     settings = _normalise_keys({**data, **train}, f"--config {path}")
     base = path.parent  # relative paths in a config file are relative to the file, like in any config format
-    for key in ("model", "output", "vae", "cache_dir", "concepts_list", "instance_data_dir", "class_data_dir",
-                "accelerate_config", "clip_l", "t5xxl", "ae"):  # fmt: skip
+    for key in (*sorted(PATH_SETTINGS), "concepts_list", "instance_data_dir", "class_data_dir"):
         if isinstance(settings.get(key), str):
             settings[key] = base / settings[key]
     if "concepts" in settings:

@@ -65,3 +65,23 @@ def test_a_choice_the_config_refuses_is_not_offered():
                 TrainConfig(**base, **{setting.name: value})
             except UserError as exc:
                 assert f"{value!r} is unknown" not in str(exc), (setting.name, exc)
+
+
+def test_every_path_setting_of_a_config_file_is_relative_to_the_file(tmp_path):
+    """The path settings are read from TrainConfig's types, so a new one (--validation-dir was missed by the
+    hand-kept list) is resolved like the others."""
+    from pathlib import Path
+
+    from dreambooth.config import PATH_SETTINGS, build_train_config
+
+    run = tmp_path / "project" / "run.toml"
+    run.parent.mkdir()
+    lines = [f'{name} = "rel/{name}"' for name in sorted(PATH_SETTINGS)]
+    run.write_text("\n".join([*lines, 'instance_data_dir = "photos"', 'instance_prompt = "sks dog"']) + "\n")
+    cfg = build_train_config(run, {})
+    for name in PATH_SETTINGS:
+        assert getattr(cfg, name) == run.parent / "rel" / name, name
+    assert cfg.concepts[0].instance_data_dir == run.parent / "photos"
+    assert {"model", "output", "validation_dir"} <= PATH_SETTINGS and all(
+        isinstance(getattr(cfg, n), Path) for n in PATH_SETTINGS
+    )
