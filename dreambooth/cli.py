@@ -289,6 +289,7 @@ class _TrainCommand(typer.core.TyperCommand):
         "--bucket_reso_steps": "--bucket-step",
         "--loss_type": "--loss",
         "--debiased_estimation_loss": "--debiased-estimation",
+        "--alpha_mask": "--masked-loss",  # kohya's: the alpha channel as the loss mask (ours reads it too)
     }
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"],
@@ -507,6 +508,14 @@ def train(
     ] = None,
     bucket_step: Annotated[
         int | None, typer.Option(help="Bucket sides are multiples of it (default 64).", rich_help_panel=_DATA)
+    ] = None,
+    masked_loss: Annotated[
+        bool | None,
+        typer.Option(
+            help="Weigh the loss by a mask per photo: photo.mask.png beside photo.jpg, else the photo's alpha channel "
+            "(white trains, black does not, grey in between); photos without one train whole.",
+            rich_help_panel=_DATA,
+        ),
     ] = None,
     seed: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
     train_batch_size: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,

@@ -134,6 +134,9 @@ class TrainConfig:
     bucket_min_side: int | None = None  # 256, or --resolution when that is smaller
     bucket_max_side: int | None = None  # 2 × --resolution
     bucket_step: int | None = None  # 64: the sides' multiple (the VAE's 8 × the UNet's 8 for SD and SDXL)
+    # the loss weighted by a mask per photo: photo.mask.png beside photo.jpg, or the photo's alpha channel (white
+    # trains, black does not, grey in between); images without one, and class images, train whole
+    masked_loss: bool = False
     # optimisation
     seed: int | None = None
     train_batch_size: int = 1
