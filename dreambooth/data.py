@@ -181,11 +181,11 @@ def check_some_masked(examples: list["Example"], concepts) -> None:
     """--masked-loss with no mask at all is a mistake (a misnamed mask file, most likely), not a run to start."""
     if any(e.mask is not None for e in examples):
         return
-    folders = ", ".join(str(c.instance_data_dir) for c in concepts)
+    folders = ("folders " if len(concepts) > 1 else "folder ") + ", ".join(str(c.instance_data_dir) for c in concepts)
     example = examples[0].path if examples else Path("photo.jpg")
     raise UserError(
-        f"--masked-loss: no image in the instance folder {folders} has a mask (expected {mask_path(example).name} "
-        f"beside {example.name}, or photos with an alpha channel)",
+        f"--masked-loss: no image in the instance {folders} has a mask (expected {mask_path(example).name} beside "
+        f"{example.name}, or photos with an alpha channel)",
         "add masks named like photo.mask.png beside photo.jpg (white trains, black does not), or drop --masked-loss",
     )
 

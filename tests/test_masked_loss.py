@@ -289,3 +289,17 @@ def test_bad_masks_are_refused_by_name(cli, model, tmp_path):
     assert_user_error(result, f"mask file {photos / 'photo-1.mask.png'} cannot be read")
     # without --masked-loss, masks are not looked at (nor taken for photos)
     assert cli(*base_args(model, photos, tmp_path / "o", *LORA, "--max-train-steps", 1)).exit_code == 0
+
+
+def test_dreambooth_run_takes_a_changed_mask_for_another_training(tmp_path):
+    """`dreambooth run` skips a finished training whose inputs are unchanged: a mask file is one of them."""
+    from dreambooth.pipeline import Hasher, mask_digests
+
+    photos = write_photos(tmp_path / "photos", count=2)
+    images = {0: sorted(photos.glob("photo-?.png"))}
+    left_half((40, 48)).save(photos / "photo-0.mask.png")
+    before = mask_digests(Hasher({}), images)
+    assert before[str(photos / "photo-1.mask.png")] is None
+    left_half((40, 48), 90).save(photos / "photo-0.mask.png")
+    after = mask_digests(Hasher({}), images)
+    assert before[str(photos / "photo-0.mask.png")] != after[str(photos / "photo-0.mask.png")]
