@@ -24,7 +24,7 @@ from dreambooth.data import (
     scan_images,
     to_tensor,
 )
-from dreambooth.tiny_model import write_tiny_flux
+from dreambooth.tiny_model import write_tiny_diffusers, write_tiny_flux
 from dreambooth.validation import prepare
 from tests.flux_helpers import FLUX_FLAGS
 from tests.test_bad_input import assert_user_error
@@ -92,17 +92,22 @@ def test_pixels_under_a_black_mask_train_nothing(cli, model, tmp_path, cache):
         assert not same(lora(tmp_path / "a-masked", 4), lora(tmp_path / "a-whole", 4))
 
 
-def test_flux_masks_the_unpacked_latents(cli, tmp_path):
-    """Flux packs latents 2×2 into tokens and unpacks its prediction: the mask weighs that unpacked loss."""
-    flux = write_tiny_flux(tmp_path / "flux", seed=0)
+@pytest.mark.parametrize("family", ["sdxl", "flux-dev"])
+def test_sdxl_and_flux_mask_their_latents(cli, tmp_path, family):
+    """SDXL's loss is SD's layout; Flux packs latents 2×2 into tokens and unpacks its prediction: the mask weighs
+    that unpacked loss."""
+    if family == "sdxl":
+        model, extra = write_tiny_diffusers(tmp_path / "sdxl", seed=0, model_type="sdxl"), ()
+    else:
+        model, extra = write_tiny_flux(tmp_path / "flux", seed=0), FLUX_FLAGS
     a, b = masked_pair(tmp_path)
-    flags = (*FLUX_FLAGS, *LORA, "--max-train-steps", 3, "--random-flip")
+    flags = (*extra, *LORA, "--max-train-steps", 3, "--random-flip")
     for folder in (a, b):
-        result = cli(*base_args(flux, folder, tmp_path / f"{folder.name}-masked", *flags, "--masked-loss"))
+        result = cli(*base_args(model, folder, tmp_path / f"{folder.name}-masked", *flags, "--masked-loss"))
         assert result.exit_code == 0, result.stderr
     assert same(lora(tmp_path / "a-masked", 3), lora(tmp_path / "b-masked", 3))
-    assert cli(*base_args(flux, a, tmp_path / "a-whole", *flags)).exit_code == 0
-    assert cli(*base_args(flux, b, tmp_path / "b-whole", *flags)).exit_code == 0
+    assert cli(*base_args(model, a, tmp_path / "a-whole", *flags)).exit_code == 0
+    assert cli(*base_args(model, b, tmp_path / "b-whole", *flags)).exit_code == 0
     assert not same(lora(tmp_path / "a-whole", 3), lora(tmp_path / "b-whole", 3))
 
 
