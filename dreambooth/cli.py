@@ -359,6 +359,8 @@ class Distributed(StrEnum):
 class AdapterKind(StrEnum):
     full = "full"
     lora = "lora"
+    loha = "loha"
+    lokr = "lokr"
 
 
 class Loss(StrEnum):
@@ -520,7 +522,9 @@ def train(
     adapter: Annotated[
         AdapterKind | None,
         typer.Option(
-            help="full: fine-tune the whole UNet; lora: train LoRA layers (kohya/A1111 file).", rich_help_panel=_ADAPTER
+            help="full: fine-tune the whole UNet; lora: train LoRA layers (kohya/A1111 file); loha, lokr: LyCORIS' "
+            "Hadamard and Kronecker products (their files load in the WebUI and ComfyUI).",
+            rich_help_panel=_ADAPTER,
         ),
     ] = None,
     full_bf16: Annotated[
@@ -551,6 +555,13 @@ def train(
     ] = None,
     lora_conv_alpha: Annotated[
         float | None, typer.Option(help="Default: --lora-conv-rank.", rich_help_panel=_ADAPTER)
+    ] = None,
+    lora_dora: Annotated[
+        bool | None,
+        typer.Option(help="DoRA: train each weight's magnitude apart (--adapter lora).", rich_help_panel=_ADAPTER),
+    ] = None,
+    lokr_factor: Annotated[
+        int | None, typer.Option(help="LoKr's Kronecker factor; -1 (default): balanced.", rich_help_panel=_ADAPTER)
     ] = None,
     scale_lr: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
     lr_scheduler: Annotated[LrScheduler | None, typer.Option(rich_help_panel=_OPT)] = None,

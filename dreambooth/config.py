@@ -32,7 +32,9 @@ LOW_VRAM = {
     "fused_backward": True,
     "max_grad_norm": 0.0,
 }
-ADAPTERS = ("full", "lora")
+ADAPTERS = ("full", "lora", "loha", "lokr")
+# the adapters that train beside a frozen base through peft (LoRA, and LyCORIS' LoHa and LoKr)
+LORA_KINDS = ("lora", "loha", "lokr")
 # --base-precision: how the frozen base's big layers are stored (dreambooth/storage.py); auto: as --mixed-precision
 BASE_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
 # flow matching (dreambooth/objectives.py): how σ is drawn, and how the loss is weighted over σ
@@ -41,7 +43,7 @@ FLOW_WEIGHTING = ("none", "sigma-sqrt", "cosmap")
 LOSSES = ("l2", "huber", "smooth-l1")  # --loss (kohya's --loss_type; smooth_l1 is accepted too)
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 # what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
-DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
+DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4, "loha": 1e-4, "lokr": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
 
@@ -197,6 +199,10 @@ class TrainConfig:
     lora_targets: tuple[str, ...] | None = None
     lora_conv_rank: int = 0  # > 0: LoCon, the ResNet and resampling 3×3 convolutions too
     lora_conv_alpha: float | None = None  # = --lora-conv-rank when not given
+    # DoRA (--adapter lora): each weight's magnitude trains apart from its direction (peft's use_dora)
+    lora_dora: bool = False
+    # LoKr: the factor the Kronecker product splits each dimension by; -1 as balanced as it divides (LyCORIS's)
+    lokr_factor: int | None = None
     # the frozen base (dreambooth/storage.py, blockswap.py): how its big layers are stored, how many of the
     # denoiser's blocks live in host memory, and the GPU memory the run must fit (dreambooth/plan.py picks levers)
     base_precision: str = "auto"
@@ -553,11 +559,41 @@ class TrainConfig:
                 )
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})", "e.g. 0.1, or 0 for none")
-        if self.adapter == "lora" and self.distributed == "deepspeed-zero3":
+        self._check_lycoris()
+        if self.adapter in LORA_KINDS and self.distributed == "deepspeed-zero3":
             raise UserError(
-                "--adapter lora with --distributed deepspeed-zero3 is not supported (ZeRO-3 shards the frozen base)",
+                f"--adapter {self.adapter} with --distributed deepspeed-zero3 is not supported (ZeRO-3 shards the "
+                "frozen base)",
                 "use --distributed deepspeed-zero2 or ddp: a LoRA's optimizer state is small anyway",
             )
+
+    def _check_lycoris(self) -> None:
+        """DoRA and LyCORIS' LoHa/LoKr: what peft can build, and over which stored base."""
+        if self.lora_dora and self.adapter != "lora":
+            raise UserError(f"--lora-dora is for --adapter lora (got --adapter {self.adapter})",
+                            "add --adapter lora, or drop --lora-dora")  # fmt: skip
+        if self.lokr_factor is not None and self.adapter != "lokr":
+            raise UserError(f"--lokr-factor is for --adapter lokr (got --adapter {self.adapter})",
+                            "add --adapter lokr, or drop --lokr-factor")  # fmt: skip
+        if self.adapter == "lokr" and self.lokr_factor is None:
+            object.__setattr__(self, "lokr_factor", -1)
+        if self.lokr_factor is not None and (self.lokr_factor == 0 or self.lokr_factor < -1):
+            raise UserError(f"--lokr-factor must be -1 or at least 1 (got {self.lokr_factor})",
+                            "-1 splits each dimension as evenly as it divides")  # fmt: skip
+        if self.adapter in ("loha", "lokr") and self.lora_dropout:
+            # peft's LoHa/LoKr have rank and module dropout, not LoRA's dropout on the layer's input
+            raise UserError(f"--lora-dropout is for --adapter lora (peft's {self.adapter} has no input dropout)",
+                            "drop --lora-dropout")  # fmt: skip
+        if self.adapter in ("loha", "lokr") and self.base_precision in ("int8", "nf4"):
+            # peft's LoHa/LoKr layers reshape their product to the base weight's shape, which bitsandbytes packs
+            raise UserError(f"--adapter {self.adapter} cannot train over --base-precision {self.base_precision} "
+                            "(peft wraps bitsandbytes layers with LoRA only)",
+                            "use --adapter lora, or --base-precision fp8")  # fmt: skip
+        if self.lora_dora and (self.base_precision in ("fp8", "int8", "nf4") or self.blocks_to_swap):
+            # DoRA normalises the base weight itself on every step: it must be a plain tensor on the GPU
+            lever = f"--base-precision {self.base_precision}" if not self.blocks_to_swap else "--blocks-to-swap"
+            raise UserError(f"--lora-dora reads the whole base weight every step, which {lever} does not keep",
+                            f"drop {lever}, or --lora-dora")  # fmt: skip
 
     def _check_speed_levers(self) -> None:
         if self.report_to not in REPORT_TO:
