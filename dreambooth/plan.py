@@ -440,6 +440,11 @@ def measure(cfg: TrainConfig, family, model: ResolvedModel, weight_dtype: torch.
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(denoiser, denoiser=True)
         denoiser.train()
+        for layer in denoiser.modules():
+            if hasattr(layer, "module_dropout"):
+                # peft's LoHa/LoKr draw their module dropout as a Python bool in training mode, which fake tensors
+                # cannot give; in eval mode they compute the same product
+                layer.eval()
         channels, side = _latent_shape(parts, cfg.resolution)
         shapes = family.conditioning_shapes(c, batch)
         mixed = None if weight_dtype == torch.float32 else weight_dtype
