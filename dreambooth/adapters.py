@@ -264,7 +264,7 @@ class Lora:
 def peft_config(cfg: TrainConfig, **targets):
     """peft's configuration of the adapter --adapter names: LoRA (DoRA with --lora-dora), LoHa or LoKr, at
     --lora-rank / --lora-alpha (scale alpha / rank for all three), starting from the base model exactly (LoRA's B,
-    LoHa's second pair's first factor and LoKr's w1 start at zero)."""
+    LoHa's hada_w2_b and LoKr's w1 start at zero)."""
     from peft import LoHaConfig, LoKrConfig, LoraConfig
 
     if cfg.adapter == "loha":

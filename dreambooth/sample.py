@@ -170,6 +170,20 @@ class ModelSource:
     ae: Path | None = None
 
 
+def refuse_lycoris_file(path: Path) -> None:
+    """diffusers (which --lora loads files through) reads LoRA and DoRA files, not LyCORIS' LoHa and LoKr."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    kind = next((k for k in ("hada_", "lokr_") if any(f".{k}" in name for name in names)), None)
+    if kind is not None:
+        raise UserError(
+            f"--lora {path} is a {'LoHa' if kind == 'hada_' else 'LoKr'} file, which diffusers cannot load",
+            "sample its training checkpoint folder instead (checkpoints/step-N), or load it in ComfyUI",
+        )
+
+
 def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
     """`dreambooth sample`: images from any model the CLI reads — a diffusers folder, a single file (SD, or Flux's
     transformer with its parts), a full or LoRA training checkpoint as it is (the base its record names plus what
@@ -185,6 +199,7 @@ def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
         if loras:
             names = [f"lora{i}" for i in range(len(loras))]
             for (path, _), name in zip(loras, names, strict=True):
+                refuse_lycoris_file(path)
                 pipe.load_lora_weights(str(path), adapter_name=name)
             pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
         family = families.get(family) if isinstance(family, str) else family

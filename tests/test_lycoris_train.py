@@ -26,6 +26,7 @@ FILE_SUFFIXES = {
     "lokr": {"lokr_w1", "lokr_w2_a", "lokr_w2_b", "alpha"},
     "dora": {"lora_down.weight", "lora_up.weight", "dora_scale", "alpha"},
 }
+ADAPTER_LINES = ("LoRA weights", "LoHa weights", "LoKr weights")  # the plan's line of what the adapter trains
 COMMON = ("--lora-rank", 2, "--lora-alpha", 4, "--save-interval", 100, "--learning-rate", "1e-2")
 
 
@@ -61,29 +62,108 @@ def test_stopped_and_resumed_is_bit_identical_and_the_adapter_learns(cli, model,
     exported = load_file(tmp_path / "a" / "export" / f"a-{name}-step-4.safetensors")
     assert {k.split(".", 1)[1] for k in exported if not k.endswith(".lokr_w2")} == FILE_SUFFIXES[kind]
     assert any(k.startswith("lora_te_") for k in exported) and any(k.startswith("lora_unet_") for k in exported)
+    # `dreambooth sample` draws from the checkpoint as it is; a LoHa/LoKr file through diffusers is one line
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-4"
+    drawn = cli("sample", checkpoint, "--prompt", "a photo of sks thing", "--num-images", 1, "--steps", 2,
+                "--output", tmp_path / "drawn")  # fmt: skip
+    assert drawn.exit_code == 0, drawn.stderr
+    assert (tmp_path / "drawn" / "sample-00.png").is_file()
+    exported_file = tmp_path / "a" / "export" / f"a-{name}-step-4.safetensors"
+    on_base = cli("sample", model, "--lora", exported_file, "--prompt", "x", "--num-images", 1, "--steps", 2,
+                  "--output", tmp_path / "on-base")  # fmt: skip
+    if kind == "dora":  # diffusers loads a DoRA's kohya file
+        assert on_base.exit_code == 0, on_base.stderr
+    else:
+        assert on_base.exit_code == 2 and "which diffusers cannot load" in on_base.stderr
     report = json.loads((tmp_path / "a" / "train_report.json").read_text())
     assert report["adapter"] == name and report["trainable_parameters"] == sum(
         v.numel() for part, state in a.items() if not part.endswith(".norms") for v in state.values()
     )
 
 
+def _flux_trained(flux, checkpoint):
+    """Our trained Flux model in fp32: the base, the adapter's layers, the checkpoint restored into them."""
+    from dreambooth import adapters
+    from dreambooth.config import TrainConfig
+    from dreambooth.families.base import Dtypes
+
+    state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    family = families.get(ResolvedModel.of_folder(flux).family)
+    c = family.load(ResolvedModel.of_folder(flux), Dtypes(torch.float32, torch.float32, torch.float32))
+    c.extra.update(guidance=cfg.guidance_scale, t5_length=cfg.t5_max_length)
+    adapter = adapters.get(cfg.adapter)
+    adapter.prepare(c, cfg, family)
+    adapter.restore(c, checkpoint, state)
+    return family, c
+
+
+def _flux_outputs(family, c):
+    g = torch.Generator().manual_seed(0)
+    noisy, sigmas = torch.randn(2, 16, 8, 8, generator=g), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        cond = family.encode(c, ["a photo of sks thing"] * 2)
+        return cond["pooled"], family.predict(c, noisy, sigmas, cond)
+
+
 @pytest.mark.parametrize("kind", ["loha", "lokr", "dora"])
-def test_flux_trains_them_and_exports_diffusers_names(cli, photos, tmp_path, tmp_path_factory, kind):
-    """Flux: a few steps move the weights; the file keeps diffusers' module names under `lora_transformer_` (ComfyUI
-    puts each on its slice of the fused qkv/linear1), CLIP-L's under `lora_te1_`."""
+def test_flux_file_applied_as_comfyui_does_computes_what_we_trained(cli, photos, tmp_path, tmp_path_factory, kind):
+    """Flux: the file keeps diffusers' module names under `lora_transformer_` (ComfyUI maps each onto its slice of
+    the fused qkv/linear1, so applying it per diffusers module is what ComfyUI computes) and CLIP-L's under
+    `lora_te1_`; applied with ComfyUI's formulas, the transformer and CLIP-L compute what we trained. DoRA's
+    diffusers folder loads in FluxPipeline and computes it too."""
+    from dreambooth.checkpoint.keymap import kohya_module_name
+    from dreambooth.families.base import Dtypes
+    from dreambooth.formats.lora import lora_layers
+    from tests.test_lycoris_files import comfy_apply
+
     flux = write_tiny_flux(tmp_path_factory.mktemp("flux") / "model", seed=0)
     out = tmp_path / "out"
     result = cli(*base_args(flux, photos, out, *FLUX_FLAGS, *KINDS[kind], *COMMON, "--max-train-steps", 2,
                             "--train-text-encoder", "--export-single-file"))  # fmt: skip
     assert result.exit_code == 0, result.stderr
-    weights = adapter(out, 2)
-    zero_at_start = {"loha": ".hada_w2_b", "lokr": ".lokr_w1", "dora": ".lora_B.weight"}[kind]
-    assert all(v.abs().sum() > 0 for k, v in weights["transformer"].items() if k.endswith(zero_at_start))
     name = "lora" if kind == "dora" else kind
     exported = load_file(out / "export" / f"out-{name}-step-2.safetensors")
     assert "lora_transformer_transformer_blocks_0_attn_to_q.alpha" in exported
     assert any(k.startswith("lora_te1_text_model_") for k in exported)
     assert not any(k.startswith("lora_unet_") for k in exported)
+
+    full_precision = tmp_path / "fp32.safetensors"  # the comparison below in fp32 (the run's export is fp16)
+    assert cli("export", out / "checkpoints" / "step-2", full_precision, "--no-half").exit_code == 0
+    exported = load_file(full_precision)
+    family, c = _flux_trained(flux, out / "checkpoints" / "step-2")
+    ours = _flux_outputs(family, c)
+    applied = family.load(ResolvedModel.of_folder(flux), Dtypes(torch.float32, torch.float32, torch.float32))
+    applied.extra.update(c.extra)
+    base_outputs = _flux_outputs(family, applied)
+    assert all(((o - b).norm() / b.norm()).item() > 1e-4 for o, b in zip(ours, base_outputs, strict=True))
+    for model, trained, prefix, component in (
+        (applied.denoiser, c.denoiser, "lora_transformer", "transformer"),
+        (applied.text_encoders["text_encoder"], c.text_encoders["text_encoder"], "lora_te1", "text_encoder"),
+    ):
+        weights = model.state_dict()
+        for module in lora_layers(trained):
+            key = (f"{prefix}_{module.replace('.', '_')}" if component == "transformer"
+                   else kohya_module_name(prefix, component, module))  # fmt: skip
+            weights[f"{module}.weight"] = comfy_apply(exported, key, weights[f"{module}.weight"])
+        model.load_state_dict(weights)
+    for theirs, mine in zip(_flux_outputs(family, applied), ours, strict=True):
+        assert ((theirs - mine).norm() / mine.norm()).item() < 1e-5
+
+    if kind == "dora":
+        from diffusers import FluxPipeline
+
+        folder = tmp_path / "dora-diffusers"
+        assert (
+            cli("export", out / "checkpoints" / "step-2", folder, "--format", "diffusers", "--no-half").exit_code == 0
+        )
+        pipe = FluxPipeline.from_pretrained(flux, dtype=torch.float32, local_files_only=True)
+        pipe.load_lora_weights(folder)
+        loaded = family.load(ResolvedModel.of_folder(flux), Dtypes(torch.float32, torch.float32, torch.float32))
+        loaded.denoiser, loaded.text_encoders["text_encoder"] = pipe.transformer, pipe.text_encoder
+        loaded.extra.update(c.extra)
+        for theirs, mine in zip(_flux_outputs(family, loaded), ours, strict=True):
+            assert ((theirs - mine).norm() / mine.norm()).item() < 1e-5
 
 
 def config(model, photos, tmp_path, **settings):
@@ -100,7 +180,7 @@ def test_plan_counts_each_adapters_own_weights(model, photos, tmp_path):
     def weights(**settings) -> int:
         cfg = plan.with_defaults(config(model, photos, tmp_path, lora_rank=4, **settings), family)
         estimate = plan.estimate(cfg, family, resolved).to_dict()
-        return next(x["bytes"] for x in estimate["training"] if x["part"] in ("LoRA weights", "LoHa weights", "LoKr weights"))
+        return next(x["bytes"] for x in estimate["training"] if x["part"] in ADAPTER_LINES)
 
     lora, loha = weights(adapter="lora"), weights(adapter="loha")
     dora, lokr = weights(adapter="lora", lora_dora=True), weights(adapter="lokr")

@@ -207,7 +207,10 @@ def load_adapter(src: Path, models: dict[str, torch.nn.Module]) -> dict:
     return info
 
 
-_SAME_SETTINGS = "resume with the LoRA settings (--lora-rank, targets, text encoder) the checkpoint was trained with"
+_SAME_SETTINGS = (
+    "resume with the adapter settings (--adapter, --lora-dora, --lora-rank, --lokr-factor, targets, text "
+    "encoder) the checkpoint was trained with"
+)
 
 
 def is_lora_checkpoint(folder: Path) -> bool:

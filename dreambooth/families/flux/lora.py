@@ -189,6 +189,8 @@ def diffusers_layers(info: dict, states: dict, half: bool) -> dict[str, Any]:
             baked[key] = (value.float() * scale).to(torch.float16 if half else torch.float32)
         if component == "text_encoder":  # the published layout keeps transformers 4's `text_model.` level
             baked = {"text_model." + k.removeprefix("text_model."): v for k, v in baked.items()}
+            # transformers' loader finds a DoRA magnitude as a parameter's name
+            baked = {k + (".weight" if k.endswith(".lora_magnitude_vector") else ""): v for k, v in baked.items()}
         modules = {m.removeprefix("text_model."): r for m, r in ranks.items()}
         rank = max(modules.values())
         metadata = {"r": rank, "lora_alpha": rank, "target_modules": sorted(modules), "rank_pattern": modules,
