@@ -128,6 +128,8 @@ def test_flux_file_applied_as_comfyui_does_computes_what_we_trained(cli, photos,
     assert any(k.startswith("lora_te1_text_model_") for k in exported)
     assert not any(k.startswith("lora_unet_") for k in exported)
 
+    merged = cli("export", out / "checkpoints" / "step-2", tmp_path / "merged.safetensors", "--merge")
+    assert merged.exit_code == 2 and f"--merge of a Flux {kind.upper()} is not supported" in merged.stderr
     full_precision = tmp_path / "fp32.safetensors"  # the comparison below in fp32 (the run's export is fp16)
     assert cli("export", out / "checkpoints" / "step-2", full_precision, "--no-half").exit_code == 0
     exported = load_file(full_precision)
