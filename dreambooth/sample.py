@@ -171,16 +171,18 @@ class ModelSource:
 
 
 def refuse_lycoris_file(path: Path) -> None:
-    """diffusers (which --lora loads files through) reads LoRA and DoRA files, not LyCORIS' LoHa and LoKr."""
+    """diffusers (which --lora loads files through) reads kohya's LoRA files, not LyCORIS' LoHa and LoKr, and drops
+    a kohya DoRA's dora_scale (with a warning), which would draw another model than the one trained."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         names = list(f.keys())
-    kind = next((k for k in ("hada_", "lokr_") if any(f".{k}" in name for name in names)), None)
+    kinds = {".hada_": "LoHa", ".lokr_": "LoKr", ".dora_scale": "DoRA"}
+    kind = next((kinds[k] for k in kinds if any(k in name for name in names)), None)
     if kind is not None:
         raise UserError(
-            f"--lora {path} is a {'LoHa' if kind == 'hada_' else 'LoKr'} file, which diffusers cannot load",
-            "sample its training checkpoint folder instead (checkpoints/step-N), or load it in ComfyUI",
+            f"--lora {path} is a {kind} file, which diffusers cannot load",
+            "sample its training checkpoint folder instead (checkpoints/step-N), or load the file in ComfyUI",
         )
 
 

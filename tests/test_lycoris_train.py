@@ -71,10 +71,9 @@ def test_stopped_and_resumed_is_bit_identical_and_the_adapter_learns(cli, model,
     exported_file = tmp_path / "a" / "export" / f"a-{name}-step-4.safetensors"
     on_base = cli("sample", model, "--lora", exported_file, "--prompt", "x", "--num-images", 1, "--steps", 2,
                   "--output", tmp_path / "on-base")  # fmt: skip
-    if kind == "dora":  # diffusers loads a DoRA's kohya file
-        assert on_base.exit_code == 0, on_base.stderr
-    else:
-        assert on_base.exit_code == 2 and "which diffusers cannot load" in on_base.stderr
+    # diffusers has no loader for LoHa/LoKr and drops a kohya DoRA's dora_scale (measured: 17 % off the trained
+    # model), so none of them is sampled through it
+    assert on_base.exit_code == 2 and "which diffusers cannot load" in on_base.stderr
     report = json.loads((tmp_path / "a" / "train_report.json").read_text())
     assert report["adapter"] == name and report["trainable_parameters"] == sum(
         v.numel() for part, state in a.items() if not part.endswith(".norms") for v in state.values()
