@@ -167,6 +167,48 @@ def test_flux_file_applied_as_comfyui_does_computes_what_we_trained(cli, photos,
             assert ((theirs - mine).norm() / mine.norm()).item() < 1e-5
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_sdxl_file_in_the_original_layout_applies_as_peft_merges(cli, photos, tmp_path, tmp_path_factory, kind):
+    """SDXL: the file names the UNet's modules in the original (SGM) layout and the encoders lora_te1_/lora_te2_;
+    applied to the base weights with ComfyUI's formulas, every module is peft's merged weight."""
+    from dreambooth import adapters
+    from dreambooth.checkpoint.keymap import kohya_module_name
+    from dreambooth.config import TrainConfig
+    from dreambooth.families.base import Dtypes
+    from dreambooth.families.sd.lora import kohya_prefixes, sgm_unet_module
+    from dreambooth.formats.lora import read_adapter
+    from dreambooth.tiny_model import write_tiny_diffusers
+    from tests.test_lycoris_files import comfy_apply, merged_by_peft, rel_err
+
+    sdxl = write_tiny_diffusers(tmp_path_factory.mktemp("sdxl") / "model", seed=0, model_type="sdxl")
+    out = tmp_path / "out"
+    result = cli(*base_args(sdxl, photos, out, *KINDS[kind], *COMMON, "--max-train-steps", 2, "--train-text-encoder",
+                            "--lora-conv-rank", 2))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    checkpoint = out / "checkpoints" / "step-2"
+    assert cli("export", checkpoint, tmp_path / "sks.safetensors", "--no-half").exit_code == 0
+    exported = load_file(tmp_path / "sks.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_") for k in exported)
+    state = torch.load(checkpoint / "training_state.pt", weights_only=False)
+    cfg = TrainConfig.from_dict(state["config"])
+    family = families.get("sdxl")
+    c = family.load(ResolvedModel.of_folder(sdxl), Dtypes(torch.float32, torch.float32, torch.float32))
+    adapter = adapters.get(cfg.adapter)
+    adapter.prepare(c, cfg, family)
+    adapter.restore(c, checkpoint, state)
+    base = family.load(ResolvedModel.of_folder(sdxl), Dtypes(torch.float32, torch.float32, torch.float32))
+    info, _ = read_adapter(checkpoint)
+    prefixes, worst, modules = kohya_prefixes("sdxl"), 0.0, 0
+    for role, model in c.models.items():
+        weights = base.models[role].state_dict()
+        for module, merged in merged_by_peft(model).items():
+            published = sgm_unet_module(module, info["unet_layout"]) if role == "unet" else module
+            original = weights[f"{module}.weight"]
+            applied = comfy_apply(exported, kohya_module_name(prefixes[role], role, published), original)
+            worst, modules = max(worst, rel_err(applied, merged)), modules + 1
+    assert modules > 20 and worst < 1e-5, (modules, worst)
+
+
 def config(model, photos, tmp_path, **settings):
     flags = {"model": str(model), "instance_data_dir": str(photos), "instance_prompt": "a photo of sks thing",
              "output": str(tmp_path / "out"), "resolution": 32, **settings}  # fmt: skip
