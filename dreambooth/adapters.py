@@ -153,9 +153,12 @@ class Full:
 
 
 class Lora:
-    """The base model stays frozen (in half precision on a GPU); LoRA layers (peft) train in fp32 beside it."""
+    """The base model stays frozen (in half precision on a GPU); LoRA layers (peft) train in fp32 beside it.
+    `loha` and `lokr` are LyCORIS' Hadamard and Kronecker products in the same place (peft's LoHa and LoKr), and
+    --lora-dora makes a LoRA a DoRA; all of them are saved, restored and exported by the same code."""
 
-    name = "lora"
+    def __init__(self, name: str = "lora") -> None:
+        self.name = name
 
     def dtypes(self, cfg: TrainConfig, weight_dtype: torch.dtype) -> Dtypes:
         base = HALF.get(cfg.base_precision, weight_dtype)  # --base-precision bf16|fp16; else as computed
@@ -165,7 +168,7 @@ class Lora:
         return set()  # the whole base stays frozen: LoRA layers train beside it
 
     def prepare(self, c: Components, cfg: TrainConfig, family: Family) -> dict[str, torch.nn.Module]:
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
         c.vae.requires_grad_(False)
         trained = {c.denoiser_name: c.denoiser, **trained_text_encoders(c, cfg, family)}
@@ -177,14 +180,11 @@ class Lora:
                 continue
             linear, convs = lora_modules(model, cfg, family, targets, text=name != c.denoiser_name)
             # exact module names (escaped: peft reads pattern keys as regular expressions); convs at their own rank
-            config = LoraConfig(
-                r=cfg.lora_rank,
-                lora_alpha=cfg.lora_alpha,
-                lora_dropout=cfg.lora_dropout,
+            config = peft_config(
+                cfg,
                 target_modules=linear + convs,
                 rank_pattern={re.escape(m): cfg.lora_conv_rank for m in convs},
                 alpha_pattern={re.escape(m): cfg.lora_conv_alpha for m in convs},
-                init_lora_weights=True,  # B = 0: training starts from the base model exactly
             )
             inject_adapter_in_model(config, model)
             for p in model.parameters():
@@ -225,6 +225,9 @@ class Lora:
             "resolution": cfg.resolution,
             "trigger": concept.instance_prompt,
             "output_name": cfg.output.resolve().name or "dreambooth",
+            "adapter": self.name,
+            "dora": cfg.lora_dora,
+            "lokr_factor": cfg.lokr_factor,
             "rank": cfg.lora_rank,
             "alpha": cfg.lora_alpha,
             "dropout": cfg.lora_dropout,
@@ -236,17 +239,19 @@ class Lora:
         # what names the denoiser's modules in the original layout (SDXL's and Flux's kohya files use it)
         info |= family.lora_info(trained[c.denoiser_name], cfg)
         save_adapter(tmp, trained, info)
-        write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter="lora"))
+        write_json(tmp / PROVENANCE_FILE, _provenance(c, step, seed, adapter=self.name))
         return {}
 
     def export(self, checkpoint: Path, export_dir: Path, name: str, step: int) -> dict:
         from dreambooth.formats.lora import export_lora
 
-        return export_lora(checkpoint, export_dir / f"{name}-lora-step-{step}.safetensors")
+        return export_lora(checkpoint, export_dir / f"{name}-{self.name}-step-{step}.safetensors")
 
     def describe(self, cfg: TrainConfig) -> dict:
+        kind = {"lora_dora": True} if cfg.lora_dora else {"lokr_factor": cfg.lokr_factor} if cfg.lokr_factor else {}
         return {
-            "adapter": "lora",
+            "adapter": self.name,
+            **kind,
             "lora_rank": cfg.lora_rank,
             "lora_alpha": cfg.lora_alpha,
             "lora_dropout": cfg.lora_dropout,
@@ -254,6 +259,21 @@ class Lora:
             "lora_conv_rank": cfg.lora_conv_rank,
             "lora_conv_alpha": cfg.lora_conv_alpha,
         }
+
+
+def peft_config(cfg: TrainConfig, **targets):
+    """peft's configuration of the adapter --adapter names: LoRA (DoRA with --lora-dora), LoHa or LoKr, at
+    --lora-rank / --lora-alpha (scale alpha / rank for all three), starting from the base model exactly (LoRA's B,
+    LoHa's hada_w2_b and LoKr's w1 start at zero)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    if cfg.adapter == "loha":
+        return LoHaConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, init_weights=True, **targets)
+    if cfg.adapter == "lokr":
+        return LoKrConfig(r=cfg.lora_rank, alpha=cfg.lora_alpha, decompose_factor=cfg.lokr_factor, init_weights=True,
+                          **targets)  # fmt: skip
+    return LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      use_dora=cfg.lora_dora, init_lora_weights=True, **targets)  # fmt: skip
 
 
 def trainable_text_encoders(c: Components) -> dict[str, torch.nn.Module]:
@@ -337,7 +357,7 @@ def with_family_defaults(cfg: TrainConfig, family) -> TrainConfig:
     return cfg
 
 
-ADAPTERS = {"full": Full(), "lora": Lora()}
+ADAPTERS = {"full": Full(), "lora": Lora("lora"), "loha": Lora("loha"), "lokr": Lora("lokr")}
 
 
 def get(name: str):

@@ -33,7 +33,9 @@ LOW_VRAM = {
     "fused_backward": True,
     "max_grad_norm": 0.0,
 }
-ADAPTERS = ("full", "lora")
+ADAPTERS = ("full", "lora", "loha", "lokr")
+# the adapters that train beside a frozen base through peft (LoRA, and LyCORIS' LoHa and LoKr)
+LORA_KINDS = ("lora", "loha", "lokr")
 # --base-precision: how the frozen base's big layers are stored (dreambooth/storage.py); auto: as --mixed-precision
 BASE_PRECISIONS = ("auto", "bf16", "fp16", "fp8", "int8", "nf4")
 # flow matching (dreambooth/objectives.py): how σ is drawn, and how the loss is weighted over σ
@@ -43,7 +45,7 @@ LOSSES = ("l2", "huber", "smooth-l1")  # --loss (kohya's --loss_type; smooth_l1 
 HUBER_SCHEDULES = ("constant", "exponential", "snr")
 EMA_DEVICES = ("gpu", "cpu")  # --ema-device: the training device, or host memory
 # what diffusers' and kohya's LoRA trainers use as the learning rate of a LoRA; the full fine-tune's is 5e-6
-DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4}
+DEFAULT_LEARNING_RATE = {"full": 5e-6, "lora": 1e-4, "loha": 1e-4, "lokr": 1e-4}
 CONCEPT_KEYS = ("instance_prompt", "class_prompt", "instance_data_dir", "class_data_dir")
 
 
@@ -216,7 +218,8 @@ class TrainConfig:
     adapter: str = setting(
         "full",
         ADAPTER,
-        "full: fine-tune the whole denoiser; lora: train LoRA layers (kohya/A1111 file).",
+        "full: fine-tune the whole denoiser; lora: train LoRA layers (kohya/A1111 file); loha, lokr: LyCORIS' "
+        "Hadamard and Kronecker products (their files load in the WebUI and ComfyUI).",
         choices=ADAPTERS,
     )
     # a full fine-tune's weights kept in bf16, no fp32 master copy (kohya's --full_bf16); None: the family's choice
@@ -240,6 +243,14 @@ class TrainConfig:
     )
     lora_conv_rank: int = setting(0, ADAPTER, "> 0: LoCon, the 3×3 convolutions too, at this rank.")
     lora_conv_alpha: float | None = setting(None, ADAPTER, "LoCon's alpha (default: --lora-conv-rank).")
+    # DoRA (--adapter lora): each weight's magnitude trains apart from its direction (peft's use_dora)
+    lora_dora: bool = setting(
+        False, ADAPTER, "DoRA: train each weight's magnitude apart from its direction (--adapter lora)."
+    )
+    # LoKr: the factor the Kronecker product splits each dimension by; -1 as balanced as it divides (LyCORIS's)
+    lokr_factor: int | None = setting(
+        None, ADAPTER, "LoKr's Kronecker factor (--adapter lokr); -1 (its default): as balanced as it divides."
+    )
     train_text_encoder: bool = setting(False, ADAPTER, "Train the text encoder(s) too.")
     text_encoder_steps: int | None = setting(None, ADAPTER, "Train the text encoder only for the first N steps.")
     # optimisation
@@ -699,11 +710,41 @@ class TrainConfig:
                 )
         if not 0 <= self.lora_dropout < 1:
             raise UserError(f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})", "e.g. 0.1, or 0 for none")
-        if self.adapter == "lora" and self.distributed == "deepspeed-zero3":
+        self._check_lycoris()
+        if self.adapter in LORA_KINDS and self.distributed == "deepspeed-zero3":
             raise UserError(
-                "--adapter lora with --distributed deepspeed-zero3 is not supported (ZeRO-3 shards the frozen base)",
+                f"--adapter {self.adapter} with --distributed deepspeed-zero3 is not supported (ZeRO-3 shards the "
+                "frozen base)",
                 "use --distributed deepspeed-zero2 or ddp: a LoRA's optimizer state is small anyway",
             )
+
+    def _check_lycoris(self) -> None:
+        """DoRA and LyCORIS' LoHa/LoKr: what peft can build, and over which stored base."""
+        if self.lora_dora and self.adapter != "lora":
+            raise UserError(f"--lora-dora is for --adapter lora (got --adapter {self.adapter})",
+                            "add --adapter lora, or drop --lora-dora")  # fmt: skip
+        if self.lokr_factor is not None and self.adapter != "lokr":
+            raise UserError(f"--lokr-factor is for --adapter lokr (got --adapter {self.adapter})",
+                            "add --adapter lokr, or drop --lokr-factor")  # fmt: skip
+        if self.adapter == "lokr" and self.lokr_factor is None:
+            object.__setattr__(self, "lokr_factor", -1)
+        if self.lokr_factor is not None and (self.lokr_factor == 0 or self.lokr_factor < -1):
+            raise UserError(f"--lokr-factor must be -1 or at least 1 (got {self.lokr_factor})",
+                            "-1 splits each dimension as evenly as it divides")  # fmt: skip
+        if self.adapter in ("loha", "lokr") and self.lora_dropout:
+            # peft's LoHa/LoKr have rank and module dropout, not LoRA's dropout on the layer's input
+            raise UserError(f"--lora-dropout is for --adapter lora (peft's {self.adapter} has no input dropout)",
+                            "drop --lora-dropout")  # fmt: skip
+        if self.adapter in ("loha", "lokr") and self.base_precision in ("int8", "nf4"):
+            # peft's LoHa/LoKr layers reshape their product to the base weight's shape, which bitsandbytes packs
+            raise UserError(f"--adapter {self.adapter} cannot train over --base-precision {self.base_precision} "
+                            "(peft wraps bitsandbytes layers with LoRA only)",
+                            "use --adapter lora, or --base-precision fp8")  # fmt: skip
+        if self.lora_dora and (self.base_precision in ("fp8", "int8", "nf4") or self.blocks_to_swap):
+            # DoRA normalises the base weight itself on every step: it must be a plain tensor on the GPU
+            lever = f"--base-precision {self.base_precision}" if not self.blocks_to_swap else "--blocks-to-swap"
+            raise UserError(f"--lora-dora reads the whole base weight every step, which {lever} does not keep",
+                            f"drop {lever}, or --lora-dora")  # fmt: skip
 
     def _check_speed_levers(self) -> None:
         if self.report_to not in REPORT_TO:

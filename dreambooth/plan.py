@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dreambooth import events
-from dreambooth.config import TrainConfig
+from dreambooth.config import LORA_KINDS, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Dtypes, ResolvedModel
 from dreambooth.storage import BYTES_PER_WEIGHT, FP8, BaseStorage, storable
@@ -329,10 +329,13 @@ def _add_trained_state(plan: Plan, cfg: TrainConfig, family, adapter, model, mem
                        weight_dtype: torch.dtype) -> None:  # fmt: skip
     """What trains (a LoRA's weights; a full model's are counted with the weights), its gradients and optimizer
     states, the step's activations, and the VAE encoding while latents are cached."""
-    lora_key = (cfg.adapter, cfg.lora_rank, cfg.lora_conv_rank, cfg.lora_targets, cfg.train_text_encoder, cfg.full_bf16)
+    lora_key = (cfg.adapter, cfg.lora_rank, cfg.lora_conv_rank, cfg.lora_targets, cfg.train_text_encoder, cfg.full_bf16,
+                cfg.lora_dora, cfg.lokr_factor)  # fmt: skip
     trained = _memo(memo, ("trained", lora_key), lambda: _trained_params(cfg, family, adapter, _meta_skeleton(model)))
-    if cfg.adapter == "lora":
-        plan.training.append(Line("LoRA weights", _nbytes(trained), f"rank {cfg.lora_rank}, fp32"))
+    if cfg.adapter in LORA_KINDS:  # counted off the adapter's own layers: LoHa's four factors, LoKr's, DoRA's m
+        kind = {"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[cfg.adapter]
+        note = f"rank {cfg.lora_rank}{', DoRA' if cfg.lora_dora else ''}, fp32"
+        plan.training.append(Line(f"{kind} weights", _nbytes(trained), note))
     step_key = ("step", cfg.gradient_checkpointing, cfg.train_batch_size, cfg.with_prior_preservation, lora_key,
                 dtypes.denoiser, weight_dtype, cfg.resolution)  # fmt: skip
     step = _memo(memo, step_key, lambda: measure(cfg, family, model, weight_dtype))
@@ -433,10 +436,15 @@ def measure(cfg: TrainConfig, family, model: ResolvedModel, weight_dtype: torch.
         adapter.prepare(c, replace(cfg, train_text_encoder=False), family)
     denoiser = c.denoiser
     with FakeTensorMode(allow_non_fake_inputs=True):
-        _fake_weights(denoiser, dtypes.denoiser, keep_trained=cfg.adapter == "lora")
+        _fake_weights(denoiser, dtypes.denoiser, keep_trained=cfg.adapter in LORA_KINDS)
         if cfg.gradient_checkpointing:
             enable_gradient_checkpointing(denoiser, denoiser=True)
         denoiser.train()
+        for layer in denoiser.modules():
+            if hasattr(layer, "module_dropout"):
+                # peft's LoHa/LoKr draw their module dropout as a Python bool in training mode, which fake tensors
+                # cannot give; in eval mode they compute the same product
+                layer.eval()
         channels, side = _latent_shape(parts, cfg.resolution)
         shapes = family.conditioning_shapes(c, batch)
         mixed = None if weight_dtype == torch.float32 else weight_dtype

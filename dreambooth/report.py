@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 
 from dreambooth.checkpoints import REPORT_FILE, STATE_FILE, finished_checkpoints
+from dreambooth.config import LORA_KINDS
 from dreambooth.errors import UserError
 from dreambooth.fileio import atomic_path, human_bytes, read_json_object, sha256_file
 from dreambooth.grids import READABLE_SIDE
@@ -373,7 +374,7 @@ def _value(value: object) -> str:
 
 def section_settings(run: dict) -> str:
     settings, train, manifest = run["settings"], run["train"], run["manifest"]
-    lora = settings.get("adapter") == "lora"
+    lora = settings.get("adapter") in LORA_KINDS
     key = [(n, _value(settings[n])) for n in KEY_SETTINGS if n in settings and (lora or not n.startswith("lora_"))]
     for name in ("family", "prediction_type", "device", "world_size", "optimizer", "trainable_parameters",
                  "base_storage", "block_swap", "masked_loss"):  # fmt: skip

@@ -170,6 +170,22 @@ class ModelSource:
     ae: Path | None = None
 
 
+def refuse_lycoris_file(path: Path) -> None:
+    """diffusers (which --lora loads files through) reads kohya's LoRA files, not LyCORIS' LoHa and LoKr, and drops
+    a kohya DoRA's dora_scale (with a warning), which would draw another model than the one trained."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+    kinds = {".hada_": "LoHa", ".lokr_": "LoKr", ".dora_scale": "DoRA"}
+    kind = next((kinds[k] for k in kinds if any(k in name for name in names)), None)
+    if kind is not None:
+        raise UserError(
+            f"--lora {path} is a {kind} file, which diffusers cannot load",
+            "sample its training checkpoint folder instead (checkpoints/step-N), or load the file in ComfyUI",
+        )
+
+
 def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
     """`dreambooth sample`: images from any model the CLI reads — a diffusers folder, a single file (SD, or Flux's
     transformer with its parts), a full or LoRA training checkpoint as it is (the base its record names plus what
@@ -185,6 +201,7 @@ def sample_model(model: Path, options: SampleOptions, dest: Path) -> list[Path]:
         if loras:
             names = [f"lora{i}" for i in range(len(loras))]
             for (path, _), name in zip(loras, names, strict=True):
+                refuse_lycoris_file(path)
                 pipe.load_lora_weights(str(path), adapter_name=name)
             pipe.set_adapters(names, adapter_weights=[scale for _, scale in loras])
         family = families.get(family) if isinstance(family, str) else family

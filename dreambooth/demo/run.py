@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 from dreambooth import events
-from dreambooth.config import build_train_config
+from dreambooth.config import LORA_KINDS, build_train_config
 from dreambooth.demo import synthetic
 from dreambooth.demo.fidelity import fidelity_report, score_before_after
 from dreambooth.demo.settings import (
@@ -58,7 +58,7 @@ def demo_config(output: Path, flags: dict) -> RunConfig:
         "class_prompt": CLASS_PROMPT,
     }
     given = {k: v for k, v in flags.items() if v is not None}
-    if given.get("adapter") == "lora":
+    if given.get("adapter") in LORA_KINDS:
         settings.update(LORA_SETTINGS)
     settings.update(given)
     train = build_train_config(None, settings, class_images_root=output / "class_images")

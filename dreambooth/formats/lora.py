@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save, save_file
 
+from dreambooth.checkpoint import lycoris
 from dreambooth.checkpoint.keymap import TEXT_MODEL
 from dreambooth.checkpoint.load import sort_safetensors_metadata
 from dreambooth.errors import UserError
@@ -34,20 +35,37 @@ ADAPTER_NAME = "default"  # peft's adapter name; we train one adapter per model
 FORMATS = ("kohya", "diffusers")
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m in peft's state dict
+NORMS_SUFFIX = ".norms.safetensors"  # a DoRA component's row norms, beside its weights
 
 
 # --- the training checkpoint's lora/ folder ---------------------------------------------------------------------
 
 
 def lora_layers(model: torch.nn.Module, adapter: str = ADAPTER_NAME) -> dict[str, torch.nn.Module]:
-    """The peft LoRA layers of a wrapped model that hold `adapter`, by module path."""
-    from peft.tuners.lora import LoraLayer  # peft and diffusers only where the work needs them: `export` starts fast
+    """The peft adapter layers (LoRA, LoHa, LoKr) of a wrapped model that hold `adapter`, by module path."""
+    from peft.tuners.tuners_utils import BaseTunerLayer  # peft only where the work needs it: `export` starts fast
 
     return {
         _module_path(name): m
         for name, m in model.named_modules()
-        if isinstance(m, LoraLayer) and adapter in getattr(m, "r", {})
+        if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "r", {})
     }
+
+
+def dora_norms(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each DoRA module's row norms of its base weight ‖W‖ and of W + ΔW (what peft divides by): the kohya file's
+    dora_scale is written from them (dreambooth/checkpoint/lycoris.py), so the export needs no base model."""
+    norms = {}
+    for path, layer in lora_layers(model).items():
+        if not getattr(layer, "use_dora", {}).get(ADAPTER_NAME):
+            continue
+        with torch.no_grad():
+            weight = layer.get_base_layer().weight.float()
+            delta = layer.get_delta_weight(ADAPTER_NAME).float().reshape(weight.shape)
+            norms[path + lycoris.BASE_NORM] = lycoris.row_norms(weight).cpu()
+            norms[path + lycoris.WEIGHT_NORM] = lycoris.row_norms(weight + delta).cpu()
+    return norms
 
 
 def _module_path(name: str) -> str:
@@ -99,6 +117,10 @@ def save_adapter(dest: Path, models: dict[str, torch.nn.Module], info: dict) -> 
     for name, model in models.items():
         with atomic_path(folder / f"{name}.safetensors") as tmp:
             save_file(_adapter_state(model), tmp, metadata={"format": "pt"})
+        norms = dora_norms(model)
+        if norms:
+            with atomic_path(folder / f"{name}{NORMS_SUFFIX}") as tmp:
+                save_file(norms, tmp, metadata={"format": "pt"})
     # the weights first, the info last: a folder with lora.json is complete
     write_json(folder / ADAPTER_INFO, {**info, "components": components})
 
@@ -138,6 +160,18 @@ def read_adapter(src: Path) -> tuple[dict, dict[str, dict[str, torch.Tensor]]]:
     return info, states
 
 
+def read_norms(src: Path, components) -> dict[str, dict[str, torch.Tensor]]:
+    """The DoRA row norms a checkpoint recorded, per component."""
+    folder = _adapter_folder(src)
+    out = {}
+    for name in components:
+        path = folder / f"{name}{NORMS_SUFFIX}"
+        if not path.is_file():
+            raise UserError(f"{folder} lacks {path.name}, which a DoRA export needs", "use another checkpoint")
+        out[name] = load_file(path)
+    return out
+
+
 def load_adapter(src: Path, models: dict[str, torch.nn.Module]) -> dict:
     """Load the saved adapter weights into already peft-wrapped models, strictly; returns the info dict."""
     info, states = read_adapter(src)
@@ -173,7 +207,10 @@ def load_adapter(src: Path, models: dict[str, torch.nn.Module]) -> dict:
     return info
 
 
-_SAME_SETTINGS = "resume with the LoRA settings (--lora-rank, targets, text encoder) the checkpoint was trained with"
+_SAME_SETTINGS = (
+    "resume with the adapter settings (--adapter, --lora-dora, --lora-rank, --lokr-factor, targets, text "
+    "encoder) the checkpoint was trained with"
+)
 
 
 def is_lora_checkpoint(folder: Path) -> bool:
@@ -187,7 +224,8 @@ def is_lora_file(path: Path) -> bool:
             keys = list(f.keys())
     except Exception:  # not a safetensors file at all: the caller's own check reports it
         return False
-    return bool(keys) and all(".lora_" in k or k.endswith(".alpha") or "lora_" in k.split(".")[0] for k in keys)
+    return bool(keys) and all(".lora_" in k or k.endswith(".alpha") or "lora_" in k.split(".")[0] or
+                              k.startswith("lycoris_") for k in keys)  # fmt: skip
 
 
 # --- the kohya / A1111 file -------------------------------------------------------------------------------------
@@ -232,12 +270,17 @@ def export_lora(
         raise UserError(f"--format {fmt!r} is not one of {', '.join(FORMATS)}", "kohya loads in A1111 and ComfyUI")
     src, dest = Path(src), Path(dest)
     info, states = read_adapter(src)
+    kind = lycoris.kind_of(info)
+    if kind in ("loha", "lokr") and fmt == "diffusers":
+        raise UserError(f"--format diffusers: diffusers loads no {kind.upper()} files",
+                        "use --format kohya (the WebUI and ComfyUI load it), or --merge")  # fmt: skip
+    norms = read_norms(src, states) if kind == "dora" and not merge else None
     if merge:
         if fmt != "kohya":
             raise UserError("--merge writes one full model file; --format applies to LoRA files", "drop --format")
         summary = _export_merged(info, states, dest, half=half, base=base)
     elif fmt == "kohya":
-        summary = _export_kohya(info, states, dest, half=half)
+        summary = _export_kohya(info, states, dest, half=half, norms=norms)
     else:
         summary = _export_diffusers(info, states, dest, half=half)
     return {**summary, "format": fmt, "merged": merge, "seconds": round(time.perf_counter() - started, 2)}
@@ -247,11 +290,11 @@ def _cast(state: dict[str, torch.Tensor], half: bool) -> dict[str, torch.Tensor]
     return {k: (v.half() if half and v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
-def _export_kohya(info: dict, states: dict, dest: Path, *, half: bool) -> dict:
+def _export_kohya(info: dict, states: dict, dest: Path, *, half: bool, norms: dict | None = None) -> dict:
     if dest.suffix != ".safetensors":
         raise UserError(f"{dest}: a kohya LoRA file is a .safetensors file", f"name it {dest.stem}.safetensors")
     flux = is_flux(info)
-    state = _cast(flux_lora.to_kohya(info, states) if flux else to_kohya(info, states), half)
+    state = _cast(flux_lora.to_kohya(info, states, norms) if flux else to_kohya(info, states, norms=norms), half)
     state = dict(sorted(state.items()))
     metadata = flux_lora.kohya_metadata(info) if flux else kohya_metadata(info)
     metadata |= tensor_hashes(state, metadata)
@@ -278,12 +321,15 @@ def _export_diffusers(info: dict, states: dict, dest: Path, *, half: bool) -> di
                 # strips it for transformers 5); module names in the config without it, which peft matches as a
                 # suffix under either layout
                 state = {TEXT_MODEL + k.removeprefix(TEXT_MODEL): v for k, v in state.items()}
+                # transformers' loader finds a DoRA magnitude as a parameter's name (`….weight`), diffusers' UNet
+                # loader as peft's key: both load
+                state = {k + (".weight" if k.endswith(MAGNITUDE) else ""): v for k, v in state.items()}
                 component = {
                     key: {m.removeprefix(TEXT_MODEL): v for m, v in component[key].items()}
                     for key in ("ranks", "alphas")
                 }
             kwargs[f"{name}_lora_layers"] = state
-            kwargs[f"{name}_lora_adapter_metadata"] = diffusers_adapter_metadata(component)
+            kwargs[f"{name}_lora_adapter_metadata"] = diffusers_adapter_metadata(component, dora=bool(info.get("dora")))
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     pipeline = StableDiffusionXLPipeline if info["family"] == "sdxl" else StableDiffusionPipeline

@@ -17,12 +17,16 @@ from typing import Any
 
 import torch
 
+from dreambooth.checkpoint import lycoris
 from dreambooth.checkpoint.keymap import kohya_module_name
 from dreambooth.errors import UserError
 from dreambooth.families.flux.files import IMPLEMENTATION, MODELSPEC_ARCHITECTURE, TITLES
 from dreambooth.families.flux.layout import linear_modules
 
 PREFIX = "lora_unet"
+# LoHa, LoKr and DoRA modules keep diffusers' names (OneTrainer's prefix; ComfyUI maps each onto its slice of the
+# fused BFL weight): a Hadamard or Kronecker product, or a magnitude per part, does not fuse into one module
+SPLIT_PREFIX = "lora_transformer"
 TEXT_PREFIX = "lora_te1"  # CLIP-L, in the Hugging Face layout of transformers 4 (`text_model.…`)
 _DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
 # the out features of a fused part that did not train (its rows of the up are zero): from the transformer's width
@@ -77,8 +81,12 @@ def fused(
     return down, up, alpha
 
 
-def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """peft keys of the transformer (and CLIP-L) → kohya's Flux names, fused where BFL fuses."""
+def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], norms: dict | None = None) -> dict:
+    """peft keys of the transformer (and CLIP-L) → kohya's Flux names, fused where BFL fuses; LoHa, LoKr and DoRA
+    under diffusers' module names (`lora_transformer_…`), one module each."""
+    kind = lycoris.kind_of(info)
+    if kind != "lora":
+        return _split_to_kohya(info, states, kind, norms or {})
     out: dict[str, torch.Tensor] = {}
     layout = info["transformer_layout"]
     for component, state in states.items():
@@ -108,13 +116,29 @@ def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]]) -> dict[str
     return out
 
 
+def _split_to_kohya(info: dict, states: dict, kind: str, norms: dict) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for component, state in states.items():
+        if component not in ("transformer", "text_encoder"):
+            raise ValueError(f"a Flux LoRA has no kohya name for {component!r}")
+        ranks, alphas = info["components"][component]["ranks"], info["components"][component]["alphas"]
+        for module in lycoris.module_paths(state, kind):
+            if component == "transformer":
+                name = f"{SPLIT_PREFIX}_{module.replace('.', '_')}"
+            else:
+                name = kohya_module_name(TEXT_PREFIX, component, module)
+            tensors = lycoris.file_tensors(kind, state, module, ranks[module], alphas[module], norms.get(component))
+            out |= {name + suffix: tensor for suffix, tensor in tensors.items()}
+    return out
+
+
 def kohya_metadata(info: dict) -> dict[str, str]:
     """What kohya's Flux LoRAs say about themselves (train_network.py, flux_train_network.py, sai_model_spec.py)."""
     model_type = info["family"]
     trigger = info.get("trigger") or ""
     resolution = int(info.get("resolution") or 512)
     meta = {
-        "ss_network_module": "networks.lora_flux",
+        "ss_network_module": "lycoris.kohya" if lycoris.kind_of(info) in ("loha", "lokr") else "networks.lora_flux",
         "ss_network_dim": str(info["rank"]),
         "ss_network_alpha": str(float(info["alpha"])),
         "ss_network_train_unet_only": str(not info.get("text_encoder_targets")),
@@ -141,6 +165,10 @@ def kohya_metadata(info: dict) -> dict[str, str]:
         "modelspec.title": str(info.get("output_name") or f"{TITLES[model_type]} LoRA"),
         "modelspec.resolution": f"{resolution}x{resolution}",
     }
+    kind = lycoris.kind_of(info)
+    if kind != "lora":
+        args = {"dora": {"dora_wd": "True"}, "loha": {"algo": "loha"}}.get(kind)
+        meta["ss_network_args"] = json.dumps(args or {"algo": "lokr", "factor": str(info.get("lokr_factor") or -1)})
     if trigger:
         meta["modelspec.trigger_phrase"] = trigger
     if info.get("base_sha256"):
@@ -161,10 +189,12 @@ def diffusers_layers(info: dict, states: dict, half: bool) -> dict[str, Any]:
             baked[key] = (value.float() * scale).to(torch.float16 if half else torch.float32)
         if component == "text_encoder":  # the published layout keeps transformers 4's `text_model.` level
             baked = {"text_model." + k.removeprefix("text_model."): v for k, v in baked.items()}
+            # transformers' loader finds a DoRA magnitude as a parameter's name
+            baked = {k + (".weight" if k.endswith(".lora_magnitude_vector") else ""): v for k, v in baked.items()}
         modules = {m.removeprefix("text_model."): r for m, r in ranks.items()}
         rank = max(modules.values())
         metadata = {"r": rank, "lora_alpha": rank, "target_modules": sorted(modules), "rank_pattern": modules,
-                    "alpha_pattern": modules, "use_dora": False, "lora_bias": False}  # fmt: skip
+                    "alpha_pattern": modules, "use_dora": bool(info.get("dora")), "lora_bias": False}  # fmt: skip
         kwargs[f"{component}_lora_layers"] = baked
         kwargs[f"{component}_lora_adapter_metadata"] = metadata
     return kwargs
@@ -232,6 +262,9 @@ def export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Pat
     from dreambooth.families.flux.layout import variant
     from dreambooth.fileio import atomic_path
 
+    if lycoris.kind_of(info) != "lora":
+        raise UserError(f"--merge of a Flux {lycoris.kind_of(info).upper()} is not supported (only a LoRA merges into "
+                        "BFL's fused weights here)", "export it without --merge: ComfyUI loads the file")  # fmt: skip
     described = info.get("base_model") or {}
     if base is not None:
         base = Path(base)

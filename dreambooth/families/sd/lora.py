@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 
 from dreambooth import __version__
+from dreambooth.checkpoint import lycoris
 from dreambooth.checkpoint.keymap import TEXT_MODEL, kohya_module_name
 from dreambooth.errors import UserError
 from dreambooth.families.sd.export import MODELSPEC_ARCHITECTURE
 from dreambooth.families.sd.layout import unet_original_key
 
 ADAPTER_INFO = "lora.json"
-_DOWN, _UP = ".lora_A.weight", ".lora_B.weight"
 # kohya's ss_base_model_version (sd-scripts model_util / sdxl_model_util); the WebUI tells SDXL by "sdxl_"
 BASE_MODEL_VERSION = {"sd1": "sd_v1", "sd1-v": "sd_v1_v", "sd2": "sd_v2", "sd2-v": "sd_v2_v", "sdxl": "sdxl_base_v1-0"}
 # what a LoRA file's modelspec.implementation says its module names follow (kohya's sai_model_spec choice)
@@ -55,28 +55,28 @@ def sgm_unet_module(module: str, layout: dict) -> str:
     return unet_original_key(module + ".weight", layout).removesuffix(".weight")
 
 
-def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: dict[str, str] | None = None) -> dict:
-    """peft keys → kohya/A1111 names: `.lora_down.weight`, `.lora_up.weight`, `.alpha` per module. SD 1.x/2.x
-    UNets keep their diffusers module paths (kohya's convention there), SDXL's take the original ones."""
+def to_kohya(info: dict, states: dict[str, dict[str, torch.Tensor]], prefixes: dict[str, str] | None = None,
+             norms: dict | None = None) -> dict:  # fmt: skip
+    """peft keys → kohya/A1111 names: `.lora_down.weight`, `.lora_up.weight`, `.alpha` per module (LoHa's `hada_`,
+    LoKr's `lokr_` and DoRA's `dora_scale` alike, dreambooth/checkpoint/lycoris.py). SD 1.x/2.x UNets keep their
+    diffusers module paths (kohya's convention there), SDXL's take the original ones."""
     prefixes = prefixes or kohya_prefixes(info["family"])
+    kind = lycoris.kind_of(info)
     sgm = info["family"] == "sdxl"
     if sgm and not info.get("unet_layout"):
         raise UserError(f"{ADAPTER_INFO} of this SDXL LoRA lacks unet_layout", "export a checkpoint this version wrote")
     out: dict[str, torch.Tensor] = {}
+    norms = norms or {}
     for component, state in states.items():
         if component not in prefixes:
             raise ValueError(f"no kohya prefix for component {component!r} (have {sorted(prefixes)})")
-        alphas = info["components"][component]["alphas"]
-        for key in sorted(state):
-            if not key.endswith(_DOWN):
-                continue
-            module = _module_path(key.removesuffix(_DOWN))
+        alphas, ranks = info["components"][component]["alphas"], info["components"][component]["ranks"]
+        for key in lycoris.module_paths(state, kind):
+            module = _module_path(key)
             published = sgm_unet_module(module, info["unet_layout"]) if sgm and component == "unet" else module
             name = kohya_module_name(prefixes[component], component, published)
-            down, up = state[key], state[module + _UP]
-            out[f"{name}.lora_down.weight"] = down
-            out[f"{name}.lora_up.weight"] = up
-            out[f"{name}.alpha"] = torch.tensor(float(alphas[module]), dtype=down.dtype)
+            tensors = lycoris.file_tensors(kind, state, key, ranks[module], alphas[module], norms.get(component))
+            out |= {name + suffix: tensor for suffix, tensor in tensors.items()}
     return out
 
 
@@ -89,13 +89,14 @@ def kohya_metadata(info: dict) -> dict[str, str]:
     network_args = {}
     if info.get("conv_rank"):
         network_args = {"conv_dim": str(info["conv_rank"]), "conv_alpha": str(info.get("conv_alpha") or 1)}
+    network_args |= lycoris_network_args(info)
     version = BASE_MODEL_VERSION.get(model_type, BASE_MODEL_VERSION[info["family"]])
     if v_pred and not version.endswith("_v") and info["family"] != "sdxl":  # SDXL: modelspec.prediction_type says it
         version += "_v"
     architecture = MODELSPEC_ARCHITECTURE.get(model_type, MODELSPEC_ARCHITECTURE.get(info["family"]))
     steps = info.get("step", 0)
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module(info, "networks.lora"),
         "ss_network_dim": str(info["rank"]),
         "ss_network_alpha": str(float(info["alpha"])),
         "ss_network_train_unet_only": str(not info.get("text_encoder_targets")),
@@ -133,7 +134,24 @@ def kohya_metadata(info: dict) -> dict[str, str]:
     return meta
 
 
-def diffusers_adapter_metadata(component: dict) -> dict:
+def network_module(info: dict, lora: str) -> str:
+    """kohya's ss_network_module: its LoRA module, or LyCORIS' (which trains LoHa and LoKr) for those."""
+    return "lycoris.kohya" if lycoris.kind_of(info) in ("loha", "lokr") else lora
+
+
+def lycoris_network_args(info: dict) -> dict[str, str]:
+    """What LyCORIS' and kohya's network_args say of the adapter: its algo, LoKr's factor, DoRA (dora_wd)."""
+    kind = lycoris.kind_of(info)
+    if kind == "dora":
+        return {"dora_wd": "True"}
+    if kind == "loha":
+        return {"algo": "loha"}
+    if kind == "lokr":
+        return {"algo": "lokr", "factor": str(info.get("lokr_factor") or -1)}
+    return {}
+
+
+def diffusers_adapter_metadata(component: dict, dora: bool = False) -> dict:
     """The LoraConfig arguments diffusers stores with its LoRA file: per-module ranks and alphas made explicit."""
     ranks, alphas = component["ranks"], component["alphas"]
     r = Counter(ranks.values()).most_common(1)[0][0]
@@ -144,22 +162,22 @@ def diffusers_adapter_metadata(component: dict) -> dict:
         "target_modules": sorted(ranks),
         "rank_pattern": {m: v for m, v in ranks.items() if v != r},
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
-        "use_dora": False,
+        "use_dora": dora,
         "lora_bias": False,
     }
 
 
 def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, torch.Tensor]], source: str) -> dict:
-    """Base weights with scale·up@down added (fp32 arithmetic); refuses a base whose modules do not fit."""
+    """Base weights with each module's adapter merged as peft merges it (fp32 arithmetic: LoRA's scale·up@down,
+    DoRA's renormalised rows, LoHa's and LoKr's products); refuses a base whose modules do not fit."""
+    kind = lycoris.kind_of(info)
     out = {name: dict(state) for name, state in base_states.items()}
     for component, state in states.items():
         target = out.get(component)
         if target is None:
             raise UserError(f"--base {source} has no {component}", "merge onto the model the LoRA was trained on")
         alphas, ranks = info["components"][component]["alphas"], info["components"][component]["ranks"]
-        for key in sorted(k for k in state if k.endswith(_DOWN)):
-            module = key.removesuffix(_DOWN)
-            down, up = state[key].float(), state[module + _UP].float()
+        for module in lycoris.module_paths(state, kind):
             weight_key = _base_key(target, module)
             if weight_key is None:
                 raise UserError(
@@ -167,15 +185,23 @@ def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, tor
                     "merge onto the model the LoRA was trained on (info: base)",
                 )
             weight = target[weight_key]
-            fits = (up.shape[0], *down.shape[1:])
-            if tuple(weight.shape) != fits:
+            if kind in ("lora", "dora"):
+                fits = (state[module + ".lora_B.weight"].shape[0], *state[module + ".lora_A.weight"].shape[1:])
+                if tuple(weight.shape) != fits:
+                    raise UserError(
+                        f"--base {source}: {component} {module} is {tuple(weight.shape)}, the LoRA expects {fits}: "
+                        "a model of another family or size",
+                        "merge onto the model the LoRA was trained on (info: base)",
+                    )
+            try:
+                new = lycoris.merged(kind, state, module, alphas[module] / ranks[module], weight)
+            except RuntimeError as exc:  # the product does not reshape to this weight
                 raise UserError(
-                    f"--base {source}: {component} {module} is {tuple(weight.shape)}, the LoRA expects {fits}: "
+                    f"--base {source}: {component} {module} is {tuple(weight.shape)}, which the LoRA does not fit: "
                     "a model of another family or size",
                     "merge onto the model the LoRA was trained on (info: base)",
-                )
-            delta = (up.flatten(1) @ down.flatten(1)).reshape(fits) * (alphas[module] / ranks[module])
-            target[weight_key] = (weight.float() + delta).to(weight.dtype)
+                ) from exc
+            target[weight_key] = new.to(weight.dtype)
     return out
 
 
