@@ -1,6 +1,7 @@
 """The `dreambooth` command: parse, build a config object, call one library function. Nothing else lives here."""
 
 import json
+import shlex
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -289,7 +290,10 @@ class _TrainCommand(typer.core.TyperCommand):
         "--bucket_reso_steps": "--bucket-step",
         "--loss_type": "--loss",
         "--debiased_estimation_loss": "--debiased-estimation",
+        "--optimizer_type": "--optimizer",
     }
+    # kohya's flags that take several values (argparse nargs="*"): the values joined into one
+    MANY_VALUES: ClassVar[tuple[str, ...]] = ("--optimizer_args", "--optimizer-args")
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"],
         "--fp8_base": ["--base-precision", "fp8"],  # kohya's
@@ -303,6 +307,7 @@ class _TrainCommand(typer.core.TyperCommand):
             for name in (*getattr(param, "opts", []), *getattr(param, "secondary_opts", []))
         }
         rewritten: list[str] = []
+        args = self._join_values(list(args))
         for arg in args:
             name, eq, value = arg.partition("=")
             if name in self.FLAGS_WITH_VALUE and not eq:
@@ -314,6 +319,25 @@ class _TrainCommand(typer.core.TyperCommand):
                     arg = new + eq + value
             rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
+
+    def _join_values(self, args: list[str]) -> list[str]:
+        """`--optimizer_args a=1 b=2` (kohya: one value per word) as `--optimizer-args 'a=1 b=2'`; our own flag's
+        one string stays as it is."""
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            out.append(args[i])
+            if args[i] in self.MANY_VALUES:
+                values = []
+                while i + 1 < len(args) and not args[i + 1].startswith("-"):
+                    values.append(args[i + 1])
+                    i += 1
+                if args[i - len(values)] == "--optimizer-args" and len(values) == 1:
+                    out.append(values[0])
+                else:  # each word one value, which may hold spaces: "betas=(0.9, 0.99)"
+                    out.append(" ".join(shlex.quote(v) for v in values))
+            i += 1
+        return out
 
 
 class MixedPrecision(StrEnum):
@@ -561,6 +585,21 @@ def train(
     adam_beta2: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
     adam_weight_decay: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
     adam_epsilon: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
+    optimizer: Annotated[
+        str | None,
+        typer.Option(
+            help="adamw (default), adamw8bit, paged-adamw8bit, prodigy, adafactor, schedulefree-adamw, came, lion8bit "
+            "(kohya's names too, any case).",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
+    optimizer_args: Annotated[
+        str | None,
+        typer.Option(
+            help="The optimizer's own settings, kohya's way: 'weight_decay=0.01 betas=0.9,0.99 decouple=True'.",
+            rich_help_panel=_OPT,
+        ),
+    ] = None,
     max_grad_norm: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
     gradient_accumulation_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
     use_8bit_adam: Annotated[bool | None, typer.Option("--use-8bit-adam/--no-use-8bit-adam", rich_help_panel=_OPT)] = (
