@@ -602,9 +602,10 @@ def train(
     ] = None,
     max_grad_norm: Annotated[float | None, typer.Option(rich_help_panel=_OPT)] = None,
     gradient_accumulation_steps: Annotated[int | None, typer.Option(rich_help_panel=_OPT)] = None,
-    use_8bit_adam: Annotated[bool | None, typer.Option("--use-8bit-adam/--no-use-8bit-adam", rich_help_panel=_OPT)] = (
-        None
-    ),
+    use_8bit_adam: Annotated[
+        bool | None,
+        typer.Option("--use-8bit-adam/--no-use-8bit-adam", help="= --optimizer adamw8bit.", rich_help_panel=_OPT),
+    ] = None,
     gradient_checkpointing: Annotated[bool | None, typer.Option(rich_help_panel=_OPT)] = None,
     mixed_precision: Annotated[MixedPrecision | None, typer.Option(rich_help_panel=_OPT)] = None,
     attention: Annotated[Attention | None, typer.Option(rich_help_panel=_OPT)] = None,
@@ -689,7 +690,11 @@ def train(
         ),
     ] = None,
     paged_adam: Annotated[
-        bool | None, typer.Option(help="8-bit Adam's states in paged (spillable) memory.", rich_help_panel=_SPEED)
+        bool | None,
+        typer.Option(
+            help="8-bit Adam's states in paged (spillable) memory (= --optimizer paged-adamw8bit).",
+            rich_help_panel=_SPEED,
+        ),
     ] = None,
     base_precision: Annotated[
         BasePrecision | None,

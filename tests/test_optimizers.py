@@ -162,6 +162,19 @@ def test_schedule_free_files_hold_its_average_and_training_continues_from_its_po
     assert differs  # and they are not the trained point's
 
 
+@pytest.mark.parametrize("name", ["adafactor", "came"])
+def test_optimizers_of_one_weight_at_a_time_step_inside_backward_exactly(cli, model, photos, tmp_path, name):
+    """Adafactor and CAME keep each weight's state on its own: stepped inside backward (--fused-backward), one
+    optimizer per weight, they train exactly as the usual step does."""
+    run = (*LORA, "--max-train-steps", 2, "--max-grad-norm", 0, "--optimizer", name)
+    assert cli(*base_args(model, photos, tmp_path / "usual", *run)).exit_code == 0
+    assert cli(*base_args(model, photos, tmp_path / "fused", *run, "--fused-backward")).exit_code == 0
+    usual, fused = (load_file(tmp_path / r / "checkpoints" / "step-2" / "lora" / "unet.safetensors")
+                    for r in ("usual", "fused"))  # fmt: skip
+    assert tensors_equal(usual, fused)
+    assert "inside backward" in json.loads((tmp_path / "fused" / "train_report.json").read_text())["optimizer"]
+
+
 def test_optimizer_args_reach_the_optimizer(cli, model, photos, tmp_path):
     flags = (*LORA, "--max-train-steps", 1, "--optimizer", "prodigy", "--optimizer-args",
              "weight_decay=0.05 betas=0.8,0.9 d_coef=2")  # fmt: skip
