@@ -727,7 +727,8 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        """--learning-rate, or the adapter's default when it is not given (the report says which)."""
+        """--learning-rate, or when it is not given the adapter's default as the optimizer takes it (Prodigy 1.0, Lion
+        a third; the report says which)."""
         if self.learning_rate is not None:
             return self.learning_rate
         return optimizers.default_lr(self.optimizer, DEFAULT_LEARNING_RATE[self.adapter])
