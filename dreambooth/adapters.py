@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth import __version__
+from dreambooth import __version__, optimizers
 from dreambooth.checkpoint.folders import PROVENANCE_FILE, WEIGHT_FILES
 from dreambooth.checkpoints import link_or_copy
 from dreambooth.config import TrainConfig
@@ -33,6 +33,15 @@ def trainable(models: dict[str, torch.nn.Module]) -> list[torch.nn.Parameter]:
 def _bytes(models: dict[str, torch.nn.Module], only_trainable: bool) -> int:
     return sum(p.numel() * p.element_size() for m in models.values() for p in m.parameters()
                if p.requires_grad or not only_trainable)  # fmt: skip
+
+
+def _optimizer_state_bytes(trained: dict[str, torch.nn.Module], cfg: TrainConfig) -> int:
+    """What the training state keeps for the optimizer: its state (dreambooth/optimizers.py), and for schedule-free
+    the weights it trains at besides the averaged ones the files hold."""
+    tensors = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+    kept = _bytes(trained, only_trainable=True) if optimizers.KINDS[cfg.optimizer].eval_mode else 0
+    settings = optimizers.parse_args(cfg.optimizer_args, cfg.optimizer)
+    return optimizers.state_bytes(cfg.optimizer, tensors, settings) + kept
 
 
 def _provenance(c: Components, step: int, seed: int, **extra) -> dict:
@@ -93,8 +102,7 @@ class Full:
         and the frozen parts (hard links where the filesystem allows; counted anyway)."""
         weights = _bytes(trained, only_trainable=True)
         frozen = _bytes({n: m for n, m in c.models.items() if n not in trained}, False) + _bytes({"vae": c.vae}, False)
-        moments = weights * (0.5 if cfg.use_8bit_adam else 2)
-        return int(weights * (1.5 if cfg.save_fp16 else 1.0) + moments + frozen)
+        return int(weights * (1.5 if cfg.save_fp16 else 1.0) + _optimizer_state_bytes(trained, cfg) + frozen)
 
     def export_bytes(self, c: Components, trained: dict) -> int:
         return (_bytes(c.models, False) + _bytes({"vae": c.vae}, False)) // 2  # fp16
@@ -201,7 +209,7 @@ class Lora:
 
     def checkpoint_bytes(self, c: Components, trained: dict, cfg: TrainConfig) -> int:
         weights = _bytes(trained, only_trainable=True)
-        return int(weights * (1 + (0.5 if cfg.use_8bit_adam else 2)))
+        return int(weights + _optimizer_state_bytes(trained, cfg))
 
     def export_bytes(self, c: Components, trained: dict) -> int:
         return _bytes(trained, only_trainable=True) // 2

@@ -1,6 +1,7 @@
 """The `dreambooth` command: parse, build a config object, call one library function. Nothing else lives here."""
 
 import json
+import shlex
 import sys
 import types
 import typing
@@ -295,7 +296,10 @@ class _TrainCommand(typer.core.TyperCommand):
         "--loss_type": "--loss",
         "--debiased_estimation_loss": "--debiased-estimation",
         "--alpha_mask": "--masked-loss",  # kohya's: the alpha channel as the loss mask (ours reads it too)
+        "--optimizer_type": "--optimizer",
     }
+    # kohya's flags that take several values (argparse nargs="*"): the values joined into one
+    MANY_VALUES: ClassVar[tuple[str, ...]] = ("--optimizer_args", "--optimizer-args")
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"],
         "--fp8_base": ["--base-precision", "fp8"],  # kohya's
@@ -309,6 +313,7 @@ class _TrainCommand(typer.core.TyperCommand):
             for name in (*getattr(param, "opts", []), *getattr(param, "secondary_opts", []))
         }
         rewritten: list[str] = []
+        args = self._join_values(list(args))
         for arg in args:
             name, eq, value = arg.partition("=")
             if name in self.FLAGS_WITH_VALUE and not eq:
@@ -320,6 +325,25 @@ class _TrainCommand(typer.core.TyperCommand):
                     arg = new + eq + value
             rewritten.append(arg)
         return super().parse_args(ctx, rewritten)
+
+    def _join_values(self, args: list[str]) -> list[str]:
+        """`--optimizer_args a=1 b=2` (kohya: one value per word) as `--optimizer-args 'a=1 b=2'`; our own flag's
+        one string stays as it is."""
+        out: list[str] = []
+        i = 0
+        while i < len(args):
+            out.append(args[i])
+            if args[i] in self.MANY_VALUES:
+                values = []
+                while i + 1 < len(args) and not args[i + 1].startswith("-"):
+                    values.append(args[i + 1])
+                    i += 1
+                if args[i - len(values)] == "--optimizer-args" and len(values) == 1:
+                    out.append(values[0])
+                else:  # each word one value, which may hold spaces: "betas=(0.9, 0.99)"
+                    out.append(" ".join(shlex.quote(v) for v in values))
+            i += 1
+        return out
 
 
 def _choice_type(name: str, values: tuple[str, ...]) -> type[StrEnum]:

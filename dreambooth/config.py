@@ -11,6 +11,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from dreambooth import optimizers
 from dreambooth.errors import UserError
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -268,9 +269,27 @@ class TrainConfig:
     adam_beta2: float = setting(0.999, OPTIMIZER, "AdamW's β2.")
     adam_weight_decay: float = setting(1e-2, OPTIMIZER, "AdamW's decoupled weight decay.")
     adam_epsilon: float = setting(1e-8, OPTIMIZER, "AdamW's ε.")
+    # the optimizer (dreambooth/optimizers.py); None: adamw, or what --use-8bit-adam/--paged-adam say. Any case of
+    # kohya's names is taken (AdamW8bit, Prodigy, …), so the CLI offers no fixed list
+    optimizer: str | None = setting(
+        None,
+        OPTIMIZER,
+        "adamw (default), adamw8bit, paged-adamw8bit, prodigy, adafactor, schedulefree-adamw, came, lion8bit "
+        "(kohya's names too, any case).",
+    )
+    # its constructor's own settings as kohya writes them: "key=value" items, values Python literals; a key the
+    # optimizer does not take is refused
+    optimizer_args: tuple[str, ...] = setting(
+        (),
+        OPTIMIZER,
+        "The optimizer's own settings, kohya's way: 'weight_decay=0.01 betas=0.9,0.99 decouple=True'.",
+        option_type=str,
+    )
     max_grad_norm: float = setting(1.0, OPTIMIZER, "Clip the gradients' norm to this; 0: no clipping.")
     gradient_accumulation_steps: int = setting(1, OPTIMIZER, "Micro-batches per optimizer step.")
-    use_8bit_adam: bool = setting(False, OPTIMIZER, "8-bit AdamW (bitsandbytes): a quarter of AdamW's state memory.")
+    use_8bit_adam: bool = setting(
+        False, OPTIMIZER, "8-bit AdamW (bitsandbytes): a quarter of AdamW's state memory (= --optimizer adamw8bit)."
+    )
     # an exponential moving average of the trained weights (dreambooth/ema.py); exports and samples from it
     ema_decay: float | None = setting(
         None, OPTIMIZER, "Keep an exponential moving average of the trained weights, e.g. 0.999."
@@ -360,7 +379,9 @@ class TrainConfig:
         True, MEMORY, "Encode images and prompts once, then free the VAE and frozen text encoders."
     )
     attention: str = setting("sdpa", MEMORY, "The attention kernels.", choices=ATTENTION)
-    paged_adam: bool = setting(False, MEMORY, "8-bit Adam's states in paged (spillable) memory.")
+    paged_adam: bool = setting(
+        False, MEMORY, "8-bit Adam's states in paged (spillable) memory (= --optimizer paged-adamw8bit)."
+    )
     fused_backward: bool = setting(False, MEMORY, "Update each weight inside backward (no clipping/accumulation).")
     torch_compile: bool = setting(False, MEMORY, "Compile the denoiser's blocks (regional torch.compile).")
     channels_last: bool = setting(False, MEMORY, "NHWC convolutions.")
@@ -472,6 +493,7 @@ class TrainConfig:
                         f"--with-prior-preservation needs a class image folder, and {which} has none",
                         "pass --class-data-dir (or class_data_dir in the concepts list); missing images are generated",
                     )
+        self._check_optimizer()
         self._check_speed_levers()
         self._check_scaling()
         self._check_captions_and_buckets()
@@ -746,23 +768,80 @@ class TrainConfig:
             raise UserError(f"--lora-dora reads the whole base weight every step, which {lever} does not keep",
                             f"drop {lever}, or --lora-dora")  # fmt: skip
 
+    def _check_optimizer(self) -> None:
+        """--optimizer in our spelling; --use-8bit-adam and --paged-adam are its aliases, kept in step with it."""
+        if self.paged_adam and not self.use_8bit_adam:
+            raise UserError(
+                "--paged-adam pages bitsandbytes' 8-bit states", "add --use-8bit-adam, or drop --paged-adam"
+            )
+        aliased = "paged-adamw8bit" if self.paged_adam else "adamw8bit" if self.use_8bit_adam else None
+        name = optimizers.normalise(self.optimizer) if self.optimizer is not None else aliased or "adamw"
+        if aliased is not None and name not in (aliased, "paged-adamw8bit"):
+            raise UserError(
+                f"--{'paged-adam' if self.paged_adam else 'use-8bit-adam'} means --optimizer {aliased}, and "
+                f"--optimizer {name} was given",
+                "drop one of them",
+            )
+        object.__setattr__(self, "optimizer", name)
+        object.__setattr__(self, "use_8bit_adam", name in ("adamw8bit", "paged-adamw8bit"))
+        object.__setattr__(self, "paged_adam", name == "paged-adamw8bit")
+        object.__setattr__(self, "optimizer_args", optimizers.split_args(self.optimizer_args))
+        optimizers.parse_args(self.optimizer_args, name)  # checks the keys and values
+        kind = optimizers.KINDS[name]
+        ignored = [flag(f) for f in ("adam_beta1", "adam_beta2", "adam_epsilon") if f in self.explicit]
+        if ignored and not kind.adam_settings:
+            raise UserError(
+                f"{ignored[0]} is AdamW's, and --optimizer {name} has settings of its own",
+                f"pass them as --optimizer-args (it takes {', '.join(kind.keys)})",
+            )
+        if name == "prodigy":
+            if self.scale_lr:
+                raise UserError(
+                    "--scale-lr and --optimizer prodigy: Prodigy estimates the step size itself, and --learning-rate "
+                    "is a factor on it",
+                    "drop --scale-lr (keep --learning-rate at 1.0)",
+                )
+            if self.train_text_encoder and self.text_encoder_lr is not None and self.text_encoder_lr != self.lr:
+                raise UserError(
+                    f"--text-encoder-lr {self.text_encoder_lr} and --optimizer prodigy: Prodigy takes one learning "
+                    "rate for all weights (a factor on the step size it estimates)",
+                    "drop --text-encoder-lr",
+                )
+        if kind.eval_mode:
+            if self.lr_scheduler not in ("constant", "constant_with_warmup"):
+                raise UserError(
+                    f"--lr-scheduler {self.lr_scheduler} and --optimizer {name}: schedule-free needs no schedule (it "
+                    "averages the weights instead)",
+                    "pass --lr-scheduler constant, or constant_with_warmup with --lr-warmup-steps",
+                )
+            if self.ema_decay is not None:
+                raise UserError(
+                    f"--ema-decay and --optimizer {name}: schedule-free averages the weights itself (checkpoints and "
+                    "exports hold its average)",
+                    "drop --ema-decay",
+                )
+
     def _check_speed_levers(self) -> None:
         if self.report_to not in REPORT_TO:
             raise UserError(f"--report-to {self.report_to!r} is unknown", f"use {' | '.join(REPORT_TO)}")
         if self.adam_impl not in ADAM_IMPLS:
             raise UserError(f"--adam-impl {self.adam_impl!r} is unknown", f"use {' | '.join(ADAM_IMPLS)}")
-        if self.paged_adam and not self.use_8bit_adam:
+        if self.adam_impl != "auto" and self.optimizer != "adamw":
             raise UserError(
-                "--paged-adam pages bitsandbytes' 8-bit states", "add --use-8bit-adam, or drop --paged-adam"
-            )
-        if self.adam_impl != "auto" and self.use_8bit_adam:
-            raise UserError(
-                f"--adam-impl {self.adam_impl} chooses torch AdamW's kernels, and --use-8bit-adam uses bitsandbytes'",
+                f"--adam-impl {self.adam_impl} chooses torch AdamW's kernels, and --optimizer {self.optimizer} "
+                f"{'(--use-8bit-adam) ' if self.use_8bit_adam else ''}is another optimizer",
                 "drop one of them",
             )
         if not self.fused_backward:
             return
         why = "--fused-backward (part of --low-vram) updates each weight as soon as its gradient exists, so it"
+        cannot = optimizers.KINDS[self.optimizer].not_per_weight
+        if cannot:
+            raise UserError(
+                f"{why} cannot run --optimizer {self.optimizer}: {cannot}",
+                "pass --no-fused-backward, or an optimizer that steps each weight on its own (adamw, adamw8bit, "
+                "paged-adamw8bit, adafactor, came, lion8bit)",
+            )
         if self.gradient_accumulation_steps > 1:
             raise UserError(
                 f"{why} cannot accumulate gradients over "
@@ -817,10 +896,17 @@ class TrainConfig:
                 f"--distributed {self.distributed} trains the UNet only, and --train-text-encoder is set",
                 "drop --train-text-encoder, or use --distributed ddp",
             )
-        if self.offload_optimizer != "none" and self.use_8bit_adam:
+        if self.offload_optimizer != "none" and self.optimizer != "adamw":
             raise UserError(
-                "--use-8bit-adam and --offload-optimizer cpu both shrink the optimizer's memory; they do not combine",
-                "keep one: --offload-optimizer cpu moves the whole optimizer to the CPU",
+                f"--optimizer {self.optimizer} and --offload-optimizer cpu: DeepSpeed's CPU offload runs its own "
+                "AdamW on the CPU",
+                "keep one: --offload-optimizer cpu moves the whole (AdamW) optimizer to the CPU",
+            )
+        cannot = optimizers.KINDS[self.optimizer].not_deepspeed
+        if self.deepspeed and cannot:
+            raise UserError(
+                f"--optimizer {self.optimizer} and --distributed {self.distributed}: {cannot}",
+                "use --distributed ddp, or --optimizer adamw, adamw8bit or lion8bit",
             )
 
     @property
@@ -842,12 +928,17 @@ class TrainConfig:
 
     @property
     def lr(self) -> float:
-        """--learning-rate, or the adapter's default when it is not given (the report says which)."""
-        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[self.adapter]
+        """--learning-rate, or when it is not given the adapter's default as the optimizer takes it (Prodigy 1.0, Lion
+        a third; the report says which)."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return optimizers.default_lr(self.optimizer, DEFAULT_LEARNING_RATE[self.adapter])
 
     @property
     def lr_source(self) -> str:
         if self.learning_rate is None:
+            if self.lr != DEFAULT_LEARNING_RATE[self.adapter]:
+                return f"the default for --optimizer {self.optimizer} with --adapter {self.adapter}"
             return f"the default for --adapter {self.adapter}"
         if self.preset and "learning_rate" not in self.explicit:
             return f"--preset {self.preset}"
@@ -880,7 +971,7 @@ def _normalise_keys(data: dict, where: str) -> dict:
     for key, value in data.items():
         name = key.replace("-", "_")
         name = {"pretrained_model_name_or_path": "model", "output_dir": "output",
-                "pretrained_vae_name_or_path": "vae"}.get(name, name)  # fmt: skip
+                "pretrained_vae_name_or_path": "vae", "optimizer_type": "optimizer"}.get(name, name)  # fmt: skip
         if name not in FIELD_NAMES and name not in SINGLE_CONCEPT and name not in ("concepts_list", "concepts"):
             raise UserError(f"{where}: unknown setting {key!r}", "see `dreambooth train --help` for the names")
         out[name] = value
@@ -890,6 +981,17 @@ def _normalise_keys(data: dict, where: str) -> dict:
 def _folder_name(prompt: str) -> str:
     """'a photo of dog' → 'a-photo-of-dog': a class prompt as a folder name."""
     return "-".join("".join(ch if ch.isalnum() else " " for ch in prompt.lower()).split())[:80] or "class"
+
+
+def _yield_to_optimizer(profile: dict, settings: dict) -> dict:
+    """A preset's or profile's settings less those an --optimizer the user named replaces (--use-8bit-adam,
+    --paged-adam) or cannot combine with (the step inside backward, for an optimizer that needs all gradients)."""
+    if settings.get("optimizer") is None:
+        return profile
+    drop = {"use_8bit_adam", "paged_adam"}
+    if optimizers.KINDS[optimizers.normalise(settings["optimizer"])].not_per_weight:
+        drop |= {"fused_backward", "max_grad_norm"}
+    return {k: v for k, v in profile.items() if k not in drop}
 
 
 def presets() -> dict[str, dict]:
@@ -965,9 +1067,9 @@ def build_train_config(
     settings.update(_normalise_keys(given, "flags"))
     settings["explicit"] = tuple(sorted(k for k in settings if k in FIELD_NAMES and k != "preset"))
     if settings.get("preset"):  # a preset fills in what neither the file nor the flags set
-        settings = {**load_preset(settings["preset"]), **settings}
+        settings = {**_yield_to_optimizer(load_preset(settings["preset"]), settings), **settings}
     if settings.get("low_vram"):  # a profile: it fills in what neither the file nor the flags set
-        settings = {**LOW_VRAM, **settings}
+        settings = {**_yield_to_optimizer(LOW_VRAM, settings), **settings}
     if "save_sample_prompt" in settings and isinstance(settings["save_sample_prompt"], str):
         settings["save_sample_prompt"] = (settings["save_sample_prompt"],)
 

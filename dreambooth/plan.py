@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dreambooth import events
+from dreambooth import events, optimizers
 from dreambooth.config import LORA_KINDS, TrainConfig
 from dreambooth.errors import UserError
 from dreambooth.families.base import Components, Dtypes, ResolvedModel
@@ -396,16 +396,14 @@ def _components(family, parts) -> Components:
 
 
 def _optimizer_name(cfg: TrainConfig) -> str:
-    if cfg.use_8bit_adam:
-        return "8-bit AdamW" + (" (paged)" if cfg.paged_adam else "")
-    return "AdamW"
+    return optimizers.KINDS[cfg.optimizer].title
 
 
 def _optimizer_bytes(cfg: TrainConfig, trained: list[torch.Tensor]) -> int:
-    """AdamW: two moments per weight in its precision; 8-bit AdamW: two bytes (+ a block's fp32 scale per 256)."""
-    if cfg.use_8bit_adam:
-        return sum(2 * t.numel() + 8 * (t.numel() // 256 + 1) for t in trained)
-    return sum(2 * t.numel() * t.element_size() for t in trained)
+    """Each optimizer's state as its package allocates it (dreambooth/optimizers.py): AdamW two moments per weight
+    in its precision, 8-bit AdamW two bytes (+ an fp32 scale per block of 256), Lion one, Prodigy four buffers,
+    Adafactor and CAME factored moments per matrix, schedule-free two."""
+    return optimizers.state_bytes(cfg.optimizer, trained, optimizers.parse_args(cfg.optimizer_args, cfg.optimizer))
 
 
 def _activation_note(cfg: TrainConfig) -> str:
@@ -583,7 +581,9 @@ def candidates(cfg: TrainConfig, family, blocks: int):
         chosen.update(changes)
         return True
 
-    ladder = [{"gradient_checkpointing": True}, {"use_8bit_adam": True}]
+    ladder = [{"gradient_checkpointing": True}]
+    if cfg.optimizer == "adamw":  # an optimizer the user chose stays
+        ladder.append({"optimizer": "adamw8bit", "use_8bit_adam": True})
     if cfg.adapter == "full":
         # fp8 stores what stays frozen in a full fine-tune: the text encoders that do not train
         ladder += [{"fused_backward": True, "max_grad_norm": 0.0}, {"base_precision": "fp8"}]

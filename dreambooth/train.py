@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dreambooth import adapters, events, families, performance, plan, trackers, validation
+from dreambooth import adapters, events, families, optimizers, performance, plan, trackers, validation
 from dreambooth.blockswap import BlockSwap
 from dreambooth.checkpoints import (
     CHECKPOINTS,
@@ -87,58 +87,9 @@ def check_disk(cfg: TrainConfig, adapter, c, trained: dict) -> dict:
 
 
 def make_optimizer(groups: list[dict], cfg: TrainConfig, device: torch.device):
-    """8-bit AdamW (bitsandbytes) when asked and it really runs on this device; torch AdamW otherwise.
-    With --fused-backward, one of them per weight, stepped inside backward (dreambooth/performance.py).
-    `groups`: torch param groups, each {"params": [...], "lr": ...}."""
-    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
-    make = None
-    if cfg.use_8bit_adam:
-        try:
-            if device.type != "cuda":
-                raise RuntimeError("it needs a CUDA GPU")
-            import bitsandbytes as bnb
-
-            from dreambooth.doctor import adamw8bit_step_runs
-
-            adamw8bit_step_runs(device)  # importing is not enough: prove the kernel runs
-            # paged: the states live in unified memory, which the driver moves to the CPU under memory pressure
-            eight_bit = bnb.optim.PagedAdamW8bit if cfg.paged_adam else bnb.optim.AdamW8bit
-
-            def make(group):
-                return eight_bit(group, **kwargs)
-
-            name = f"{eight_bit.__name__} (bitsandbytes)"
-        except Exception as exc:
-            events.notice(f"--use-8bit-adam: 8-bit AdamW cannot run here ({exc}); using torch AdamW")
-    if make is None and cfg.offload_optimizer == "cpu" and device.type == "cuda":
-        try:
-            # the optimizer's step runs on the CPU while the GPU waits: DeepSpeed's vectorised CPU Adam is several
-            # times faster there than torch's. It is compiled on first use (needs g++ and ninja), or prebuilt.
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            DeepSpeedCPUAdam([torch.zeros(1, requires_grad=True)])  # builds or loads the kernel, or fails
-
-            def make(group):
-                return DeepSpeedCPUAdam(group, adamw_mode=True, **kwargs)
-
-            name = "DeepSpeedCPUAdam"
-        except Exception as exc:
-            why = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]  # compiler errors run long
-            events.notice(f"--offload-optimizer cpu: DeepSpeed's CPU Adam is not usable here ({why}); torch AdamW")
-    if make is None:
-        impl = performance.adamw_kwargs(cfg.adam_impl)
-
-        def make(group):
-            return torch.optim.AdamW(group, **kwargs, **impl)
-
-        name = "AdamW (torch)" if cfg.adam_impl == "auto" else f"AdamW (torch, {cfg.adam_impl})"
-    if cfg.offload_optimizer == "cpu":
-        name += ", offloaded to the CPU"
-    if cfg.fused_backward:
-        # fp16 gradients need loss scaling, done per weight inside backward; bf16 and fp32 need none
-        scale = performance.LossScale() if cfg.mixed_precision == "fp16" and device.type == "cuda" else None
-        return performance.FusedBackwardOptimizer(groups, make, scale), f"{name}, stepped inside backward"
-    return make(groups), name
+    """The optimizer --optimizer names, from its own package (dreambooth/optimizers.py): (the optimizer, its name,
+    its settings), both for the report. `groups`: torch param groups, each {"params": [...], "lr": ...}."""
+    return optimizers.build(groups, cfg, device)
 
 
 def quiet_progress_bars() -> None:
@@ -363,6 +314,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         return _write_report(cfg, state["step"], History(**state["history"]), started, resume_from, known,
                              accelerator.is_main_process)  # fmt: skip
     check_same_adapter(cfg, resume_from, state)
+    check_same_optimizer(cfg, resume_from, state)
     quiet_progress_bars()
 
     # --- device, precision, seed -------------------------------------------------------------------------
@@ -389,7 +341,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     text = c.text_models(trained)
     groups = param_groups(c, trained, lr, text_lr)
     params = [p for g in groups for p in g["params"]]
-    optimizer, optimizer_name = make_optimizer(groups, cfg, device)
+    optimizer, optimizer_name, optimizer_args = make_optimizer(groups, cfg, device)
     # the step inside backward: its loss scale and skipped steps are its own (accelerate's scaler is off then)
     fused = optimizer if isinstance(optimizer, performance.FusedBackwardOptimizer) else None
     lr_scheduler = make_lr_scheduler(cfg, optimizer)
@@ -433,6 +385,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         **adapter.describe(cfg),
         "mixed_precision": mixed,
         "optimizer": optimizer_name,
+        "optimizer_args": optimizer_args,
         "attention": attention,
         **describe_levers(cfg, c, swap, held_out, instances),
         "prediction_type": c.prediction_type,
@@ -500,6 +453,21 @@ def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict |
         )
 
 
+def check_same_optimizer(cfg: TrainConfig, resume_from: Path | None, state: dict | None) -> None:
+    """Each optimizer's state has its own layout: a checkpoint continues with the optimizer that wrote it."""
+    if state is None:
+        return
+    old = state["config"]
+    saved = old.get("optimizer") or (
+        "paged-adamw8bit" if old.get("paged_adam") else "adamw8bit" if old.get("use_8bit_adam") else "adamw"
+    )
+    if saved != cfg.optimizer:
+        raise UserError(
+            f"{resume_from} was trained with --optimizer {saved}, and this run asks for --optimizer {cfg.optimizer}",
+            f"use --optimizer {saved} to continue, or another --output for the other optimizer",
+        )
+
+
 def load_model(
     cfg: TrainConfig, accelerator, family, adapter, model: ResolvedModel, weight_dtype, *, resume_from, state
 ):
@@ -558,6 +526,29 @@ def start_ema(cfg: TrainConfig, accelerator, trained: dict) -> EMA | None:
 def ema_applied(run: "Run"):
     """The EMA's weights in place while a checkpoint is written and its samples drawn (--export-ema)."""
     return run.ema.applied() if run.ema is not None and run.cfg.export_ema else nullcontext()
+
+
+def model_weights(run: "Run"):
+    """Schedule-free's averaged weights (its eval mode) in place while samples are drawn, a checkpoint is written
+    and the held-out loss measured: they are the model; the point it trains at comes back after. Other optimizers
+    train the model itself."""
+    if not optimizers.KINDS[run.cfg.optimizer].eval_mode:
+        return nullcontext()
+    return optimizers.evaluated(run.optimizer, _trained_params(run))
+
+
+def _trained_params(run: "Run") -> dict:
+    return trained_parameters({n: run.accelerator.unwrap_model(m) for n, m in run.trained.items()})
+
+
+def weights_kept_aside(run: "Run") -> dict | None:
+    """The weights training continues from, where a checkpoint's files hold others (the EMA's with --export-ema,
+    schedule-free's average): kept in its state, so that a resumed run continues from them exactly."""
+    if run.ema is not None and run.cfg.export_ema:
+        return raw_weights(run.ema.params)
+    if optimizers.KINDS[run.cfg.optimizer].eval_mode:
+        return raw_weights(_trained_params(run))
+    return None
 
 
 def choose_seed(cfg: TrainConfig, state: dict | None, world: int) -> int:
@@ -687,8 +678,9 @@ def resume(run: Run, state: dict, checkpoint: Path) -> None:
     set_rng_states(state["rng"])
     run.history = History(**state["history"])
     run.step = state["step"]
-    # a checkpoint whose files hold the EMA's weights keeps the raw ones in its state: training continues from those
-    params = trained_parameters({n: run.accelerator.unwrap_model(m) for n, m in run.trained.items()})
+    # a checkpoint whose files hold the EMA's (or schedule-free's averaged) weights keeps the trained ones in its
+    # state: training continues from those
+    params = _trained_params(run)
     if state.get("raw_weights") is not None:
         load_raw_weights(params, state["raw_weights"])
     if run.ema is not None:
@@ -903,7 +895,8 @@ def after_step(run: Run, skipped: bool) -> None:
 
 def validate(run: Run) -> None:
     """The held-out loss now: in the history (so in the report and the checkpoint), the events and the trackers."""
-    loss = validation.validation_loss(run, run.held_out)
+    with model_weights(run):
+        loss = validation.validation_loss(run, run.held_out)
     run.history.validation.append([run.step, loss])
     events.emit("validation", step=run.step, loss=round(loss, 6))
     trackers.log_step(run.accelerator, run.cfg, run.step, {"validation_loss": loss})
@@ -975,7 +968,8 @@ def save_checkpoint(run: Run) -> Path:
     check_finite_weights(run, trained)
     need = int(run.adapter.checkpoint_bytes(run.c, trained, cfg))  # for the message if the disk fills up
     with events.stage(f"saving checkpoint step-{run.step}"), atomic_dir(dest, overwrite=True, need=need) as tmp:
-        with ema_applied(run):  # --export-ema: the checkpoint's weights are the average's
+        # --export-ema: the checkpoint's weights are the average's; schedule-free: its averaged x
+        with ema_applied(run), model_weights(run):
             extra = run.adapter.save(tmp, run.c, trained, cfg, run.step, run.seed, run.family)
         training_state = {
             "step": run.step,
@@ -992,11 +986,11 @@ def save_checkpoint(run: Run) -> Path:
             "world_size": accelerator.num_processes,
             **extra,
             "ema": run.ema.state_dict() if run.ema is not None else None,
-            "raw_weights": raw_weights(run.ema.params) if run.ema is not None and cfg.export_ema else None,
+            "raw_weights": weights_kept_aside(run),
         }
         torch.save(training_state, tmp / STATE_FILE)
         if cfg.save_sample_prompt:
-            with ema_applied(run):
+            with ema_applied(run), model_weights(run):
                 draw_samples(run, tmp / "samples", trained)
     if cfg.keep_last:
         prune(cfg.output, cfg.keep_last)

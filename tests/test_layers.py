@@ -17,6 +17,7 @@ LAYERS = [
     [
         "config",
         "performance",
+        "optimizers",
         "grids",
         "plots",
         "objectives",
