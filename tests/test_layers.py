@@ -34,7 +34,7 @@ LAYERS = [
     ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report", "validation"],
     ["prior", "train", "plan"],
     ["launch", "pipeline"],
-    ["cli", "demo", "__main__"],
+    ["cli", "demo", "ui", "__main__"],
 ]
 
 
