@@ -452,7 +452,10 @@ def serve(
     port: Annotated[int, typer.Option(help="Port of the page.")] = 7860,
     token: Annotated[
         str | None,
-        typer.Option(help="The token every request must carry (generated and printed when --host is not loopback)."),
+        typer.Option(
+            envvar="DREAMBOOTH_UI_TOKEN",
+            help="The token every request must carry (generated and printed when --host is not loopback).",
+        ),
     ] = None,
     models: Annotated[Path, typer.Option(envvar="DREAMBOOTH_MODELS", help="Base models (read).")] = Path("/models"),
     data: Annotated[Path, typer.Option(envvar="DREAMBOOTH_DATA", help="Photo folders (read; captions written).")] = (
@@ -474,7 +477,7 @@ def serve(
         folder.mkdir(parents=True, exist_ok=True)
     if not 0 < port < 65536:
         raise UserError(f"--port {port} is not a port", "use 1–65535, e.g. 7860")
-    serve_page(Volumes.at(models, data, output, cache), host=host, port=port, token=token)
+    serve_page(Volumes.at(models, data, output, cache), host=host, port=port, token=token or None)
 
 
 @app.command("train-worker", hidden=True)

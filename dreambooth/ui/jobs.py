@@ -71,6 +71,13 @@ def stop(folder: Path) -> int:
     return pid
 
 
+def alive(folder: Path) -> bool:
+    """Whether a run this server started for FOLDER is still a process (it may already have let go of the lock
+    while it finishes: until it exits, it is still running)."""
+    process = _children.get(Path(folder))
+    return process is not None and process.poll() is None
+
+
 def _reap() -> None:
     for folder, process in list(_children.items()):
         if process.poll() is not None:

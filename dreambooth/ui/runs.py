@@ -129,7 +129,9 @@ def finished_checkpoints(folder: Path) -> list[int]:
     return sorted(steps)
 
 
-def summarize(output: Path, folder: Path, now: float | None = None) -> RunSummary:
+def summarize(output: Path, folder: Path, *, started_here: bool = False, now: float | None = None) -> RunSummary:
+    """FOLDER's run as the runs list shows it. `started_here`: a process the server started for it is still
+    alive — running, even after it let go of the lock while it finishes."""
     now = time.time() if now is None else now
     name = folder.relative_to(output).as_posix() if folder != output else "."
     log = fold(read_events(folder))
@@ -140,7 +142,7 @@ def summarize(output: Path, folder: Path, now: float | None = None) -> RunSummar
     start = log.start or {}
     summary = RunSummary(
         name=name,
-        status=_status(holder, log, manifest, report),
+        status="running" if started_here else _status(holder, log, manifest, report),
         family=start.get("family") or report.get("family"),
         adapter=start.get("adapter") or report.get("adapter"),
         total=start.get("max_train_steps") or (report.get("settings") or {}).get("max_train_steps"),
@@ -223,9 +225,9 @@ def _failure(log: EventLog, report: dict) -> str | None:
     return log.errors[-1] if log.errors else None
 
 
-def list_runs(output: Path) -> list[RunSummary]:
-    """Every run under OUTPUT, newest first."""
-    runs = [summarize(output, folder) for folder in run_folders(output)]
+def list_runs(output: Path, started_here=lambda folder: False) -> list[RunSummary]:
+    """Every run under OUTPUT, newest first (`started_here(folder)`: see `summarize`)."""
+    runs = [summarize(output, folder, started_here=started_here(folder)) for folder in run_folders(output)]
     return sorted(runs, key=lambda r: r.started or 0.0, reverse=True)
 
 

@@ -121,6 +121,9 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
     def page(request: Request, name: str, **context) -> HTMLResponse:
         return templates.TemplateResponse(request, name, {"csrf": csrf, **context})
 
+    def summary(folder: Path) -> runs.RunSummary:
+        return runs.summarize(volumes.output, folder, started_here=jobs.alive(folder))
+
     def run_folder(request: Request) -> Path:
         name = request.query_params.get("run", "")
         folder = inside(volumes.output, name if name not in ("", ".") else ".")
@@ -129,14 +132,14 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
         return folder
 
     async def runs_page(request: Request) -> HTMLResponse:
-        return page(request, "runs.html", runs=runs.list_runs(volumes.output))
+        return page(request, "runs.html", runs=runs.list_runs(volumes.output, started_here=jobs.alive))
 
     async def runs_json(request: Request) -> JSONResponse:
-        return JSONResponse({"runs": [r.to_dict() for r in runs.list_runs(volumes.output)]})
+        return JSONResponse({"runs": [r.to_dict() for r in runs.list_runs(volumes.output, started_here=jobs.alive)]})
 
     async def run_page(request: Request) -> HTMLResponse:
         folder = run_folder(request)
-        return page(request, "run.html", run=runs.summarize(volumes.output, folder))
+        return page(request, "run.html", run=summary(folder))
 
     async def run_json(request: Request) -> JSONResponse:
         return JSONResponse(run_detail(run_folder(request)))
@@ -144,7 +147,7 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
     def run_detail(folder: Path) -> dict:
         output = volumes.output
         return {
-            "summary": runs.summarize(output, folder).to_dict(),
+            "summary": summary(folder).to_dict(),
             "losses": runs.losses(folder),
             "samples": runs.samples(output, folder),
             "exports": runs.exports(output, folder),
@@ -170,8 +173,7 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
                     yield f"event: line\ndata: {json.dumps(event, default=str)}\n\n"
                 sent = max(sent, len(events))
                 if time.monotonic() - last_summary > 2.0:
-                    summary = runs.summarize(volumes.output, folder).to_dict()
-                    yield f"event: summary\ndata: {json.dumps(summary)}\n\n"
+                    yield f"event: summary\ndata: {json.dumps(summary(folder).to_dict())}\n\n"
                     last_summary = time.monotonic()
                 await asyncio.sleep(POLL_SECONDS)
 
@@ -224,7 +226,7 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
         if not forms.RUN_NAME.match(name):
             return JSONResponse({"errors": {"run_name": "letters, digits, '.', '_' or '-' only"}}, 422)
         folder = volumes.output / name
-        if runs.is_run(folder) and runs.summarize(volumes.output, folder).status != "stopped":
+        if runs.is_run(folder) and summary(folder).status != "stopped":
             return JSONResponse({"errors": {"run_name": f"{name} already holds a run: pick another name"}}, 409)
         steps = str((form or {}).get("max_train_steps") or "")
         extra = ["--max-train-steps", steps] if steps.isdigit() and int(steps) > 0 else []
@@ -360,7 +362,8 @@ def serve(volumes: Volumes, *, host: str, port: int, token: str | None) -> None:
 
     if token is None and host not in LOOPBACK:
         token = secrets.token_urlsafe(24)
-    shown = host if ":" not in host else f"[{host}]"
+    # every address includes this machine's loopback: the link to open here (a container's port is published there)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host if ":" not in host else f"[{host}]"
     url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
     events.emit("serving", url=url, host=host, port=port)
     print(f"DreamBooth Box: open {url}", flush=True)
