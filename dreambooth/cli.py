@@ -294,6 +294,7 @@ class _TrainCommand(typer.core.TyperCommand):
         "--bucket_reso_steps": "--bucket-step",
         "--loss_type": "--loss",
         "--debiased_estimation_loss": "--debiased-estimation",
+        "--alpha_mask": "--masked-loss",  # kohya's: the alpha channel as the loss mask (ours reads it too)
     }
     FLAGS_WITH_VALUE: ClassVar[dict[str, list[str]]] = {
         "--enable_xformers_memory_efficient_attention": ["--attention", "xformers"],

@@ -197,6 +197,13 @@ class TrainConfig:
     bucket_min_side: int | None = setting(None, DATA, "Shortest bucket side (default 256, or --resolution).")
     bucket_max_side: int | None = setting(None, DATA, "Longest bucket side (default 2 × --resolution).")
     bucket_step: int | None = setting(None, DATA, "Bucket sides are multiples of it (default 64: VAE 8 × UNet 8).")
+    # the loss weighted by a mask per photo (dreambooth/data.py finds, cuts and caches it with its photo)
+    masked_loss: bool = setting(
+        False,
+        DATA,
+        "Weigh the loss by a mask per photo: photo.mask.png beside photo.jpg, else the photo's alpha channel (white "
+        "trains, black does not, grey in between); photos without one, and class images, train whole.",
+    )
     # held-out images (dreambooth/validation.py): their loss at fixed noise levels and fixed noise, every N steps
     validation_split: float = setting(
         0.0, DATA, "Hold out this share of the instance images (e.g. 0.1) and log their loss."

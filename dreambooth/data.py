@@ -16,12 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import ExifTags, Image, ImageOps
 
 from dreambooth import events
 from dreambooth.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+MASK_SUFFIX = ".mask.png"  # photo.jpg's loss mask is photo.mask.png beside it (--masked-loss)
 MIN_SIDE_FRACTION = 4  # images whose short side is under resolution/4 would be upscaled into mush: refuse them
 Size = tuple[int, int]  # (height, width) in pixels, the order of a tensor's last two dimensions
 
@@ -65,7 +67,7 @@ def scan_images(folder: Path, resolution: int, flag: str, *, warn: bool = True) 
     usable = []
     min_side = max(8, resolution // MIN_SIDE_FRACTION)
     for path in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if path.suffix.lower() not in IMAGE_SUFFIXES or is_mask_file(path):  # a mask weighs a photo, is none
             continue
         if path.is_symlink() and not path.exists():  # a link that loops, or points at nothing: said, not a mystery
             if warn:
@@ -111,6 +113,81 @@ def check_instance_dir(folder: Path, resolution: int, flag: str) -> list[Path]:
             f"add a few photos (.jpg/.png/.webp, at least {max(8, resolution // MIN_SIDE_FRACTION)} px) to it",
         )
     return images
+
+
+# ───────────────────────────── loss masks ─────────────────────────────
+
+
+def is_mask_file(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def mask_path(image: Path) -> Path:
+    """The mask file beside an image: photo-1.jpg → photo-1.mask.png."""
+    return image.with_name(image.stem + MASK_SUFFIX)
+
+
+def _alpha(image: Image.Image) -> Image.Image | None:
+    """An image's alpha channel as 8-bit greyscale, None when it has none."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if "A" not in image.getbands():
+        return None
+    return image.convert("RGBA").getchannel("A")
+
+
+def load_mask(mask: Path, photo: Path) -> Image.Image:
+    """The loss weights of `photo` as 8-bit greyscale of its size (white trains, black does not, grey weighs in
+    between): the mask file, or, where `mask` is the photo itself, its alpha channel. EXIF rotation applied to both,
+    as `load_rgb` applies it to the photo."""
+    if mask == photo:
+        with Image.open(photo) as image:
+            alpha = _alpha(ImageOps.exif_transpose(image))
+        if alpha is None:
+            raise ValueError(f"{photo} has no alpha channel")
+        return alpha
+    return load_rgb(mask).convert("L")  # grey stays grey: L of (v, v, v) is exactly v
+
+
+def find_mask(photo: Path) -> Path | None:
+    """Where `photo`'s loss mask comes from: its mask file, else the photo itself when it has an alpha channel that
+    is not fully opaque, else None (it trains whole). A mask file that cannot be read, or whose size is not the
+    photo's, is refused by name: it would weigh the wrong pixels."""
+    path = mask_path(photo)
+    if path.is_file():
+        try:
+            mask = load_mask(path, photo)
+        except Exception as exc:  # PIL raises many kinds for broken files
+            raise UserError(
+                f"--masked-loss: mask file {path} cannot be read ({type(exc).__name__}: {exc})",
+                "save it again as a greyscale PNG of the photo's size (white trains, black does not), or remove it",
+            ) from None
+        height, width = image_size(photo)
+        if mask.size != (width, height):
+            raise UserError(
+                f"--masked-loss: mask file {path} is {mask.width}×{mask.height} px, and its photo {photo} is "
+                f"{width}×{height} px",
+                "make the mask from the photo as it is (the same size), or remove the mask file",
+            )
+        return path
+    with Image.open(photo) as image:
+        alpha = _alpha(image)
+        if alpha is not None and alpha.getextrema()[0] < 255:  # an alpha channel that hides nothing is no mask
+            return photo
+    return None
+
+
+def check_some_masked(examples: list["Example"], concepts) -> None:
+    """--masked-loss with no mask at all is a mistake (a misnamed mask file, most likely), not a run to start."""
+    if any(e.mask is not None for e in examples):
+        return
+    folders = ("folders " if len(concepts) > 1 else "folder ") + ", ".join(str(c.instance_data_dir) for c in concepts)
+    example = examples[0].path if examples else Path("photo.jpg")
+    raise UserError(
+        f"--masked-loss: no image in the instance {folders} has a mask (expected {mask_path(example).name} beside "
+        f"{example.name}, or photos with an alpha channel)",
+        "add masks named like photo.mask.png beside photo.jpg (white trains, black does not), or drop --masked-loss",
+    )
 
 
 # ───────────────────────────── captions ─────────────────────────────
@@ -170,17 +247,24 @@ class Example:
     prompt: str
     concept: int
     captioned: bool = False  # the prompt came from the image's caption file
+    # --masked-loss: the file whose pixels weigh the loss, photo.mask.png or the photo itself (its alpha channel);
+    # None: the image trains whole
+    mask: Path | None = None
 
 
-def instance_examples(images: dict[int, list[Path]], concepts, caption_extension: str | None) -> list[Example]:
-    """Every instance image with what it trains with: its caption (the trigger kept), or the instance prompt."""
+def instance_examples(
+    images: dict[int, list[Path]], concepts, caption_extension: str | None, *, masks: bool = False
+) -> list[Example]:
+    """Every instance image with what it trains with: its caption (the trigger kept), or the instance prompt; and
+    with `masks` (--masked-loss) where its loss mask comes from."""
     examples = []
     for i, paths in images.items():
         concept = concepts[i]
         for path in paths:
             caption = read_caption(path, caption_extension) if caption_extension else ""
             prompt = instance_caption(caption, concept.instance_prompt, concept.class_prompt)
-            examples.append(Example(path, prompt, i, captioned=bool(caption)))
+            mask = find_mask(path) if masks else None
+            examples.append(Example(path, prompt, i, captioned=bool(caption), mask=mask))
     return examples
 
 
@@ -234,26 +318,38 @@ def bucket_name(size: Size) -> str:
 # ───────────────────────────── pixels ─────────────────────────────
 
 
-def to_tensor(image: Image.Image, size: Size, center_crop: bool, rng: random.Random, flip: bool):
+def to_tensor(
+    image: Image.Image, size: Size, center_crop: bool, rng: random.Random, flip: bool, mask: Image.Image | None = None
+):
     """Resize to cover `size` (height, width), crop it out (centred, or at a random place), maybe flip: CHW in
-    [-1, 1], and the geometry SDXL conditions on: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the
-    crop's corner in the resized (and, when flipped, mirrored) image's pixels."""
+    [-1, 1], the geometry SDXL conditions on: (orig_h, orig_w, crop_top, crop_left, target_h, target_w), the
+    crop's corner in the resized (and, when flipped, mirrored) image's pixels, and the image's loss mask (greyscale,
+    its size) cut exactly the same way, [1, H, W] in [0, 1] (None without one)."""
     target_h, target_w = size
     scale = max(target_h / image.height, target_w / image.width)
     resized = (max(target_w, round(image.width * scale)), max(target_h, round(image.height * scale)))
     original = (image.height, image.width)
-    image = image.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0)
     if center_crop:
-        left, top = (image.width - target_w) // 2, (image.height - target_h) // 2
+        left, top = (resized[0] - target_w) // 2, (resized[1] - target_h) // 2
     else:
-        left, top = rng.randint(0, image.width - target_w), rng.randint(0, image.height - target_h)
-    image = image.crop((left, top, left + target_w, top + target_h))
+        left, top = rng.randint(0, resized[0] - target_w), rng.randint(0, resized[1] - target_h)
+    box = (left, top, left + target_w, top + target_h)
+
+    def cut(picture: Image.Image) -> np.ndarray:
+        picture = picture.resize(resized, Image.Resampling.BICUBIC, reducing_gap=3.0).crop(box)
+        return np.asarray(ImageOps.mirror(picture) if flip else picture, dtype=np.float32)
+
+    pixels = torch.from_numpy(cut(image) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    weights = torch.from_numpy(cut(mask) / 255.0)[None] if mask is not None else None
     if flip:
-        image = ImageOps.mirror(image)
         left = resized[0] - target_w - left  # the same pixels, seen as a crop of the mirrored image
-    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     geometry = (*original, top, left, target_h, target_w)
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), geometry
+    return pixels, geometry, weights
+
+
+def latent_mask(weights: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A pixel mask [1, H, W] on the latent grid (h, w): each latent pixel weighs the mean of the pixels it encodes."""
+    return F.interpolate(weights[None], size=grid, mode="area")[0]
 
 
 @dataclass
@@ -267,6 +363,8 @@ class Batch:
     # [B, 6] float: (orig_h, orig_w, crop_top, crop_left, target_h, target_w) per row, in pixels; set by the
     # LatentSource that cut the pixels (the crop is drawn where the image is)
     geometry: torch.Tensor | None = None
+    # --masked-loss: [B, 1, h, w] loss weights on the latent grid (ones for a row without a mask), set with geometry
+    masks: torch.Tensor | None = None
 
 
 class DataStream:
@@ -381,71 +479,97 @@ class DataStream:
                 counts[self.buckets[e.path]] = counts.get(self.buckets[e.path], 0) + 1
         return dict(sorted(counts.items()))
 
-    def cache_entries(self) -> list[tuple[Path, Size | None]]:
-        """(image, bucket) of every crop a batch can ask for: an instance image in its bucket; a class image in
-        each bucket its concept's instance images are in (it is cut to the bucket of the batch it joins)."""
+    def cache_entries(self) -> list[tuple[Path, Path | None, Size | None]]:
+        """(image, its mask, bucket) of every crop a batch can ask for: an instance image in its bucket; a class
+        image in each bucket its concept's instance images are in (it is cut to the bucket of the batch it joins)."""
         if self.buckets is None:
             examples = self.instances + [e for group in (self.classes or {}).values() for e in group]
-            return [(path, None) for path in sorted({e.path for e in examples})]
-        entries = {(e.path, self.buckets[e.path]) for e in self.instances}
+            unique = sorted({(e.path, e.mask) for e in examples}, key=lambda pair: (pair[0], str(pair[1])))
+            return [(path, mask, None) for path, mask in unique]
+        entries = {(e.path, e.mask, self.buckets[e.path]) for e in self.instances}
         for concept, group in (self.classes or {}).items():
             sizes = {self.buckets[e.path] for e in self.instances if e.concept == concept}
-            entries |= {(e.path, size) for e in group for size in sizes}
-        return sorted(entries, key=lambda entry: (entry[1], entry[0]))
+            entries |= {(e.path, e.mask, size) for e in group for size in sizes}
+        return sorted(entries, key=lambda entry: (entry[2], entry[0], str(entry[1])))
 
 
 class LatentSource:
     """Latent distributions for a batch: from a cache made once (VAE frozen, so its output never changes), or
-    by encoding on the fly. Either way the caller samples from (mean, logvar) with its own generator."""
+    by encoding on the fly. Either way the caller samples from (mean, logvar) with its own generator.
 
-    def __init__(self, vae, resolution: int, center_crop: bool, device: torch.device, dtype: torch.dtype) -> None:
+    With `masked` (--masked-loss) each row's loss mask is cut with its pixels and brought to the latent grid; the
+    cache keeps it beside the latents, keyed on the mask's file as it is on the flip: a crop and its mask are made
+    together, so neither is ever served without the other."""
+
+    def __init__(
+        self, vae, resolution: int, center_crop: bool, device: torch.device, dtype: torch.dtype, masked: bool = False
+    ) -> None:
         self.vae = vae
         self.resolution = resolution
         self.center_crop = center_crop
         self.device = device
         self.dtype = dtype
-        # (image, flipped, bucket) → (latent distribution, geometry): one entry per crop a batch can ask for
-        self.cache: dict[tuple[Path, bool, Size], tuple[torch.Tensor, tuple]] | None = None
+        self.masked = masked
+        # (image, mask, flipped, bucket) → (latent distribution, geometry, latent-grid mask or None): one entry per
+        # crop a batch can ask for
+        self.cache: dict[tuple, tuple[torch.Tensor, tuple, torch.Tensor | None]] | None = None
 
     def _size(self, size: Size | None) -> Size:
         return size if size is not None else (self.resolution, self.resolution)
 
-    def _pixels(self, path: Path, flip: bool, rng: random.Random, size: Size | None):
-        return to_tensor(load_rgb(path), self._size(size), self.center_crop, rng, flip)
+    def _pixels(self, path: Path, mask: Path | None, flip: bool, rng: random.Random, size: Size | None):
+        weights = load_mask(mask, path) if mask is not None else None
+        return to_tensor(load_rgb(path), self._size(size), self.center_crop, rng, flip, weights)
 
     @torch.no_grad()
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = pixels.to(self.device, self.dtype)
         return self.vae.encode(pixels).latent_dist.parameters.float()
 
-    def build_cache(self, entries: list[tuple[Path, Size | None]], flips: bool, seed: int, chunk: int = 4) -> None:
-        """Encode every (image, bucket) once (and its mirror image, when flipping). The crop is drawn once per
+    def _masks(self, weights: list[torch.Tensor | None], params: torch.Tensor) -> torch.Tensor | None:
+        """The batch's [B, 1, h, w] latent-grid masks (ones where a row has none); None without --masked-loss."""
+        if not self.masked:
+            return None
+        ones = torch.ones(1, *params.shape[2:])
+        return torch.stack([w if w is not None else ones for w in weights])
+
+    def build_cache(
+        self, entries: list[tuple[Path, Path | None, Size | None]], flips: bool, seed: int, chunk: int = 4
+    ) -> None:
+        """Encode every (image, mask, bucket) once (and its mirror image, when flipping). The crop is drawn once per
         image and bucket. `entries`: DataStream.cache_entries()."""
-        keys = [(p, f, self._size(s)) for p, s in entries for f in ((False, True) if flips else (False,))]
-        keys.sort(key=lambda key: key[2])  # stable: same-size crops stack into one VAE batch
+        keys = [(p, m, f, self._size(s)) for p, m, s in entries for f in ((False, True) if flips else (False,))]
+        keys.sort(key=lambda key: key[3])  # stable: same-size crops stack into one VAE batch
         self.cache = {}
         start = 0
         while start < len(keys):
-            part = [k for k in keys[start : start + chunk] if k[2] == keys[start][2]]
-            made = [self._pixels(p, f, random.Random(f"{seed}:cache:{p.name}"), s) for p, f, s in part]
-            params = self._encode(torch.stack([pixels for pixels, _ in made]))
-            for key, one, (_, geometry) in zip(part, params, made, strict=True):
-                self.cache[key] = (one.cpu(), geometry)
+            part = [k for k in keys[start : start + chunk] if k[3] == keys[start][3]]
+            made = [self._pixels(p, m, f, random.Random(f"{seed}:cache:{p.name}"), s) for p, m, f, s in part]
+            params = self._encode(torch.stack([pixels for pixels, _, _ in made]))
+            for key, one, (_, geometry, weights) in zip(part, params, made, strict=True):
+                grid = latent_mask(weights, one.shape[1:]) if weights is not None else None
+                self.cache[key] = (one.cpu(), geometry, grid)
             start += len(part)
 
     def distributions(self, batch: Batch, stream: DataStream) -> torch.Tensor:
-        """The batch's latent distributions; records each row's geometry on the batch (`batch.geometry`)."""
+        """The batch's latent distributions; records each row's geometry on the batch (`batch.geometry`), and with
+        --masked-loss its mask on the latent grid (`batch.masks`)."""
         size = self._size(batch.size)
         if self.cache is not None:
-            entries = [self.cache[(e.path, f, size)] for e, f in zip(batch.examples, batch.flips, strict=True)]
-            batch.geometry = torch.tensor([geometry for _, geometry in entries], dtype=torch.float32)
-            return torch.stack([params for params, _ in entries]).to(self.device)
+            entries = [self.cache[(e.path, e.mask, f, size)] for e, f in zip(batch.examples, batch.flips, strict=True)]
+            batch.geometry = torch.tensor([geometry for _, geometry, _ in entries], dtype=torch.float32)
+            params = torch.stack([params for params, _, _ in entries])
+            batch.masks = self._masks([grid for _, _, grid in entries], params)
+            return params.to(self.device)
         made = [
-            self._pixels(e.path, f, stream.rng(p, 2), size)
+            self._pixels(e.path, e.mask, f, stream.rng(p, 2), size)
             for e, f, p in zip(batch.examples, batch.flips, batch.positions, strict=True)
         ]
-        batch.geometry = torch.tensor([geometry for _, geometry in made], dtype=torch.float32)
-        return self._encode(torch.stack([pixels for pixels, _ in made]))
+        batch.geometry = torch.tensor([geometry for _, geometry, _ in made], dtype=torch.float32)
+        params = self._encode(torch.stack([pixels for pixels, _, _ in made]))
+        grid = params.shape[2:]
+        batch.masks = self._masks([latent_mask(w, grid) if w is not None else None for _, _, w in made], params)
+        return params
 
 
 def sample_latents(params: torch.Tensor, eps: torch.Tensor, scale: float, shift: float = 0.0) -> torch.Tensor:

@@ -24,3 +24,10 @@ def elementwise_loss(pred, target, kind: str, threshold: torch.Tensor | None) ->
     c = threshold.float().view(-1, *([1] * (pred.ndim - 1)))
     root = torch.sqrt((pred - target) ** 2 + c**2) - c
     return 2 * c * root if kind == "huber" else 2 * root
+
+
+def apply_masks(losses: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """--masked-loss: each element of the loss [B, C, h, w] times its latent pixel's weight [B, 1, h, w] (white 1,
+    black 0), before the mean, as kohya does: not renormalised, so a photo half masked out weighs half as much.
+    Flux's prediction arrives unpacked, in this same layout."""
+    return losses if masks is None else losses * masks.to(losses.device, losses.dtype)

@@ -427,6 +427,15 @@ def _caption_digests(train: TrainConfig, manifest: Manifest, instance_images: di
     return {str(path): manifest.hasher.file(path) if path.is_file() else None for path in captions}
 
 
+def mask_digests(hasher: Hasher, instance_images: dict[int, list[Path]]) -> dict:
+    """--masked-loss: the mask file of every instance image: its sha256, or None where it has none (an alpha
+    channel is part of its image's own digest)."""
+    from dreambooth.data import mask_path
+
+    masks = [mask_path(p) for paths in instance_images.values() for p in paths]
+    return {str(path): hasher.file(path) if path.is_file() else None for path in masks}
+
+
 def stage_train(
     cfg: RunConfig,
     manifest: Manifest,
@@ -447,6 +456,8 @@ def stage_train(
     inputs = {"base": base_digest, "instance_images": instances, "class_images": classes.get("images"), **settings}
     if cfg.train.caption_extension:  # a caption's words are as much a training input as its image's pixels
         inputs["captions"] = _caption_digests(cfg.train, manifest, instance_images)
+    if cfg.train.masked_loss:  # so is a mask's: a changed mask is another training, never a stale one
+        inputs["masks"] = mask_digests(manifest.hasher, instance_images)
     # what decides the weights a step produces; a change there means the old checkpoints are another model
     inputs["lineage"] = fingerprint({k: v for k, v in inputs.items() if k not in CONTINUABLE})
     checkpoints = cfg.output / CHECKPOINTS

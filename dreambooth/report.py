@@ -376,9 +376,9 @@ def section_settings(run: dict) -> str:
     lora = settings.get("adapter") == "lora"
     key = [(n, _value(settings[n])) for n in KEY_SETTINGS if n in settings and (lora or not n.startswith("lora_"))]
     for name in ("family", "prediction_type", "device", "world_size", "optimizer", "trainable_parameters",
-                 "base_storage", "block_swap"):  # fmt: skip
-        # the stored base and the swapped blocks: only when the run had them
-        if name in train and (train[name] or name not in ("base_storage", "block_swap")):
+                 "base_storage", "block_swap", "masked_loss"):  # fmt: skip
+        # the stored base, the swapped blocks and the loss masks: only when the run had them
+        if name in train and (train[name] or name not in ("base_storage", "block_swap", "masked_loss")):
             key.append((name, _value(train[name])))
     others = [(name, _value(v)) for name, v in sorted(settings.items()) if name not in KEY_SETTINGS]
     versions = manifest.get("versions")

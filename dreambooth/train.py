@@ -44,6 +44,7 @@ from dreambooth.data import (
     assign_buckets,
     bucket_grid,
     bucket_name,
+    check_some_masked,
     class_examples_of,
     instance_examples,
     sample_latents,
@@ -55,7 +56,7 @@ from dreambooth.errors import EnvironmentProblem, TrainingDiverged, UserError
 from dreambooth.families.base import Components, Family, LatentFormat, ResolvedModel
 from dreambooth.families.sd.prompts import token_counts
 from dreambooth.fileio import atomic_dir, human_bytes, mount_point, write_json
-from dreambooth.losses import elementwise_loss, huber_threshold
+from dreambooth.losses import apply_masks, elementwise_loss, huber_threshold
 from dreambooth.objectives import Objective
 from dreambooth.plots import loss_plot
 from dreambooth.preflight import preflight, resolve_model
@@ -332,7 +333,9 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     # --- check everything the user gave before anything heavy (once: `run` has done it already) ----------------
     instance_images = instance_images if instance_images is not None else preflight(cfg)
     # captions are read (and a file that is not UTF-8 refused) before anything heavy
-    instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension)
+    instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension, masks=cfg.masked_loss)
+    if cfg.masked_loss:  # a mask file that is unreadable or of another size was refused just above, by name
+        check_some_masked(instances, cfg.concepts)
     instances, held_out = validation.split(cfg, instances)  # --validation-split / --validation-dir
     if model is None:
         with accelerator.main_process_first():  # a single model or VAE file is converted once, into the cache
@@ -431,7 +434,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         "mixed_precision": mixed,
         "optimizer": optimizer_name,
         "attention": attention,
-        **describe_levers(cfg, c, swap, held_out),
+        **describe_levers(cfg, c, swap, held_out, instances),
         "prediction_type": c.prediction_type,
         "objective": objective.name,
         "seed": seed,
@@ -454,8 +457,9 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     return run
 
 
-def describe_levers(cfg: TrainConfig, c: Components, swap: BlockSwap | None, held_out: list) -> dict:
-    """The report's account of the memory levers, the held-out images and the EMA (None where unused)."""
+def describe_levers(cfg: TrainConfig, c: Components, swap: BlockSwap | None, held_out: list, instances: list) -> dict:
+    """The report's account of the memory levers, the held-out images, the EMA and the loss masks (None where
+    unused)."""
     validates = {
         "images": len(held_out),
         "every": cfg.validation_interval,
@@ -470,7 +474,21 @@ def describe_levers(cfg: TrainConfig, c: Components, swap: BlockSwap | None, hel
         "block_swap": swap.describe() if swap else None,
         "validation": validates if held_out else None,
         "ema": ema if cfg.ema_decay else None,
+        "masked_loss": describe_masks(instances) if cfg.masked_loss else None,
     }
+
+
+def describe_masks(instances: list[Example]) -> dict:
+    """--masked-loss: how many of the instance images trained with a mask, from a file or from their alpha channel
+    (said once in the console too: a misnamed mask file shows here as a photo that trains whole)."""
+    from_alpha = sum(e.mask is not None and e.mask == e.path for e in instances)
+    from_files = sum(e.mask is not None and e.mask != e.path for e in instances)
+    whole = len(instances) - from_files - from_alpha
+    events.notice(
+        f"--masked-loss: {from_files + from_alpha} of {len(instances)} instance images have a mask ({from_files} "
+        f"from mask files, {from_alpha} from their alpha channel); {whole} train whole"
+    )
+    return {"instance_images": len(instances), "from_files": from_files, "from_alpha": from_alpha, "whole": whole}
 
 
 def check_same_adapter(cfg: TrainConfig, resume_from: Path | None, state: dict | None) -> None:
@@ -585,7 +603,8 @@ def make_caches(
     """The latent source and the prompt cache. A frozen VAE or text encoder gives the same output every epoch:
     with --cache-latents, or text encoders that do not train, it is computed once and the model leaves the GPU."""
     # in the VAE's own precision: the family may keep it in fp32 (SDXL's overflows in fp16)
-    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, next(c.vae.parameters()).dtype)
+    latents = LatentSource(c.vae, cfg.resolution, cfg.center_crop, device, next(c.vae.parameters()).dtype,
+                           masked=cfg.masked_loss)  # fmt: skip
     prompts = PromptCache(lambda batch: family.encode(c, batch))
     if cfg.cache_latents:
         entries = stream.cache_entries()  # with buckets: a class image once per bucket it may be cut to
@@ -735,6 +754,7 @@ def fit(run: Run, should_stop) -> None:
                     pred = family.predict(c, noisy, noised.timesteps, cond, batch.geometry.to(device))
                 weights = objective.weights(noised)
                 losses = elementwise_loss(pred, target, cfg.loss, huber_threshold(cfg, objective, noised))
+                losses = apply_masks(losses, batch.masks)  # --masked-loss; class rows' masks are ones
                 instance_loss, class_loss = prior_preserving_loss(losses, weights, batch.num_instance)
                 loss = instance_loss + cfg.prior_loss_weight * class_loss
                 # divides by --gradient-accumulation-steps; with --fused-backward the weights update in here

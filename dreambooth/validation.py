@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from dreambooth.config import TrainConfig
-from dreambooth.data import Example, instance_examples, load_rgb, scan_images, to_tensor
+from dreambooth.data import Example, instance_examples, latent_mask, load_mask, load_rgb, scan_images, to_tensor
 from dreambooth.errors import UserError
-from dreambooth.losses import elementwise_loss, huber_threshold
+from dreambooth.losses import apply_masks, elementwise_loss, huber_threshold
 
 LEVELS = (0.1, 0.3, 0.5, 0.7, 0.9)  # noise levels in (0, 1): DDPM timesteps ⌊level·T⌋, or σ
 
@@ -25,6 +25,7 @@ class ValidationSet:
     examples: list[Example]
     means: torch.Tensor  # [n, C, h, w]: the VAE's mean latents (CPU), before scale and shift
     noise: torch.Tensor  # [n, len(LEVELS), C, h, w] (CPU)
+    masks: torch.Tensor | None = None  # --masked-loss: [n, 1, h, w] on the latent grid, ones where an image has none
 
 
 def split(cfg: TrainConfig, instances: list[Example]) -> tuple[list[Example], list[Example]]:
@@ -34,7 +35,7 @@ def split(cfg: TrainConfig, instances: list[Example]) -> tuple[list[Example], li
         paths = scan_images(cfg.validation_dir, cfg.resolution, "--validation-dir")
         if not paths:
             raise UserError(f"--validation-dir {cfg.validation_dir} has no images", "put a few held-out photos there")
-        return instances, instance_examples({0: paths}, cfg.concepts, cfg.caption_extension)
+        return instances, instance_examples({0: paths}, cfg.concepts, cfg.caption_extension, masks=cfg.masked_loss)
     if not cfg.validation_split:
         return instances, []
     count = max(1, round(len(instances) * cfg.validation_split))
@@ -54,16 +55,20 @@ def prepare(cfg: TrainConfig, examples: list[Example], vae, device, seed: int) -
     if not examples:
         return None
     dtype = next(vae.parameters()).dtype
-    means = []
+    means, masks = [], []
     for example in examples:
-        pixels, _ = to_tensor(load_rgb(Path(example.path)), (cfg.resolution, cfg.resolution), True,
-                              random.Random(0), False)  # fmt: skip
+        path = Path(example.path)
+        weights = load_mask(example.mask, path) if example.mask is not None else None
+        pixels, _, weights = to_tensor(load_rgb(path), (cfg.resolution, cfg.resolution), True, random.Random(0),
+                                       False, weights)  # fmt: skip
         params = vae.encode(pixels[None].to(device, dtype)).latent_dist.parameters.float()
         means.append(params.chunk(2, dim=1)[0].cpu())
+        grid = params.shape[2:]
+        masks.append(latent_mask(weights, grid) if weights is not None else torch.ones(1, *grid))
     means = torch.cat(means)
     generator = torch.Generator().manual_seed(seed + 7919)  # its own stream: the training's never moves
     noise = torch.randn((len(examples), len(LEVELS), *means.shape[1:]), generator=generator)
-    return ValidationSet(examples, means, noise)
+    return ValidationSet(examples, means, noise, torch.stack(masks) if cfg.masked_loss else None)
 
 
 @torch.no_grad()
@@ -87,7 +92,8 @@ def validation_loss(run, vset: ValidationSet) -> float:
                 cond = run.prompts([example.prompt] * len(LEVELS))
                 pred = family.predict(c, noised.input, noised.timesteps, cond, None)
                 losses = elementwise_loss(pred, target, cfg.loss, huber_threshold(cfg, objective, noised))
-                total += losses.mean().item()
+                mask = vset.masks[i : i + 1] if vset.masks is not None else None  # one image, at every level
+                total += apply_masks(losses, mask).mean().item()
     finally:
         for m, training in modes.items():
             m.train(training)
