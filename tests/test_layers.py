@@ -26,6 +26,7 @@ LAYERS = [
         "memory",
         "losses",
         "ema",
+        "buckets",
     ],
     # what differs per family: training behaviour, key tables, detection, shapes, LoRA naming
     ["families"],

@@ -376,3 +376,16 @@ def _try_start(folder):
         return "started"
     except jobs.JobError:
         return "refused"
+
+
+def test_each_photo_shows_the_bucket_it_would_train_in(volumes):
+    Image.new("RGB", (1200, 800)).save(volumes.data / "alice" / "wide.png")
+    Image.new("L", (1200, 800)).save(volumes.data / "alice" / "wide.mask.png")  # a loss mask: not a photo
+    client = client_for(volumes)
+    entries = {e["name"]: e for e in client.get("/api/browse/data", params={"path": "alice"}).json()["entries"]}
+    assert entries["wide.png"]["bucket"] == "640x384"  # 3:2 → the 5:3 bucket of about 512² pixels, never upscaled
+    assert "bucket" not in entries["wide.mask.png"] and "caption" not in entries["wide.mask.png"]
+    at_1024 = client.get("/api/browse/data", params={"path": "alice", "resolution": "1024"}).json()["entries"]
+    assert next(e["bucket"] for e in at_1024 if e["name"] == "wide.png") == "1152x768"  # a 3:2 bucket ≤ the photo
+    bad = client.get("/api/browse/data", params={"path": "alice", "resolution": "-5"})
+    assert bad.status_code == 400 and "resolution" in bad.json()["error"]

@@ -30,9 +30,10 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from dreambooth.buckets import assign_bucket, bucket_grid, bucket_name, image_size
 from dreambooth.fileio import atomic_path
 from dreambooth.ui import forms, jobs, runs
-from dreambooth.ui.volumes import IMAGE_SUFFIXES, OutsideVolume, Volumes, inside, listing
+from dreambooth.ui.volumes import OutsideVolume, Volumes, inside, is_photo, listing
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ui"
 MAX_BODY = 1 << 20  # 1 MiB: a form, a caption; the page uploads nothing bigger
@@ -242,9 +243,12 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
         path = request.query_params.get("path", "")
         entries = listing(volumes.root(volume), path)
         if volume == "data":
+            grid = _bucket_grid(request.query_params.get("resolution", "512"))
             for entry in entries:
-                if not entry["folder"] and Path(entry["name"]).suffix.lower() in IMAGE_SUFFIXES:
-                    entry["caption"] = _caption(inside(volumes.data, entry["path"]))
+                if not entry["folder"] and is_photo(entry["name"]):
+                    image = inside(volumes.data, entry["path"])
+                    entry["caption"] = _caption(image)
+                    entry["bucket"] = _bucket(image, *grid)
         return JSONResponse({"volume": volume, "path": path, "entries": entries})
 
     async def model_info(request: Request) -> JSONResponse:
@@ -274,7 +278,7 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
         ):
             return _refuse(422, "send {path, caption}")
         image = inside(volumes.data, form["path"])
-        if image.suffix.lower() not in IMAGE_SUFFIXES or not image.is_file():
+        if not is_photo(image.name) or not image.is_file():
             return _refuse(422, f"{form['path']} is not an image")
         caption = form["caption"].strip()
         if len(caption) > MAX_CAPTION or "\x00" in caption:
@@ -328,9 +332,33 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
 
 
 def _caption(image: Path) -> str | None:
+    """The caption training reads (data.read_caption): the first non-empty line of photo.txt, UTF-8."""
     try:
-        return image.with_suffix(".txt").read_text(encoding="utf-8").splitlines()[0].strip()
-    except (FileNotFoundError, IndexError, UnicodeDecodeError):
+        lines = [line.strip() for line in image.with_suffix(".txt").read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((line for line in lines if line), None)
+
+
+def _bucket_grid(resolution: str) -> tuple[list, int]:
+    """The buckets `--buckets` makes at this resolution (TrainConfig fills in the sides, as for a run)."""
+    from dreambooth.config import Concept, TrainConfig
+    from dreambooth.errors import UserError
+
+    try:
+        cfg = TrainConfig(
+            model=Path("m"), concepts=(Concept("x", Path("x")),), resolution=int(resolution), buckets=True
+        )
+    except (ValueError, UserError) as exc:
+        raise ValueError(f"resolution {resolution!r}: {exc}") from None
+    return bucket_grid(cfg.resolution, cfg.bucket_min_side, cfg.bucket_max_side, cfg.bucket_step), cfg.bucket_step
+
+
+def _bucket(image: Path, grid: list, step: int) -> str | None:
+    """The bucket the photo would train in with --buckets ('768x512'); None for a file that is not an image."""
+    try:
+        return bucket_name(assign_bucket(*image_size(image), grid, step))
+    except (OSError, ValueError, ZeroDivisionError):
         return None
 
 

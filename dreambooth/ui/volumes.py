@@ -7,7 +7,12 @@ lead outside are refused before anything is opened, so no request reads or write
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what training reads (data.py)
+MASK_SUFFIX = ".mask.png"  # a photo's loss mask (--masked-loss), not a photo
+
+
+def is_photo(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.lower().endswith(MASK_SUFFIX)
 
 
 class OutsideVolume(ValueError):

@@ -241,7 +241,8 @@ function newPage() {
     const thumbs = $("#thumbs");
     thumbs.replaceChildren();
     if (!event.target.value) return;
-    const response = await fetch(`/api/browse/data?path=${encodeURIComponent(event.target.value)}`);
+    const resolution = form.querySelector('[name="resolution"]').value || "512";
+    const response = await fetch(`/api/browse/data?path=${encodeURIComponent(event.target.value)}&resolution=${encodeURIComponent(resolution)}`);
     if (!response.ok) return;
     for (const entry of (await response.json()).entries) {
       if (entry.folder || entry.caption === undefined) continue;
@@ -256,7 +257,7 @@ function newPage() {
         input.title = result.ok ? "saved" : result.data.error; input.classList.toggle("bad", !result.ok);
       });
       const caption = document.createElement("figcaption");
-      caption.textContent = entry.name;
+      caption.textContent = entry.bucket ? `${entry.name} · bucket ${entry.bucket}` : entry.name;
       figure.append(img, caption, input);
       thumbs.append(figure);
     }
