@@ -389,3 +389,11 @@ def test_each_photo_shows_the_bucket_it_would_train_in(volumes):
     assert next(e["bucket"] for e in at_1024 if e["name"] == "wide.png") == "1152x768"  # a 3:2 bucket ≤ the photo
     bad = client.get("/api/browse/data", params={"path": "alice", "resolution": "-5"})
     assert bad.status_code == 400 and "resolution" in bad.json()["error"]
+
+
+def test_the_page_imports_no_training_code():
+    """It reads folders and starts processes: torch and the model libraries stay out of the server."""
+    probe = "import sys, dreambooth.ui.server; print(sorted(m for m in ('torch', 'diffusers', 'transformers', " \
+            "'accelerate', 'peft', 'numpy') if m in sys.modules))"  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
