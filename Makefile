@@ -104,7 +104,7 @@ if [ -z "$${BASE_IMAGE:-}" ] && ! $(DOCKER) image inspect $(PINNED_BASE) >/dev/n
 	&& $(DOCKER) image inspect $(LOCAL_BASE) >/dev/null 2>&1; then \
 	export BASE_IMAGE=$(LOCAL_BASE); echo "notice: building from $(LOCAL_BASE) ($(PINNED_BASE) is not here to pull)" >&2; fi
 endef
-export MODEL DATA CONFIG PROMPT GPUS ADAPTER
+export MODEL DATA CONFIG PROMPT GPUS ADAPTER UI_PORT DREAMBOOTH_UI_TOKEN
 
 # what compose.yaml's x-hardened sets, for the few plain `docker run`s (README "Security")
 HARDENED := --read-only --tmpfs /tmp:size=1g --cap-drop ALL --security-opt no-new-privileges --network none
@@ -148,6 +148,10 @@ dirs:
 .PHONY: train
 train: build dirs ## Train in the image: MODEL=./models/x.safetensors DATA=./data/alice [PROMPT=] | CONFIG=./data/run.toml | neither: tiny demo; [GPUS=2] [ADAPTER=lora]
 	@$(call pick_service,train,train-gpu); set -x; $(COMPOSE_RUN) $$svc $(ARGS)
+
+.PHONY: ui
+ui: build dirs ## The web page in the image: http://127.0.0.1:7860 [UI_PORT=]; it prints the link with its token
+	@set -x; $(COMPOSE) --profile ui up ui
 
 .PHONY: demo-image
 demo-image: build dirs ## The tiny offline demo inside the image (writes output/demo/)

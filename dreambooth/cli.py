@@ -469,6 +469,42 @@ def _plan(cfg) -> None:
         print(plan.render())
 
 
+@app.command()
+def serve(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; any but loopback needs the token (0.0.0.0: every network).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the page.")] = 7860,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            envvar="DREAMBOOTH_UI_TOKEN",
+            help="The token every request must carry (generated and printed when --host is not loopback).",
+        ),
+    ] = None,
+    models: Annotated[Path, typer.Option(envvar="DREAMBOOTH_MODELS", help="Base models (read).")] = Path("/models"),
+    data: Annotated[Path, typer.Option(envvar="DREAMBOOTH_DATA", help="Photo folders (read; captions written).")] = (
+        Path("/data")
+    ),
+    output: Annotated[Path, typer.Option(envvar="DREAMBOOTH_OUTPUT", help="Run folders (read and written).")] = Path(
+        "/output"
+    ),
+    cache: Annotated[Path, typer.Option(envvar="DREAMBOOTH_CACHE", help="Caches (read and written).")] = Path("/cache"),
+) -> None:
+    """A local web page to prepare, start, watch, stop and resume runs (http://127.0.0.1:7860)."""
+    from dreambooth.ui.server import serve as serve_page
+    from dreambooth.ui.volumes import Volumes
+
+    for name, folder in (("--models", models), ("--data", data)):
+        if not folder.is_dir():
+            raise UserError(f"{name} {folder}: no such folder", f"mount or create it, or pass {name} PATH")
+    for folder in (output, cache):
+        folder.mkdir(parents=True, exist_ok=True)
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port} is not a port", "use 1–65535, e.g. 7860")
+    serve_page(Volumes.at(models, data, output, cache), host=host, port=port, token=token or None)
+
+
 @app.command("train-worker", hidden=True)
 def train_worker(settings: Path) -> None:
     """One of the processes `dreambooth train --num-processes N` launches, with the settings it checked.

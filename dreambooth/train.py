@@ -25,6 +25,7 @@ import torch
 
 from dreambooth import adapters, events, families, optimizers, performance, plan, trackers, validation
 from dreambooth.blockswap import BlockSwap
+from dreambooth.buckets import assign_buckets, bucket_grid, bucket_name
 from dreambooth.checkpoints import (
     CHECKPOINTS,
     REPORT_FILE,
@@ -41,9 +42,6 @@ from dreambooth.data import (
     Example,
     LatentSource,
     PromptCache,
-    assign_buckets,
-    bucket_grid,
-    bucket_name,
     check_some_masked,
     class_examples_of,
     instance_examples,

@@ -9,15 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth.data import (
-    DataStream,
-    Example,
-    LatentSource,
-    assign_bucket,
-    assign_buckets,
-    bucket_grid,
-    image_size,
-)
+from dreambooth.buckets import assign_bucket, assign_buckets, bucket_grid, image_size
+from dreambooth.data import DataStream, Example, LatentSource
 from tests.test_bad_input import assert_user_error
 from tests.train_helpers import base_args, sigterm_at_step, write_photos
 

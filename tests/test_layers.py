@@ -27,6 +27,7 @@ LAYERS = [
         "memory",
         "losses",
         "ema",
+        "buckets",
     ],
     # what differs per family: training behaviour, key tables, detection, shapes, LoRA naming
     ["families"],
@@ -35,7 +36,7 @@ LAYERS = [
     ["data", "sample", "adapters", "preflight", "trackers", "doctor", "distributed", "report", "validation"],
     ["prior", "train", "plan"],
     ["launch", "pipeline"],
-    ["cli", "demo", "__main__"],
+    ["cli", "demo", "ui", "__main__"],
 ]
 
 

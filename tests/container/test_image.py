@@ -271,3 +271,53 @@ def test_doctor_is_content_in_the_hardened_container(volumes):
     assert [c for c in checks.values() if c["status"] == "fail"] == []
     assert checks["volume:/output"]["detail"].startswith("rw") and checks["volume:/cache"]["detail"].startswith("rw")
     assert checks["volume:/models"]["detail"].startswith("ro") and checks["volume:/data"]["detail"].startswith("ro")
+
+
+def test_make_ui_serves_the_runs_list_to_this_machine_only_and_asks_for_its_token(volumes):
+    """`make ui`: compose.yaml's `ui` service from the built image; the page answers on 127.0.0.1 with the runs
+    under /output, refuses a request without the token, and its network has no route out."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    project = volumes["output"].parent
+    (volumes["output"] / "alice").mkdir()
+    (volumes["output"] / "alice" / "manifest.json").write_text(json.dumps({"status": "done"}))
+    env = {**os.environ, "DREAMBOOTH_IMAGE": IMAGE, "DREAMBOOTH_USER": user(), "UI_PORT": str(port),
+           "DREAMBOOTH_UI_TOKEN": "container-test-token"}  # fmt: skip
+    name = f"dreambooth-ui-{uuid.uuid4().hex[:8]}"
+    compose = [*COMPOSE, "-f", str(REPO / "compose.yaml"), "--project-directory", str(project), "-p", name,
+               "--profile", "ui"]  # fmt: skip
+    started = subprocess.run([*compose, "up", "-d", "ui"], capture_output=True, text=True, timeout=180, env=env)
+    try:
+        assert started.returncode == 0, started.stderr
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 90
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/api/runs", timeout=5)
+            except urllib.error.HTTPError as exc:
+                assert exc.code == 401  # up, and without the token: refused
+                break
+            except OSError:
+                assert time.time() < deadline, "the page did not answer in 90 s"
+                time.sleep(1)
+        asked = urllib.request.Request(f"{base}/api/runs", headers={"Authorization": "Bearer container-test-token"})
+        runs = json.loads(urllib.request.urlopen(asked, timeout=10).read())["runs"]
+        assert [(r["name"], r["status"]) for r in runs] == [("alice", "done")]
+        (container,) = subprocess.run([*compose, "ps", "-q", "ui"], capture_output=True, text=True, env=env,
+                                      timeout=60).stdout.split()  # fmt: skip
+        host = inspect(container)["HostConfig"]
+        assert host["ReadonlyRootfs"] and host["CapDrop"] == ["ALL"] and host["Privileged"] is False
+        bindings = [b for ports in host["PortBindings"].values() for b in ports]
+        assert {b["HostIp"] for b in bindings} == {"127.0.0.1"}  # this machine only
+        (network,) = inspect(container)["NetworkSettings"]["Networks"]
+        options = json.loads(
+            subprocess.run([DOCKER, "network", "inspect", network], capture_output=True, text=True, timeout=60).stdout
+        )[0]["Options"]
+        assert options.get("com.docker.network.bridge.enable_ip_masquerade") == "false"  # no route out
+    finally:
+        subprocess.run([*compose, "down", "-v", "--remove-orphans"], capture_output=True, timeout=120, env=env)

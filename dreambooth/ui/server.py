@@ -1,0 +1,398 @@
+"""The HTTP side of `dreambooth serve` (Starlette): pages, a small JSON API, server-sent events, files.
+
+Security, in the order a request meets it:
+- a body larger than MAX_BODY is refused (413) before it is read;
+- with a token (required for any address but loopback) every request must carry it: `?token=` once (it becomes
+  an HttpOnly, SameSite=Strict cookie), the cookie, or `Authorization: Bearer`; otherwise 401;
+- a POST must come from a page this server served: the header X-Dreambooth-Csrf equal to the per-process secret
+  in the page, and an Origin, when the browser sends one, equal to the Host it asked (a form on another site can
+  set neither); otherwise 403;
+- every path a request names is resolved inside its volume (volumes.inside): `..`, absolute paths and symlinks out
+  are refused (404, the same as a missing file, so nothing outside is probed).
+"""
+
+import asyncio
+import hmac
+import json
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from dreambooth.buckets import assign_bucket, bucket_grid, bucket_name, image_size
+from dreambooth.fileio import atomic_path
+from dreambooth.ui import forms, jobs, runs
+from dreambooth.ui.volumes import OutsideVolume, Volumes, inside, is_photo, listing
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ui"
+MAX_BODY = 1 << 20  # 1 MiB: a form, a caption; the page uploads nothing bigger
+MAX_CAPTION = 4096  # characters
+COOKIE = "dreambooth_token"
+POLL_SECONDS = 0.5  # how often a live page's event stream looks for new lines
+
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes: by its Content-Length, or while it streams in without one."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.limit):
+            await JSONResponse({"error": f"the request is over {self.limit} bytes"}, 413)(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise ValueError("request body over the limit")
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class Guard:
+    """The token (when the server has one) on every request, the same-origin secret on every POST."""
+
+    def __init__(self, app: ASGIApp, token: str | None, csrf: str) -> None:
+        self.app, self.token, self.csrf = app, token, csrf
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        if self.token is not None:
+            given = request.query_params.get("token")
+            if given is not None and hmac.compare_digest(given, self.token):
+                # the link printed at start: keep the token in a cookie, and drop it from the address bar
+                response = RedirectResponse(request.url.remove_query_params("token"), 303)
+                response.set_cookie(COOKIE, self.token, httponly=True, samesite="strict")
+                await response(scope, receive, send)
+                return
+            if not self._carries_token(request):
+                await _refuse(401, "this page needs its token: open the link `dreambooth serve` printed")(
+                    scope, receive, send
+                )
+                return
+        if request.method not in ("GET", "HEAD") and not self._same_origin(request):
+            await _refuse(403, "refused: the request did not come from this page")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    def _carries_token(self, request: Request) -> bool:
+        cookie = request.cookies.get(COOKIE, "")
+        bearer = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        return any(v and hmac.compare_digest(v, self.token) for v in (cookie, bearer))
+
+    def _same_origin(self, request: Request) -> bool:
+        if not hmac.compare_digest(request.headers.get("x-dreambooth-csrf", ""), self.csrf):
+            return False
+        origin = request.headers.get("origin")
+        return origin is None or urlsplit(origin).netloc == request.headers.get("host")
+
+
+def _refuse(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status)
+
+
+def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
+    """The page's application over `volumes`; with `token`, every request must carry it."""
+    csrf = secrets.token_urlsafe(24)
+    templates = Jinja2Templates(directory=str(ASSETS / "templates"))
+
+    def page(request: Request, name: str, **context) -> HTMLResponse:
+        return templates.TemplateResponse(request, name, {"csrf": csrf, **context})
+
+    def summary(folder: Path) -> runs.RunSummary:
+        return runs.summarize(volumes.output, folder, started_here=jobs.alive(folder))
+
+    def run_folder(request: Request) -> Path:
+        name = request.query_params.get("run", "")
+        folder = inside(volumes.output, name if name not in ("", ".") else ".")
+        if not runs.is_run(folder):
+            raise OutsideVolume(f"{name!r} is not a run")
+        return folder
+
+    async def runs_page(request: Request) -> HTMLResponse:
+        return page(request, "runs.html", runs=runs.list_runs(volumes.output, started_here=jobs.alive))
+
+    async def runs_json(request: Request) -> JSONResponse:
+        return JSONResponse({"runs": [r.to_dict() for r in runs.list_runs(volumes.output, started_here=jobs.alive)]})
+
+    async def run_page(request: Request) -> HTMLResponse:
+        folder = run_folder(request)
+        return page(request, "run.html", run=summary(folder))
+
+    async def run_json(request: Request) -> JSONResponse:
+        return JSONResponse(run_detail(run_folder(request)))
+
+    def run_detail(folder: Path) -> dict:
+        output = volumes.output
+        return {
+            "summary": summary(folder).to_dict(),
+            "losses": runs.losses(folder),
+            "samples": runs.samples(output, folder),
+            "exports": runs.exports(output, folder),
+            "log": runs.log_lines(folder),
+            "report": (folder / "report.html").relative_to(output).as_posix()
+            if (folder / "report.html").exists()
+            else None,
+            "memory": _memory(runs.read_events(folder)),
+            "events": len(runs.read_events(folder)),  # the live stream goes on from here
+        }
+
+    async def run_events(request: Request) -> StreamingResponse:
+        """Server-sent events: each new line of the run's event stream (`event: line`), and its summary every
+        few seconds (`event: summary`) — status, ETA — until the browser goes away."""
+        folder = run_folder(request)
+        start = int(request.query_params.get("from", "0") or 0)
+
+        async def stream():
+            sent, last_summary = start, 0.0
+            while not await request.is_disconnected():
+                events = runs.read_events(folder)
+                for event in events[sent:]:
+                    yield f"event: line\ndata: {json.dumps(event, default=str)}\n\n"
+                sent = max(sent, len(events))
+                if time.monotonic() - last_summary > 2.0:
+                    yield f"event: summary\ndata: {json.dumps(summary(folder).to_dict())}\n\n"
+                    last_summary = time.monotonic()
+                await asyncio.sleep(POLL_SECONDS)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    async def stop(request: Request) -> JSONResponse:
+        pid = jobs.stop(run_folder(request))
+        return JSONResponse({"stopping": pid})
+
+    async def resume(request: Request) -> JSONResponse:
+        pid = jobs.resume(run_folder(request))
+        return JSONResponse({"started": pid})
+
+    async def new_page(request: Request) -> HTMLResponse:
+        fields = forms.form_fields()
+        panels = {}
+        for spec in fields:
+            panels.setdefault(spec["panel"], []).append(spec)
+        return page(request, "new.html", panels=panels, presets=_presets())
+
+    async def form_settings(request: Request) -> tuple[str, dict, dict]:
+        form = await request.json()
+        if not isinstance(form, dict) or not all(isinstance(v, str) for v in form.values()):
+            return "", {}, {"form": "send the form's fields as strings"}
+        return forms.run_settings(form, volumes)
+
+    async def preview(request: Request) -> JSONResponse:
+        _, settings, errors = await form_settings(request)
+        if errors:
+            return JSONResponse({"errors": errors}, 422)
+        return JSONResponse({"toml": forms.to_toml(settings)})
+
+    async def start(request: Request) -> JSONResponse:
+        name, settings, errors = await form_settings(request)
+        if errors:
+            return JSONResponse({"errors": errors}, 422)
+        folder = volumes.output / name
+        if runs.is_run(folder):
+            return JSONResponse({"errors": {"run_name": f"{name} already holds a run: pick another name"}}, 409)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "run.toml") as tmp:
+            tmp.write_text(forms.to_toml(settings), encoding="utf-8")
+        jobs.start(folder, ["run", "--config", str(folder / "run.toml")])
+        return JSONResponse({"run": name})
+
+    async def start_demo(request: Request) -> JSONResponse:
+        form = await request.json()
+        name = str((form or {}).get("run_name") or "demo")
+        if not forms.RUN_NAME.match(name):
+            return JSONResponse({"errors": {"run_name": "letters, digits, '.', '_' or '-' only"}}, 422)
+        folder = volumes.output / name
+        if runs.is_run(folder) and summary(folder).status != "stopped":
+            return JSONResponse({"errors": {"run_name": f"{name} already holds a run: pick another name"}}, 409)
+        steps = str((form or {}).get("max_train_steps") or "")
+        extra = ["--max-train-steps", steps] if steps.isdigit() and int(steps) > 0 else []
+        interval = str((form or {}).get("save_interval") or "")
+        extra += ["--save-interval", interval] if interval.isdigit() and int(interval) > 0 else []
+        jobs.start(folder, ["demo", "--output", str(folder), *extra])
+        return JSONResponse({"run": name})
+
+    async def browse(request: Request) -> JSONResponse:
+        volume = request.path_params["volume"]
+        if volume not in ("models", "data"):
+            raise OutsideVolume(volume)
+        path = request.query_params.get("path", "")
+        entries = listing(volumes.root(volume), path)
+        if volume == "data":
+            grid = _bucket_grid(request.query_params.get("resolution", "512"))
+            for entry in entries:
+                if not entry["folder"] and is_photo(entry["name"]):
+                    image = inside(volumes.data, entry["path"])
+                    entry["caption"] = _caption(image)
+                    entry["bucket"] = _bucket(image, *grid)
+        return JSONResponse({"volume": volume, "path": path, "entries": entries})
+
+    async def model_info(request: Request) -> JSONResponse:
+        """What `dreambooth inspect` says about a model file (run as its own process: no model code here)."""
+        path = inside(volumes.models, request.query_params.get("path", ""))
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "dreambooth", "inspect", "--json", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            return JSONResponse({"error": lines[0] if lines else f"inspect failed ({done.returncode})"}, 422)
+        try:
+            return JSONResponse(json.loads(done.stdout))
+        except ValueError:
+            return JSONResponse({"error": "inspect printed no JSON"}, 500)
+
+    async def save_caption(request: Request) -> JSONResponse:
+        form = await request.json()
+        if (
+            not isinstance(form, dict)
+            or not isinstance(form.get("path"), str)
+            or not isinstance(form.get("caption"), str)
+        ):
+            return _refuse(422, "send {path, caption}")
+        image = inside(volumes.data, form["path"])
+        if not is_photo(image.name) or not image.is_file():
+            return _refuse(422, f"{form['path']} is not an image")
+        caption = form["caption"].strip()
+        if len(caption) > MAX_CAPTION or "\x00" in caption:
+            return _refuse(422, f"a caption is one line of at most {MAX_CAPTION} characters")
+        with atomic_path(image.with_suffix(".txt")) as tmp:  # a reader sees the old caption or the new, never half
+            tmp.write_text(caption.replace("\n", " ") + "\n", encoding="utf-8")
+        return JSONResponse({"path": form["path"], "caption": _caption(image)})
+
+    async def file(request: Request) -> Response:
+        volume = request.path_params["volume"]
+        if volume not in ("output", "data"):
+            raise OutsideVolume(volume)
+        path = inside(volumes.root(volume), request.path_params["path"])
+        if not path.is_file():
+            raise OutsideVolume("not a file")
+        download = request.query_params.get("download") == "1"
+        return FileResponse(path, filename=path.name if download else None)
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        return _refuse(404, str(exc) if isinstance(exc, OutsideVolume) else "not found")
+
+    async def refused(request: Request, exc: jobs.JobError) -> Response:
+        return _refuse(409, str(exc))
+
+    async def bad_request(request: Request, exc: ValueError) -> Response:
+        return _refuse(400, f"bad request: {exc}")
+
+    routes = [
+        Route("/", runs_page),
+        Route("/run", run_page),
+        Route("/new", new_page),
+        Route("/api/runs", runs_json),
+        Route("/api/run", run_json),
+        Route("/api/run/events", run_events),
+        Route("/api/run/stop", stop, methods=["POST"]),
+        Route("/api/run/resume", resume, methods=["POST"]),
+        Route("/api/new/preview", preview, methods=["POST"]),
+        Route("/api/new/start", start, methods=["POST"]),
+        Route("/api/demo/start", start_demo, methods=["POST"]),
+        Route("/api/browse/{volume}", browse),
+        Route("/api/model-info", model_info),
+        Route("/api/caption", save_caption, methods=["POST"]),
+        Route("/files/{volume}/{path:path}", file),
+        Mount("/static", StaticFiles(directory=str(ASSETS / "static")), name="static"),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(BodyLimit, limit=MAX_BODY), Middleware(Guard, token=token, csrf=csrf)],
+        exception_handlers={OutsideVolume: not_found, jobs.JobError: refused, ValueError: bad_request},
+    )
+
+
+def _caption(image: Path) -> str | None:
+    """The caption training reads (data.read_caption): the first non-empty line of photo.txt, UTF-8."""
+    try:
+        lines = [line.strip() for line in image.with_suffix(".txt").read_text(encoding="utf-8-sig").splitlines()]
+    except (OSError, UnicodeDecodeError):
+        return None
+    return next((line for line in lines if line), None)
+
+
+def _bucket_grid(resolution: str) -> tuple[list, int]:
+    """The buckets `--buckets` makes at this resolution (TrainConfig fills in the sides, as for a run)."""
+    from dreambooth.config import Concept, TrainConfig
+    from dreambooth.errors import UserError
+
+    try:
+        cfg = TrainConfig(
+            model=Path("m"), concepts=(Concept("x", Path("x")),), resolution=int(resolution), buckets=True
+        )
+    except (ValueError, UserError) as exc:
+        raise ValueError(f"resolution {resolution!r}: {exc}") from None
+    return bucket_grid(cfg.resolution, cfg.bucket_min_side, cfg.bucket_max_side, cfg.bucket_step), cfg.bucket_step
+
+
+def _bucket(image: Path, grid: list, step: int) -> str | None:
+    """The bucket the photo would train in with --buckets ('768x512'); None for a file that is not an image."""
+    try:
+        return bucket_name(assign_bucket(*image_size(image), grid, step))
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _presets() -> list[dict]:
+    return [{"name": n, "description": s.get("description", ""), "settings": {k: v for k, v in s.items()
+             if k != "description"}} for n, s in forms.presets().items()]  # fmt: skip
+
+
+def _memory(events: list[dict]) -> dict | None:
+    """The GPU memory a CUDA run reports with each step (`mem`, the peak allocated so far, e.g. "11.2G")."""
+    for event in reversed(events):
+        mem = event.get("mem") if event.get("event") == "train_step" else None
+        if isinstance(mem, str) and mem.endswith("G"):
+            try:
+                return {"peak_gib": float(mem[:-1])}
+            except ValueError:
+                return None
+    return None
+
+
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def serve(volumes: Volumes, *, host: str, port: int, token: str | None) -> None:
+    """Serve the page until interrupted. Any address but loopback gets a token (generated here when not given)."""
+    import uvicorn
+
+    from dreambooth import events
+
+    if token is None and host not in LOOPBACK:
+        token = secrets.token_urlsafe(24)
+    # every address includes this machine's loopback: the link to open here (a container's port is published there)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "::") else host if ":" not in host else f"[{host}]"
+    url = f"http://{shown}:{port}/" + (f"?token={token}" if token else "")
+    events.emit("serving", url=url, host=host, port=port)
+    print(f"DreamBooth Box: open {url}", flush=True)
+    uvicorn.run(create_app(volumes, token=token), host=host, port=port, log_level="warning", access_log=False)

@@ -1,0 +1,81 @@
+"""The four folders the page may read or write (/models, /data, /output, /cache) and the paths inside them.
+
+Every path a request names is relative to one of them and resolved here: absolute paths, `..` and symlinks that
+lead outside are refused before anything is opened, so no request reads or writes outside the volumes.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what training reads (data.py)
+MASK_SUFFIX = ".mask.png"  # a photo's loss mask (--masked-loss), not a photo
+
+
+def is_photo(name: str) -> bool:
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.lower().endswith(MASK_SUFFIX)
+
+
+class OutsideVolume(ValueError):
+    """A request named a path outside the volume it is about (or one that does not exist)."""
+
+
+@dataclass(frozen=True)
+class Volumes:
+    models: Path
+    data: Path
+    output: Path
+    cache: Path
+
+    @classmethod
+    def at(cls, models: Path, data: Path, output: Path, cache: Path) -> "Volumes":
+        return cls(*(Path(p).resolve() for p in (models, data, output, cache)))
+
+    def root(self, name: str) -> Path:
+        if name not in ("models", "data", "output", "cache"):
+            raise OutsideVolume(f"unknown volume {name!r}")
+        return getattr(self, name)
+
+
+def inside(root: Path, relative: str, *, must_exist: bool = True) -> Path:
+    """ROOT/RELATIVE, refused unless it stays inside ROOT once every symlink is followed.
+
+    A path that need not exist yet (a new run folder) must still have its parent inside ROOT."""
+    if not isinstance(relative, str) or "\x00" in relative:
+        raise OutsideVolume("not a path")
+    parts = Path(relative).parts
+    if Path(relative).is_absolute() or ".." in parts:
+        raise OutsideVolume(f"{relative!r}: only paths inside the folder, without '..', are allowed")
+    root = root.resolve()
+    candidate = root.joinpath(*parts)
+    resolved = candidate.resolve()  # follows every symlink on the way
+    if resolved != root and not resolved.is_relative_to(root):
+        raise OutsideVolume(f"{relative!r} leads outside {root}")
+    if must_exist and not resolved.exists():
+        raise OutsideVolume(f"{relative!r} does not exist")
+    return resolved
+
+
+def listing(root: Path, relative: str = "", *, suffixes: tuple[str, ...] | None = None) -> list[dict]:
+    """The entries of a folder inside ROOT (sorted, hidden ones left out): name, relative path, folder or file,
+    size; only files with one of `suffixes` when given. Symlinks leading outside ROOT are left out."""
+    folder = inside(root, relative) if relative else root.resolve()
+    entries = []
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name.lower()):
+        if entry.name.startswith("."):
+            continue
+        path = entry.relative_to(root.resolve()).as_posix()
+        try:
+            resolved = inside(root, path)
+        except OutsideVolume:
+            continue
+        if resolved.is_file() and suffixes is not None and resolved.suffix.lower() not in suffixes:
+            continue
+        entries.append(
+            {
+                "name": entry.name,
+                "path": path,
+                "folder": resolved.is_dir(),
+                "size": resolved.stat().st_size if resolved.is_file() else None,
+            }
+        )
+    return entries
