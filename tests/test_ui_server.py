@@ -397,3 +397,25 @@ def test_the_page_imports_no_training_code():
             "'accelerate', 'peft', 'numpy') if m in sys.modules))"  # fmt: skip
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_model_info_is_what_dreambooth_inspect_says_and_a_bad_file_is_one_line(volumes):
+    from tests.conftest import write_original
+
+    write_original(volumes.models / "sd1.safetensors", "sd1")
+    client = client_for(volumes)
+    info = client.get("/api/model-info", params={"path": "sd1.safetensors"})
+    assert info.status_code == 200 and info.json()["family"] == "sd1" and info.json()["prediction_type"] == "epsilon"
+    bad = client.get("/api/model-info", params={"path": "tiny.safetensors"})  # 18 bytes of text
+    assert bad.status_code == 422 and "tiny.safetensors" in bad.json()["error"] and "\n" not in bad.json()["error"]
+    assert client.get("/api/model-info", params={"path": "../secret.txt"}).status_code == 404
+
+
+def test_the_demo_needs_a_plain_name_and_a_free_folder(volumes):
+    client = client_for(volumes)
+    bad = post(client, "/api/demo/start", {"run_name": "../../tmp/x"})
+    assert bad.status_code == 422 and "letters, digits" in bad.json()["errors"]["run_name"]
+    finished_run(volumes.output / "taken")
+    taken = post(client, "/api/demo/start", {"run_name": "taken"})
+    assert taken.status_code == 409 and "already holds a run" in taken.json()["errors"]["run_name"]
+    assert sorted(p.name for p in volumes.output.iterdir()) == ["taken"]
