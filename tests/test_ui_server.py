@@ -96,12 +96,14 @@ def test_a_running_run_is_the_one_holding_its_lock_with_progress_and_eta(volumes
     now = time.time()
     lines = [{"event": "train_start", "time": now - 10, "max_train_steps": 100, "family": "flux", "adapter": "lora"}]
     lines += [{"event": "train_step", "time": now - 10 + s, "step": s, "loss": 1.0 / s, "lr": 1e-4} for s in (1, 2, 3)]
+    lines += [{"event": "stage_start", "time": now, "stage": "saving checkpoint step-3"}]
     (folder / runs.EVENTS).write_text("".join(json.dumps(e) + "\n" for e in lines) + '{"event": "train_st')
     with runlock.hold(folder, "dreambooth run"):
         summary = client_for(volumes).get("/api/run", params={"run": "live"}).json()["summary"]
     assert summary["status"] == "running" and summary["pid"] == os.getpid()
     assert (summary["step"], summary["total"], summary["family"]) == (3, 100, "flux")
     assert summary["eta"] == pytest.approx(97.0)  # one step a second, 97 to go
+    assert summary["doing"] == "saving checkpoint step-3"
     # the lock released, the same folder reads as stopped (it said nothing more): what it saved is kept
     assert client_for(volumes).get("/api/run", params={"run": "live"}).json()["summary"]["status"] == "stopped"
 
@@ -120,6 +122,17 @@ def test_a_runs_page_and_its_detail_losses_samples_exports_log(volumes):
     got = client.get(f"/files/output/{export['path']}", params={"download": "1"})
     assert got.content == b"x" * 1000 and "attachment" in got.headers["content-disposition"]
     assert client.get("/api/run", params={"run": "nobody"}).status_code == 404
+
+
+def test_a_stage_under_way_is_shown_with_its_count(volumes):
+    folder = volumes.output / "classes"
+    folder.mkdir()
+    lines = [{"event": "stage_start", "time": 1.0, "stage": "class images"},
+             {"event": "progress", "time": 2.0, "stage": "class images", "done": 16, "total": 32}]  # fmt: skip
+    (folder / runs.EVENTS).write_text("".join(json.dumps(e) + "\n" for e in lines))
+    with runlock.hold(folder, "dreambooth run"):
+        assert runs.summarize(volumes.output, folder).doing == "class images 16/32"
+    assert runs.summarize(volumes.output, folder).doing is None  # not running: nothing under way
 
 
 def test_server_sent_events_replay_the_runs_stream_and_then_its_summary(volumes):

@@ -37,6 +37,7 @@ class RunSummary:
     eta: float | None = None  # seconds left, from the recent steps' rate
     checkpoint: str | None = None  # the last finished checkpoint, e.g. "step-400"
     message: str | None = None  # why it failed or diverged
+    doing: str | None = None  # while it runs: the stage under way ("class images 16/32", "saving checkpoint step-8")
     pid: int | None = None  # the running process (the lock's holder)
 
     def to_dict(self) -> dict:
@@ -55,6 +56,7 @@ class EventLog:
     first_time: float | None = None
     last_time: float | None = None
     stages: list[str] = field(default_factory=list)
+    doing: str | None = None  # the stage under way, e.g. "class images 16/32" (None between stages)
 
 
 def is_run(folder: Path) -> bool:
@@ -108,6 +110,12 @@ def fold(events: list[dict]) -> EventLog:
             log.errors.append(str(event.get("message")))
         elif kind == "stage_start":
             log.stages.append(str(event.get("stage")))
+            log.doing = str(event.get("stage"))
+        elif kind == "stage_end":
+            log.doing = None
+        elif kind == "progress" and event.get("stage") != "training":  # training: the step count says it
+            done, total = event.get("done"), event.get("total")
+            log.doing = f"{event.get('stage')} {done}/{total}" if done != total else None
     return log
 
 
@@ -155,6 +163,8 @@ def summarize(output: Path, folder: Path, *, started_here: bool = False, now: fl
         summary.step = report.get("steps") or 0
         summary.loss = report.get("final_loss")
     summary.started = log.first_time or _started(manifest, folder)
+    if summary.status == "running":
+        summary.doing = log.doing
     if summary.status == "running" and summary.started:
         summary.elapsed = now - summary.started
         summary.eta = _eta(log.steps, summary.total)

@@ -129,7 +129,7 @@ function runPage() {
     $("#step").textContent = `step ${s.step}${s.total ? ` of ${s.total}` : ""}`;
     $("#eta").textContent = s.status === "running" ? (s.eta !== null ? `about ${seconds(s.eta)} left` : "")
       : (s.elapsed ? `took ${seconds(s.elapsed)}` : "");
-    $("#facts").textContent = [s.family, s.adapter, s.message].filter(Boolean).join(" · ");
+    $("#facts").textContent = [s.family, s.adapter, s.doing, s.message].filter(Boolean).join(" · ");
     $("#stop").disabled = s.status !== "running";
     $("#resume").disabled = s.status === "running" || s.status === "done";
   };
