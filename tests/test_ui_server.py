@@ -432,3 +432,32 @@ def test_the_demo_needs_a_plain_name_and_a_free_folder(volumes):
     taken = post(client, "/api/demo/start", {"run_name": "taken"})
     assert taken.status_code == 409 and "already holds a run" in taken.json()["errors"]["run_name"]
     assert sorted(p.name for p in volumes.output.iterdir()) == ["taken"]
+
+
+def test_a_run_of_your_own_model_from_the_form_trains_to_its_export(volumes, model):
+    """Start to finish through the page's own requests: pick a model folder and photos, start, watch it end done
+    with its exported file listed — what `make train CONFIG=run.toml` would have done with the same file."""
+    import shutil
+
+    from tests.train_helpers import RES, write_photos
+
+    shutil.copytree(model, volumes.models / "tiny")  # a copy: a symlink out of /models is refused, rightly
+    write_photos(volumes.data / "sks", count=3)
+    client = client_for(volumes)
+    form = {"run_name": "mine", "model": "tiny", "instance_data_dir": "sks", "instance_prompt": "a photo of sks thing",
+            "adapter": "lora", "resolution": str(RES), "max_train_steps": "2", "save_interval": "2",
+            "seed": "7"}  # fmt: skip
+    started = post(client, "/api/new/start", form)
+    assert started.status_code == 200, started.text
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        summary = client.get("/api/run", params={"run": "mine"}).json()["summary"]
+        if summary["status"] != "running":
+            break
+        time.sleep(1)
+    detail = client.get("/api/run", params={"run": "mine"}).json()
+    assert detail["summary"]["status"] == "done", detail["log"]
+    assert (detail["summary"]["step"], detail["summary"]["adapter"]) == (2, "lora")
+    (export,) = detail["exports"]
+    assert export["name"].endswith(".safetensors") and len(export["sha256"]) == 64
+    assert detail["losses"]["step"] == [1, 2]
