@@ -11,13 +11,12 @@ import torch
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
 
+from dreambooth.buckets import assign_buckets, bucket_grid
 from dreambooth.config import build_train_config
 from dreambooth.data import (
     DataStream,
     Example,
     LatentSource,
-    assign_buckets,
-    bucket_grid,
     instance_examples,
     load_mask,
     load_rgb,
