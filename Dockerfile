@@ -126,13 +126,14 @@ CMD ["--help"]
 FROM runtime AS test
 USER 0:0
 # Debian's Chromium (from the base image's own apt sources): tests/test_report.py renders report.html in it,
-# headless, and checks that every image loads and nothing is fetched from outside the run folder
+# headless, and checks that every image loads and nothing is fetched from outside the run folder; Playwright drives
+# it for tests/test_ui_browser.py (its driver, a node binary in the wheel, needs libatomic)
 RUN --mount=type=cache,target=/var/cache/apt,sharing=locked \
     --mount=type=cache,target=/var/lib/apt/lists,sharing=locked \
     --mount=type=secret,id=ca \
     if [ -s /run/secrets/ca ]; then echo 'Acquire::https::CAInfo "/run/secrets/ca";' > /etc/apt/apt.conf.d/99ca; fi \
     && apt-get update \
-    && apt-get install -y --no-install-recommends chromium fonts-dejavu-core \
+    && apt-get install -y --no-install-recommends chromium fonts-dejavu-core libatomic1 \
     && rm -f /etc/apt/apt.conf.d/99ca \
     && chromium --version
 RUN --mount=type=cache,target=/root/.cache/pip \
