@@ -153,8 +153,12 @@ DESIGN_PROMISES = {
     r"\./models ─ro→ /models": lambda s: all(
         v["read_only"] for x in s.values() for v in x.get("volumes", []) if v["target"] == "/models"
     ),
+    # every service but the web page's, which saves captions beside the photos (WRITABLE_BY; README "Security")
     r"\./data\s+─ro→ /data": lambda s: all(
-        v["read_only"] for x in s.values() for v in x.get("volumes", []) if v["target"] == "/data"
+        v.get("read_only")
+        for n, x in s.items()
+        for v in x.get("volumes", [])
+        if v["target"] == "/data" and "/data" not in WRITABLE_BY.get(n, set())
     ),
     r"`HF_HOME=/cache`": lambda s: re.search(r"^\s+HF_HOME=/cache\b", _dockerfile(), re.M),
     r"`STOPSIGNAL SIGTERM` with a grace period": lambda s: (
