@@ -65,7 +65,7 @@ def event_latency(base: str, events: Path, rounds: int) -> dict:
 
     def listen() -> None:
         with httpx.stream(
-            "GET", f"{base}/api/run/events", params={"run": "bench-run", "from": "401"}, timeout=None
+            "GET", f"{base}/api/run/events", params={"run": "bench-run", "from": events.stat().st_size}, timeout=None
         ) as s:
             ready.set()
             for line in s.iter_lines():

@@ -423,11 +423,7 @@ class TrainConfig:
     explicit: tuple[str, ...] = setting((), None)
 
     def __post_init__(self) -> None:
-        if self.validation_dir is not None and not isinstance(self.validation_dir, Path):
-            object.__setattr__(self, "validation_dir", Path(self.validation_dir))
-        for name in ("model", "output"):
-            object.__setattr__(self, name, Path(getattr(self, name)))
-        for name in ("vae", "cache_dir", "clip_l", "t5xxl", "ae"):
+        for name in PATH_SETTINGS:  # a config file's or the launcher's strings: paths
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "concepts", tuple(self.concepts))
@@ -480,6 +476,19 @@ class TrainConfig:
                 raise UserError(
                     "--text-encoder-steps must be at least 1", "omit it to train the text encoder throughout"
                 )
+        self._check_prior_preservation()
+        self._check_optimizer()
+        self._check_speed_levers()
+        self._check_scaling()
+        self._check_captions_and_buckets()
+        self._check_flow_matching()
+        self._check_loss()
+        self._check_ema()
+        self._check_validation()
+        self._check_full_bf16()
+        self._check_base_storage()
+
+    def _check_prior_preservation(self) -> None:
         if self.with_prior_preservation:
             for i, concept in enumerate(self.concepts):
                 which = f"concept {i} ({concept.instance_prompt!r})" if len(self.concepts) > 1 else "it"
@@ -493,16 +502,6 @@ class TrainConfig:
                         f"--with-prior-preservation needs a class image folder, and {which} has none",
                         "pass --class-data-dir (or class_data_dir in the concepts list); missing images are generated",
                     )
-        self._check_optimizer()
-        self._check_speed_levers()
-        self._check_scaling()
-        self._check_captions_and_buckets()
-        self._check_flow_matching()
-        self._check_loss()
-        self._check_ema()
-        self._check_validation()
-        self._check_full_bf16()
-        self._check_base_storage()
 
     def _check_base_storage(self) -> None:
         if self.base_precision not in BASE_PRECISIONS:

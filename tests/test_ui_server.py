@@ -140,7 +140,9 @@ def test_server_sent_events_replay_the_runs_stream_and_then_its_summary(volumes)
     events = [{"event": "train_step", "time": 1.0, "step": s, "loss": 0.1} for s in (1, 2)]
     (folder / runs.EVENTS).write_text("".join(json.dumps(e) + "\n" for e in events))
     received = []
-    with client_for(volumes).stream("GET", "/api/run/events", params={"run": "alice", "from": "1"}) as stream:
+    first_line = len(json.dumps(events[0]) + "\n")  # bytes
+    assert client_for(volumes).get("/api/run", params={"run": "alice"}).json()["offset"] == 2 * first_line
+    with client_for(volumes).stream("GET", "/api/run/events", params={"run": "alice", "from": first_line}) as stream:
         assert stream.headers["content-type"].startswith("text/event-stream")
         kind = None
         for line in stream.iter_lines():
@@ -150,7 +152,7 @@ def test_server_sent_events_replay_the_runs_stream_and_then_its_summary(volumes)
                 received.append((kind, json.loads(line.removeprefix("data: "))))
                 if kind == "summary":
                     break
-    assert received[0] == ("line", events[1])  # from=1: the lines the page does not have yet
+    assert received[0] == ("line", events[1])  # from the first line's end: what the page does not have yet
     assert received[-1][0] == "summary" and received[-1][1]["name"] == "alice"
 
 

@@ -71,24 +71,30 @@ def run_folders(output: Path) -> list[Path]:
     return found
 
 
-def read_events(folder: Path) -> list[dict]:
-    """Every complete JSON line of the event stream (a line being written is left for the next read)."""
-    path = folder / EVENTS
+def tail_events(folder: Path, offset: int = 0) -> tuple[list[dict], int]:
+    """The events of the run's stream from byte `offset` on, and the offset after the last complete line (a line
+    being written is left for the next read): the live page reads only what is new."""
     try:
-        text = path.read_text(encoding="utf-8", errors="replace")
+        with (folder / EVENTS).open("rb") as f:
+            f.seek(offset)
+            data = f.read()
     except FileNotFoundError:
-        return []
+        return [], offset
+    end = data.rfind(b"\n") + 1
     out = []
-    for line in text.splitlines(keepends=True):
-        if not line.endswith("\n"):
-            break
+    for line in data[:end].decode("utf-8", errors="replace").splitlines():
         try:
             event = json.loads(line)
         except json.JSONDecodeError:
             continue
         if isinstance(event, dict) and "event" in event:
             out.append(event)
-    return out
+    return out, offset + end
+
+
+def read_events(folder: Path) -> list[dict]:
+    """Every complete JSON line of the event stream."""
+    return tail_events(folder)[0]
 
 
 def fold(events: list[dict]) -> EventLog:
@@ -137,12 +143,14 @@ def finished_checkpoints(folder: Path) -> list[int]:
     return sorted(steps)
 
 
-def summarize(output: Path, folder: Path, *, started_here: bool = False, now: float | None = None) -> RunSummary:
+def summarize(
+    output: Path, folder: Path, *, started_here: bool = False, now: float | None = None, events: list | None = None
+) -> RunSummary:
     """FOLDER's run as the runs list shows it. `started_here`: a process the server started for it is still
-    alive — running, even after it let go of the lock while it finishes."""
+    alive — running, even after it let go of the lock while it finishes. `events`: its stream, when read already."""
     now = time.time() if now is None else now
     name = folder.relative_to(output).as_posix() if folder != output else "."
-    log = fold(read_events(folder))
+    log = fold(read_events(folder) if events is None else events)
     manifest = _json(folder / "manifest.json")
     report = _json(folder / "train_report.json")
     holder = runlock.holder(folder)
@@ -241,10 +249,10 @@ def list_runs(output: Path, started_here=lambda folder: False) -> list[RunSummar
     return sorted(runs, key=lambda r: r.started or 0.0, reverse=True)
 
 
-def losses(folder: Path) -> dict:
+def losses(folder: Path, events: list[dict]) -> dict:
     """The loss plot's data: per step the instance loss, class loss and learning rate (the event stream while it
     runs; the report's record of a run started elsewhere)."""
-    log = fold(read_events(folder))
+    log = fold(events)
     if log.steps:
         by_step = {s["step"]: s for s in log.steps}  # a resumed run repeats no step, but keep the last
         steps = sorted(by_step)
@@ -299,9 +307,9 @@ def exports(output: Path, folder: Path) -> list[dict]:
     return found
 
 
-def log_lines(folder: Path, count: int = 30) -> list[str]:
+def log_lines(folder: Path, events: list[dict], count: int = 30) -> list[str]:
     """The last lines the run wrote: its events as text, then what it wrote to stderr."""
-    lines = [_event_line(e) for e in read_events(folder)[-count:] if e.get("event") != "progress"]
+    lines = [_event_line(e) for e in events[-count:] if e.get("event") != "progress"]
     try:
         with (folder / CONSOLE).open("rb") as f:
             f.seek(max(0, os.fstat(f.fileno()).st_size - 16384))
@@ -324,3 +332,32 @@ def _event_line(event: dict) -> str:
         return f"✓ {rest.get('stage')} ({rest.get('seconds')} s)"
     short = ", ".join(f"{k}={v}" for k, v in list(rest.items())[:4])
     return f"{kind}: {short}"
+
+
+def gpu_memory(events: list[dict]) -> dict | None:
+    """The GPU memory a CUDA run reports with each step (`mem`, the peak allocated so far, e.g. "11.2G")."""
+    for event in reversed(events):
+        mem = event.get("mem") if event.get("event") == "train_step" else None
+        if isinstance(mem, str) and mem.endswith("G"):
+            try:
+                return {"peak_gib": float(mem[:-1])}
+            except ValueError:
+                return None
+    return None
+
+
+def detail(output: Path, folder: Path, *, started_here: bool = False) -> dict:
+    """Everything the run page shows, from one read of the event stream; `offset` is where its live stream goes
+    on."""
+    events, offset = tail_events(folder)
+    report = folder / "report.html"
+    return {
+        "summary": summarize(output, folder, started_here=started_here, events=events).to_dict(),
+        "losses": losses(folder, events),
+        "samples": samples(output, folder),
+        "exports": exports(output, folder),
+        "log": log_lines(folder, events),
+        "report": report.relative_to(output).as_posix() if report.exists() else None,
+        "memory": gpu_memory(events),
+        "offset": offset,
+    }

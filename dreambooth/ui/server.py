@@ -114,221 +114,238 @@ def _refuse(status: int, message: str) -> Response:
     return JSONResponse({"error": message}, status)
 
 
+def _volumes(request: Request) -> Volumes:
+    return request.app.state.volumes
+
+
+def _page(request: Request, name: str, **context) -> HTMLResponse:
+    state = request.app.state
+    return state.templates.TemplateResponse(request, name, {"csrf": state.csrf, **context})
+
+
+def _summary(request: Request, folder: Path) -> runs.RunSummary:
+    return runs.summarize(_volumes(request).output, folder, started_here=jobs.alive(folder))
+
+
+def _run_folder(request: Request) -> Path:
+    """The run a request names (`?run=NAME`, "." for OUTPUT itself), inside /output."""
+    name = request.query_params.get("run", "")
+    folder = inside(_volumes(request).output, name if name not in ("", ".") else ".")
+    if not runs.is_run(folder):
+        raise OutsideVolume(f"{name!r} is not a run")
+    return folder
+
+
+async def runs_page(request: Request) -> HTMLResponse:
+    return _page(request, "runs.html", runs=runs.list_runs(_volumes(request).output, started_here=jobs.alive))
+
+
+async def runs_json(request: Request) -> JSONResponse:
+    found = runs.list_runs(_volumes(request).output, started_here=jobs.alive)
+    return JSONResponse({"runs": [r.to_dict() for r in found]})
+
+
+async def run_page(request: Request) -> HTMLResponse:
+    return _page(request, "run.html", run=_summary(request, _run_folder(request)))
+
+
+async def run_json(request: Request) -> JSONResponse:
+    folder = _run_folder(request)
+    return JSONResponse(runs.detail(_volumes(request).output, folder, started_here=jobs.alive(folder)))
+
+
+async def run_events(request: Request) -> StreamingResponse:
+    """Server-sent events: each new line of the run's event stream from byte `from` on (`event: line`), and its
+    summary every few seconds (`event: summary`) — status, ETA — until the browser goes away."""
+    folder = _run_folder(request)
+    start = request.query_params.get("from", "0") or "0"
+    if not start.isdigit():
+        raise ValueError(f"from={start!r} is not a byte offset")
+
+    async def stream():
+        offset, last_summary = int(start), 0.0
+        while not await request.is_disconnected():
+            events, offset = runs.tail_events(folder, offset)
+            for event in events:
+                yield f"event: line\ndata: {json.dumps(event, default=str)}\n\n"
+            if time.monotonic() - last_summary > 2.0:
+                yield f"event: summary\ndata: {json.dumps(_summary(request, folder).to_dict())}\n\n"
+                last_summary = time.monotonic()
+            await asyncio.sleep(POLL_SECONDS)
+
+    headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+
+async def stop(request: Request) -> JSONResponse:
+    return JSONResponse({"stopping": jobs.stop(_run_folder(request))})
+
+
+async def resume(request: Request) -> JSONResponse:
+    return JSONResponse({"started": jobs.resume(_run_folder(request))})
+
+
+async def new_page(request: Request) -> HTMLResponse:
+    panels = {}
+    for spec in forms.form_fields():
+        panels.setdefault(spec["panel"], []).append(spec)
+    return _page(request, "new.html", panels=panels, presets=_presets())
+
+
+async def _form_settings(request: Request) -> tuple[str, dict, dict]:
+    form = await request.json()
+    if not isinstance(form, dict) or not all(isinstance(v, str) for v in form.values()):
+        return "", {}, {"form": "send the form's fields as strings"}
+    return forms.run_settings(form, _volumes(request))
+
+
+async def preview(request: Request) -> JSONResponse:
+    _, settings, errors = await _form_settings(request)
+    if errors:
+        return JSONResponse({"errors": errors}, 422)
+    return JSONResponse({"toml": forms.to_toml(settings)})
+
+
+def _name_taken(name: str) -> JSONResponse:
+    return JSONResponse({"errors": {"run_name": f"{name} already holds a run: pick another name"}}, 409)
+
+
+async def start(request: Request) -> JSONResponse:
+    name, settings, errors = await _form_settings(request)
+    if errors:
+        return JSONResponse({"errors": errors}, 422)
+    folder = _volumes(request).output / name
+    if runs.is_run(folder):
+        return _name_taken(name)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / "run.toml") as tmp:
+        tmp.write_text(forms.to_toml(settings), encoding="utf-8")
+    jobs.start(folder, ["run", "--config", str(folder / "run.toml")])
+    return JSONResponse({"run": name})
+
+
+async def start_demo(request: Request) -> JSONResponse:
+    form = await request.json()
+    if not isinstance(form, dict):
+        return _refuse(422, "send the form's fields as an object")
+    name = str(form.get("run_name") or "demo")
+    if not forms.RUN_NAME.match(name):
+        return JSONResponse({"errors": {"run_name": "letters, digits, '.', '_' or '-' only"}}, 422)
+    folder = _volumes(request).output / name
+    if runs.is_run(folder) and _summary(request, folder).status != "stopped":
+        return _name_taken(name)
+    extra = []
+    for key, flag in (("max_train_steps", "--max-train-steps"), ("save_interval", "--save-interval")):
+        value = str(form.get(key) or "")
+        extra += [flag, value] if value.isdigit() and int(value) > 0 else []
+    jobs.start(folder, ["demo", "--output", str(folder), *extra])
+    return JSONResponse({"run": name})
+
+
+async def browse(request: Request) -> JSONResponse:
+    volumes, volume = _volumes(request), request.path_params["volume"]
+    if volume not in ("models", "data"):
+        raise OutsideVolume(volume)
+    path = request.query_params.get("path", "")
+    entries = listing(volumes.root(volume), path)
+    if volume == "data":
+        grid = _bucket_grid(request.query_params.get("resolution", "512"))
+        for entry in entries:
+            if not entry["folder"] and is_photo(entry["name"]):
+                image = inside(volumes.data, entry["path"])
+                entry["caption"] = _caption(image)
+                entry["bucket"] = _bucket(image, *grid)
+    return JSONResponse({"volume": volume, "path": path, "entries": entries})
+
+
+async def model_info(request: Request) -> JSONResponse:
+    """What `dreambooth inspect` says about a model file (run as its own process: no model code here)."""
+    path = inside(_volumes(request).models, request.query_params.get("path", ""))
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "dreambooth", "inspect", "--json", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        return JSONResponse({"error": lines[0] if lines else f"inspect failed ({done.returncode})"}, 422)
+    try:
+        return JSONResponse(json.loads(done.stdout))
+    except ValueError:
+        return JSONResponse({"error": "inspect printed no JSON"}, 500)
+
+
+async def save_caption(request: Request) -> JSONResponse:
+    form = await request.json()
+    if not isinstance(form, dict) or not isinstance(form.get("path"), str) or not isinstance(form.get("caption"), str):
+        return _refuse(422, "send {path, caption}")
+    image = inside(_volumes(request).data, form["path"])
+    if not is_photo(image.name) or not image.is_file():
+        return _refuse(422, f"{form['path']} is not an image")
+    caption = form["caption"].strip()
+    if len(caption) > MAX_CAPTION or "\x00" in caption:
+        return _refuse(422, f"a caption is one line of at most {MAX_CAPTION} characters")
+    with atomic_path(image.with_suffix(".txt")) as tmp:  # a reader sees the old caption or the new, never half
+        tmp.write_text(caption.replace("\n", " ") + "\n", encoding="utf-8")
+    return JSONResponse({"path": form["path"], "caption": _caption(image)})
+
+
+async def file(request: Request) -> Response:
+    volume = request.path_params["volume"]
+    if volume not in ("output", "data"):
+        raise OutsideVolume(volume)
+    path = inside(_volumes(request).root(volume), request.path_params["path"])
+    if not path.is_file():
+        raise OutsideVolume("not a file")
+    download = request.query_params.get("download") == "1"
+    return FileResponse(path, filename=path.name if download else None)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    return _refuse(404, str(exc) if isinstance(exc, OutsideVolume) else "not found")
+
+
+async def _refused(request: Request, exc: jobs.JobError) -> Response:
+    return _refuse(409, str(exc))
+
+
+async def _bad_request(request: Request, exc: ValueError) -> Response:
+    return _refuse(400, f"bad request: {exc}")
+
+
+ROUTES = [
+    Route("/", runs_page),
+    Route("/run", run_page),
+    Route("/new", new_page),
+    Route("/api/runs", runs_json),
+    Route("/api/run", run_json),
+    Route("/api/run/events", run_events),
+    Route("/api/run/stop", stop, methods=["POST"]),
+    Route("/api/run/resume", resume, methods=["POST"]),
+    Route("/api/new/preview", preview, methods=["POST"]),
+    Route("/api/new/start", start, methods=["POST"]),
+    Route("/api/demo/start", start_demo, methods=["POST"]),
+    Route("/api/browse/{volume}", browse),
+    Route("/api/model-info", model_info),
+    Route("/api/caption", save_caption, methods=["POST"]),
+    Route("/files/{volume}/{path:path}", file),
+    Mount("/static", StaticFiles(directory=str(ASSETS / "static")), name="static"),
+]
+
+
 def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
     """The page's application over `volumes`; with `token`, every request must carry it."""
     csrf = secrets.token_urlsafe(24)
-    templates = Jinja2Templates(directory=str(ASSETS / "templates"))
-
-    def page(request: Request, name: str, **context) -> HTMLResponse:
-        return templates.TemplateResponse(request, name, {"csrf": csrf, **context})
-
-    def summary(folder: Path) -> runs.RunSummary:
-        return runs.summarize(volumes.output, folder, started_here=jobs.alive(folder))
-
-    def run_folder(request: Request) -> Path:
-        name = request.query_params.get("run", "")
-        folder = inside(volumes.output, name if name not in ("", ".") else ".")
-        if not runs.is_run(folder):
-            raise OutsideVolume(f"{name!r} is not a run")
-        return folder
-
-    async def runs_page(request: Request) -> HTMLResponse:
-        return page(request, "runs.html", runs=runs.list_runs(volumes.output, started_here=jobs.alive))
-
-    async def runs_json(request: Request) -> JSONResponse:
-        return JSONResponse({"runs": [r.to_dict() for r in runs.list_runs(volumes.output, started_here=jobs.alive)]})
-
-    async def run_page(request: Request) -> HTMLResponse:
-        folder = run_folder(request)
-        return page(request, "run.html", run=summary(folder))
-
-    async def run_json(request: Request) -> JSONResponse:
-        return JSONResponse(run_detail(run_folder(request)))
-
-    def run_detail(folder: Path) -> dict:
-        output = volumes.output
-        return {
-            "summary": summary(folder).to_dict(),
-            "losses": runs.losses(folder),
-            "samples": runs.samples(output, folder),
-            "exports": runs.exports(output, folder),
-            "log": runs.log_lines(folder),
-            "report": (folder / "report.html").relative_to(output).as_posix()
-            if (folder / "report.html").exists()
-            else None,
-            "memory": _memory(runs.read_events(folder)),
-            "events": len(runs.read_events(folder)),  # the live stream goes on from here
-        }
-
-    async def run_events(request: Request) -> StreamingResponse:
-        """Server-sent events: each new line of the run's event stream (`event: line`), and its summary every
-        few seconds (`event: summary`) — status, ETA — until the browser goes away."""
-        folder = run_folder(request)
-        start = int(request.query_params.get("from", "0") or 0)
-
-        async def stream():
-            sent, last_summary = start, 0.0
-            while not await request.is_disconnected():
-                events = runs.read_events(folder)
-                for event in events[sent:]:
-                    yield f"event: line\ndata: {json.dumps(event, default=str)}\n\n"
-                sent = max(sent, len(events))
-                if time.monotonic() - last_summary > 2.0:
-                    yield f"event: summary\ndata: {json.dumps(summary(folder).to_dict())}\n\n"
-                    last_summary = time.monotonic()
-                await asyncio.sleep(POLL_SECONDS)
-
-        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
-
-    async def stop(request: Request) -> JSONResponse:
-        pid = jobs.stop(run_folder(request))
-        return JSONResponse({"stopping": pid})
-
-    async def resume(request: Request) -> JSONResponse:
-        pid = jobs.resume(run_folder(request))
-        return JSONResponse({"started": pid})
-
-    async def new_page(request: Request) -> HTMLResponse:
-        fields = forms.form_fields()
-        panels = {}
-        for spec in fields:
-            panels.setdefault(spec["panel"], []).append(spec)
-        return page(request, "new.html", panels=panels, presets=_presets())
-
-    async def form_settings(request: Request) -> tuple[str, dict, dict]:
-        form = await request.json()
-        if not isinstance(form, dict) or not all(isinstance(v, str) for v in form.values()):
-            return "", {}, {"form": "send the form's fields as strings"}
-        return forms.run_settings(form, volumes)
-
-    async def preview(request: Request) -> JSONResponse:
-        _, settings, errors = await form_settings(request)
-        if errors:
-            return JSONResponse({"errors": errors}, 422)
-        return JSONResponse({"toml": forms.to_toml(settings)})
-
-    async def start(request: Request) -> JSONResponse:
-        name, settings, errors = await form_settings(request)
-        if errors:
-            return JSONResponse({"errors": errors}, 422)
-        folder = volumes.output / name
-        if runs.is_run(folder):
-            return JSONResponse({"errors": {"run_name": f"{name} already holds a run: pick another name"}}, 409)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "run.toml") as tmp:
-            tmp.write_text(forms.to_toml(settings), encoding="utf-8")
-        jobs.start(folder, ["run", "--config", str(folder / "run.toml")])
-        return JSONResponse({"run": name})
-
-    async def start_demo(request: Request) -> JSONResponse:
-        form = await request.json()
-        name = str((form or {}).get("run_name") or "demo")
-        if not forms.RUN_NAME.match(name):
-            return JSONResponse({"errors": {"run_name": "letters, digits, '.', '_' or '-' only"}}, 422)
-        folder = volumes.output / name
-        if runs.is_run(folder) and summary(folder).status != "stopped":
-            return JSONResponse({"errors": {"run_name": f"{name} already holds a run: pick another name"}}, 409)
-        steps = str((form or {}).get("max_train_steps") or "")
-        extra = ["--max-train-steps", steps] if steps.isdigit() and int(steps) > 0 else []
-        interval = str((form or {}).get("save_interval") or "")
-        extra += ["--save-interval", interval] if interval.isdigit() and int(interval) > 0 else []
-        jobs.start(folder, ["demo", "--output", str(folder), *extra])
-        return JSONResponse({"run": name})
-
-    async def browse(request: Request) -> JSONResponse:
-        volume = request.path_params["volume"]
-        if volume not in ("models", "data"):
-            raise OutsideVolume(volume)
-        path = request.query_params.get("path", "")
-        entries = listing(volumes.root(volume), path)
-        if volume == "data":
-            grid = _bucket_grid(request.query_params.get("resolution", "512"))
-            for entry in entries:
-                if not entry["folder"] and is_photo(entry["name"]):
-                    image = inside(volumes.data, entry["path"])
-                    entry["caption"] = _caption(image)
-                    entry["bucket"] = _bucket(image, *grid)
-        return JSONResponse({"volume": volume, "path": path, "entries": entries})
-
-    async def model_info(request: Request) -> JSONResponse:
-        """What `dreambooth inspect` says about a model file (run as its own process: no model code here)."""
-        path = inside(volumes.models, request.query_params.get("path", ""))
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "dreambooth", "inspect", "--json", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            return JSONResponse({"error": lines[0] if lines else f"inspect failed ({done.returncode})"}, 422)
-        try:
-            return JSONResponse(json.loads(done.stdout))
-        except ValueError:
-            return JSONResponse({"error": "inspect printed no JSON"}, 500)
-
-    async def save_caption(request: Request) -> JSONResponse:
-        form = await request.json()
-        if (
-            not isinstance(form, dict)
-            or not isinstance(form.get("path"), str)
-            or not isinstance(form.get("caption"), str)
-        ):
-            return _refuse(422, "send {path, caption}")
-        image = inside(volumes.data, form["path"])
-        if not is_photo(image.name) or not image.is_file():
-            return _refuse(422, f"{form['path']} is not an image")
-        caption = form["caption"].strip()
-        if len(caption) > MAX_CAPTION or "\x00" in caption:
-            return _refuse(422, f"a caption is one line of at most {MAX_CAPTION} characters")
-        with atomic_path(image.with_suffix(".txt")) as tmp:  # a reader sees the old caption or the new, never half
-            tmp.write_text(caption.replace("\n", " ") + "\n", encoding="utf-8")
-        return JSONResponse({"path": form["path"], "caption": _caption(image)})
-
-    async def file(request: Request) -> Response:
-        volume = request.path_params["volume"]
-        if volume not in ("output", "data"):
-            raise OutsideVolume(volume)
-        path = inside(volumes.root(volume), request.path_params["path"])
-        if not path.is_file():
-            raise OutsideVolume("not a file")
-        download = request.query_params.get("download") == "1"
-        return FileResponse(path, filename=path.name if download else None)
-
-    async def not_found(request: Request, exc: Exception) -> Response:
-        return _refuse(404, str(exc) if isinstance(exc, OutsideVolume) else "not found")
-
-    async def refused(request: Request, exc: jobs.JobError) -> Response:
-        return _refuse(409, str(exc))
-
-    async def bad_request(request: Request, exc: ValueError) -> Response:
-        return _refuse(400, f"bad request: {exc}")
-
-    routes = [
-        Route("/", runs_page),
-        Route("/run", run_page),
-        Route("/new", new_page),
-        Route("/api/runs", runs_json),
-        Route("/api/run", run_json),
-        Route("/api/run/events", run_events),
-        Route("/api/run/stop", stop, methods=["POST"]),
-        Route("/api/run/resume", resume, methods=["POST"]),
-        Route("/api/new/preview", preview, methods=["POST"]),
-        Route("/api/new/start", start, methods=["POST"]),
-        Route("/api/demo/start", start_demo, methods=["POST"]),
-        Route("/api/browse/{volume}", browse),
-        Route("/api/model-info", model_info),
-        Route("/api/caption", save_caption, methods=["POST"]),
-        Route("/files/{volume}/{path:path}", file),
-        Mount("/static", StaticFiles(directory=str(ASSETS / "static")), name="static"),
-    ]
-    return Starlette(
-        routes=routes,
+    app = Starlette(
+        routes=ROUTES,
         middleware=[Middleware(BodyLimit, limit=MAX_BODY), Middleware(Guard, token=token, csrf=csrf)],
-        exception_handlers={OutsideVolume: not_found, jobs.JobError: refused, ValueError: bad_request},
+        exception_handlers={OutsideVolume: _not_found, jobs.JobError: _refused, ValueError: _bad_request},
     )
+    app.state.volumes, app.state.csrf = volumes, csrf
+    app.state.templates = Jinja2Templates(directory=str(ASSETS / "templates"))
+    return app
 
 
 def _caption(image: Path) -> str | None:
@@ -365,18 +382,6 @@ def _bucket(image: Path, grid: list, step: int) -> str | None:
 def _presets() -> list[dict]:
     return [{"name": n, "description": s.get("description", ""), "settings": {k: v for k, v in s.items()
              if k != "description"}} for n, s in forms.presets().items()]  # fmt: skip
-
-
-def _memory(events: list[dict]) -> dict | None:
-    """The GPU memory a CUDA run reports with each step (`mem`, the peak allocated so far, e.g. "11.2G")."""
-    for event in reversed(events):
-        mem = event.get("mem") if event.get("event") == "train_step" else None
-        if isinstance(mem, str) and mem.endswith("G"):
-            try:
-                return {"peak_gib": float(mem[:-1])}
-            except ValueError:
-                return None
-    return None
 
 
 LOOPBACK = ("127.0.0.1", "::1", "localhost")

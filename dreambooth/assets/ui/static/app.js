@@ -175,8 +175,8 @@ function runPage() {
     }, 200);
   };
 
-  const listen = (from) => {
-    const source = new EventSource(`/api/run/events?${query}&from=${from}`);
+  const listen = (offset) => {  // a byte offset in the run's events.jsonl
+    const source = new EventSource(`/api/run/events?${query}&from=${offset}`);
     source.addEventListener("line", (message) => {
       const event = JSON.parse(message.data);
       if (event.event === "train_step") {
@@ -204,7 +204,7 @@ function runPage() {
   fetch(`/api/run?${query}`).then(async (response) => {
     const detail = await response.json();
     render(detail);
-    listen(detail.events);
+    listen(detail.offset);
   });
 }
 
