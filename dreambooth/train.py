@@ -274,12 +274,10 @@ def param_groups(c, trained: dict, lr: float, text_lr: float) -> list[dict]:
     return [{"params": adapters.trainable(trained), "lr": lr}]
 
 
-def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_images: dict | None) -> "Run | dict":
-    started = time.perf_counter()
-    # first, so that with several processes only the first one converts, writes and speaks
-    accelerator, mixed = make_accelerator(cfg)
-
-    # --- check everything the user gave before anything heavy (once: `run` has done it already) ----------------
+def check_inputs(cfg: TrainConfig, accelerator, model: ResolvedModel | None, instance_images: dict | None):
+    """Everything the user gave, checked before anything heavy (once: `run` has done it already): the images and
+    their captions and masks, the held-out ones, the model (a single file converted once) and its family; the
+    family's defaults and the --vram-budget levers applied. (cfg, model, family, instances, held_out)."""
     instance_images = instance_images if instance_images is not None else preflight(cfg)
     # captions are read (and a file that is not UTF-8 refused) before anything heavy
     instances = instance_examples(instance_images, cfg.concepts, cfg.caption_extension, masks=cfg.masked_loss)
@@ -300,6 +298,15 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
             f"--fused-backward updates each weight inside backward, and {accelerator.num_processes} processes run",
             "launch one process, or pass --no-fused-backward",
         )
+    return cfg, model, family, instances, held_out
+
+
+def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_images: dict | None) -> "Run | dict":
+    started = time.perf_counter()
+    # first, so that with several processes only the first one converts, writes and speaks
+    accelerator, mixed = make_accelerator(cfg)
+
+    cfg, model, family, instances, held_out = check_inputs(cfg, accelerator, model, instance_images)
     if accelerator.is_main_process:
         remove_scratch(cfg.output)  # what a killed run left half-written
     resume_from, state = resume_point(cfg, accelerator.is_main_process)
