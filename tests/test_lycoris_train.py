@@ -109,11 +109,12 @@ def _flux_outputs(family, c):
 def test_flux_file_applied_as_comfyui_does_computes_what_we_trained(cli, photos, tmp_path, tmp_path_factory, kind):
     """Flux: the file keeps diffusers' module names under `lora_transformer_` (ComfyUI maps each onto its slice of
     the fused qkv/linear1, so applying it per diffusers module is what ComfyUI computes) and CLIP-L's under
-    `lora_te1_`; applied with ComfyUI's formulas, the transformer and CLIP-L compute what we trained. DoRA's
-    diffusers folder loads in FluxPipeline and computes it too."""
+    `lora_te1_`; applied with ComfyUI's formulas, the transformer and CLIP-L compute what we trained, and so do the
+    merged transformer and CLIP-L files. DoRA's diffusers folder loads in FluxPipeline and computes it too."""
     from dreambooth.checkpoint.keymap import kohya_module_name
-    from dreambooth.families.base import Dtypes
+    from dreambooth.families.base import Dtypes, Part
     from dreambooth.formats.lora import lora_layers
+    from tests.flux_helpers import write_flux_files
     from tests.test_lycoris_files import comfy_apply
 
     flux = write_tiny_flux(tmp_path_factory.mktemp("flux") / "model", seed=0)
@@ -127,8 +128,6 @@ def test_flux_file_applied_as_comfyui_does_computes_what_we_trained(cli, photos,
     assert any(k.startswith("lora_te1_text_model_") for k in exported)
     assert not any(k.startswith("lora_unet_") for k in exported)
 
-    merged = cli("export", out / "checkpoints" / "step-2", tmp_path / "merged.safetensors", "--merge")
-    assert merged.exit_code == 2 and f"--merge of a Flux {kind.upper()} is not supported" in merged.stderr
     full_precision = tmp_path / "fp32.safetensors"  # the comparison below in fp32 (the run's export is fp16)
     assert cli("export", out / "checkpoints" / "step-2", full_precision, "--no-half").exit_code == 0
     exported = load_file(full_precision)
@@ -149,6 +148,18 @@ def test_flux_file_applied_as_comfyui_does_computes_what_we_trained(cli, photos,
             weights[f"{module}.weight"] = comfy_apply(exported, key, weights[f"{module}.weight"])
         model.load_state_dict(weights)
     for theirs, mine in zip(_flux_outputs(family, applied), ours, strict=True):
+        assert ((theirs - mine).norm() / mine.norm()).item() < 1e-5
+
+    # merged: BFL's transformer file (each module onto its rows of the fused weights) and CLIP-L's beside it
+    merged = tmp_path / "merged.safetensors"
+    result = cli("export", out / "checkpoints" / "step-2", merged, "--merge", "--no-half")
+    assert result.exit_code == 0, result.stderr
+    parts = {"transformer": Part(merged), "text_encoder": Part(tmp_path / "merged-clip_l.safetensors")}
+    base_files = write_flux_files(tmp_path / "base-files")  # the same tiny Flux (seed 0) as single files
+    parts |= {role: Part(base_files[role]) for role in ("text_encoder_2", "vae")}
+    baked = families.get("flux-dev").load(ResolvedModel("flux-dev", parts=parts), Dtypes(*[torch.float32] * 3))
+    baked.extra.update(c.extra)
+    for theirs, mine in zip(_flux_outputs(family, baked), ours, strict=True):
         assert ((theirs - mine).norm() / mine.norm()).item() < 1e-5
 
     if kind == "dora":

@@ -12,6 +12,7 @@ alpha pattern) get their own scale multiplied into their up block instead, and a
 """
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -233,16 +234,31 @@ def _base_transformer(base: dict) -> tuple[dict, dict[str, Any], str]:
     return config, tensors, str(path)
 
 
-def _merged(weight: Any, down: torch.Tensor, up: torch.Tensor, scale: float, dtype_name: str):
+def _merged(weight: Any, rows: dict[str, int], merge: dict[str, Any], dtype_name: str):
+    """The base weight with its trained parts merged, made when it is written. `rows` is every part of the (fused)
+    weight in row order with its row count; `merge` maps each trained part to (its rows in fp32 → merged rows)."""
     from dreambooth.checkpoint.tensorfile import TORCH_NAMES, LazyTensor, StoredTensor
 
     def make():
         base = weight.make() if isinstance(weight, LazyTensor) else weight
-        base = base.to_torch() if isinstance(base, StoredTensor) else base
-        delta = (up.float() @ down.float()) * scale
-        return (base.float() + delta.reshape(base.shape)).to(getattr(torch, TORCH_NAMES[dtype_name]))
+        base = (base.to_torch() if isinstance(base, StoredTensor) else base).float()
+        split = base.split(list(rows.values()))
+        made = [merge[part](r) if part in merge else r for part, r in zip(rows, split, strict=True)]
+        return torch.cat(made).to(getattr(torch, TORCH_NAMES[dtype_name]))
 
     return LazyTensor(tuple(weight.shape), dtype_name, make)
+
+
+def _part_rows(original: str, parts: tuple[str, ...], weight: Any, layout: dict, source: str) -> dict[str, int]:
+    """Each diffusers part of an original module → its rows of the (fused) weight; a base of another size refused."""
+    rows = {parts[0]: weight.shape[0]} if len(parts) == 1 else {p: _out_features(p, layout) for p in parts}
+    if sum(rows.values()) != weight.shape[0]:
+        raise UserError(
+            f"--base {source}: {original} has {weight.shape[0]} rows, the adapter was trained on "
+            f"{sum(rows.values())}: a model of another size",
+            "merge onto the model the adapter was trained on (lora.json: base)",
+        )
+    return rows
 
 
 def _dtype_name(t: Any, half: bool) -> str:
@@ -254,17 +270,16 @@ def _dtype_name(t: Any, half: bool) -> str:
 
 
 def export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Path | None) -> dict:
-    """The base transformer with the LoRA added (scale · up @ down on each BFL weight, as ComfyUI applies it),
-    written as BFL's single file one tensor at a time; and CLIP-L's file beside it when CLIP-L trained."""
+    """The base transformer with the adapter merged as peft merges it (LoRA's scale · up @ down, DoRA's
+    renormalised rows, LoHa's and LoKr's products), each diffusers module onto its rows of BFL's fused weight
+    (what ComfyUI computes from the file), written as BFL's single file one tensor at a time; and CLIP-L's file
+    beside it when CLIP-L trained."""
     from dreambooth.checkpoint.load import sort_safetensors_metadata
     from dreambooth.checkpoint.tensorfile import write_safetensors
     from dreambooth.families.flux import files
     from dreambooth.families.flux.layout import variant
     from dreambooth.fileio import atomic_path
 
-    if lycoris.kind_of(info) != "lora":
-        raise UserError(f"--merge of a Flux {lycoris.kind_of(info).upper()} is not supported (only a LoRA merges into "
-                        "BFL's fused weights here)", "export it without --merge: ComfyUI loads the file")  # fmt: skip
     described = info.get("base_model") or {}
     if base is not None:
         base = Path(base)
@@ -273,17 +288,22 @@ def export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Pat
         raise UserError("the checkpoint does not record its base model", "pass --base with the Flux transformer")
     config, tensors, where = _base_transformer(described)
     check_base(info, variant(config), where)
-    kohya = to_kohya(info, {k: v for k, v in states.items() if k == "transformer"})
+    kind, state = lycoris.kind_of(info), states["transformer"]
+    ranks, alphas = info["components"]["transformer"]["ranks"], info["components"]["transformer"]["alphas"]
+    trained = set(lycoris.module_paths(state, kind))
     merged = {
         key: (t if not half or not t.is_floating_point() else files._cast(t, "BF16")) for key, t in tensors.items()
     }
-    for name in (k.removesuffix(".lora_down.weight") for k in kohya if k.endswith(".lora_down.weight")):
-        key = name.removeprefix(PREFIX + "_")
-        original = next(o for o in linear_modules(info["transformer_layout"]) if o.replace(".", "_") == key)
-        down, up = kohya[f"{name}.lora_down.weight"], kohya[f"{name}.lora_up.weight"]
-        scale = float(kohya[f"{name}.alpha"]) / down.shape[0]
+    for original, parts in linear_modules(info["transformer_layout"]).items():
+        if not trained.intersection(parts):
+            continue
         weight = tensors[f"{original}.weight"]
-        merged[f"{original}.weight"] = _merged(weight, down, up, scale, _dtype_name(weight, half))
+        merge = {p: partial(lycoris.merged, kind, state, p, alphas[p] / ranks[p]) for p in parts if p in trained}
+        rows = _part_rows(original, parts, weight, info["transformer_layout"], where)
+        merged[f"{original}.weight"] = _merged(weight, rows, merge, _dtype_name(weight, half))
+        trained -= set(parts)
+    if trained:  # a module outside the blocks' tables: no place in BFL's layout to merge it
+        raise ValueError(f"transformer adapter modules with no place in BFL's layout: {sorted(trained)[:3]}")
     training = {"lora": {k: info.get(k) for k in ("step", "seed", "trigger", "rank", "alpha", "base")}}
     with atomic_path(dest) as tmp:
         write_safetensors(tmp, merged, metadata=files.transformer_metadata(config, training))
@@ -295,7 +315,7 @@ def export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Pat
 
 
 def _export_merged_clip(info: dict, state: dict, base: dict, dest: Path, half: bool) -> Path:
-    """CLIP-L with its LoRA merged, as clip_l.safetensors (Hugging Face names, `text_model.…`)."""
+    """CLIP-L with its adapter merged, as clip_l.safetensors (Hugging Face names, `text_model.…`)."""
     from safetensors.torch import save_file
 
     from dreambooth.checkpoint.load import load_safetensors_file, open_checkpoint
@@ -315,11 +335,11 @@ def _export_merged_clip(info: dict, state: dict, base: dict, dest: Path, half: b
         weights = parts.strip(weights, parts.identify(weights)["text_encoder"])
     weights = {"text_model." + k.removeprefix("text_model."): v for k, v in weights.items()}
     ranks, alphas = info["components"]["text_encoder"]["ranks"], info["components"]["text_encoder"]["alphas"]
-    for key in (k for k in state if k.endswith(_DOWN)):
-        module = key.removesuffix(_DOWN)
+    kind = lycoris.kind_of(info)
+    for module in lycoris.module_paths(state, kind):
         target = "text_model." + module.removeprefix("text_model.") + ".weight"
-        delta = (state[module + _UP].float() @ state[key].float()) * (float(alphas[module]) / ranks[module])
-        weights[target] = (weights[target].float() + delta).to(weights[target].dtype)
+        made = lycoris.merged(kind, state, module, float(alphas[module]) / ranks[module], weights[target])
+        weights[target] = made.to(weights[target].dtype)
     if half:
         weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}
     out = dest.with_name(f"{dest.stem}-clip_l.safetensors")
