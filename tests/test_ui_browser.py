@@ -1,5 +1,6 @@
 """`dreambooth serve` in a real browser (Debian's Chromium, driven by Playwright; no browser is downloaded): train
-the built-in demo from the page, watch it, stop it, resume it, see it finish — and nothing fetched from elsewhere.
+the built-in demo from the page, watch it, stop it, resume it, see it finish; upload photos and caption them — and
+nothing fetched from elsewhere.
 
 UI_SCREENSHOTS=docs writes the screenshots the README shows (docs/ui-*.png); otherwise they go to a temporary folder.
 """
@@ -13,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [
@@ -96,9 +98,27 @@ def test_train_the_demo_from_the_page_stop_it_resume_it_see_it_finish(server, tm
         page.screenshot(path=shots / "ui-runs.png", full_page=True)
         page.goto(f"{base}/new")
         expect(page.locator("details.panel").first).to_be_visible()
+        # photos from this computer into a new folder of /data: thumbnails with their buckets, captions saved
+        photos = [tmp_path / f"upload{i}.png" for i in range(2)]
+        for i, path in enumerate(photos):
+            Image.new("RGB", (768, 512), (60 * i, 90, 120)).save(path)
+        page.fill("#upload-folder", "alice")
+        page.set_input_files("#upload-files", [str(p) for p in photos])
+        page.click("#upload")
+        expect(page.locator("#upload-status")).to_have_text("2 of 2 uploaded to alice", timeout=MINUTES)
+        expect(page.locator("#photos")).to_have_value("alice")
+        expect(page.locator("#thumbs figure")).to_have_count(2)
+        expect(page.locator("#thumbs figure").first).to_contain_text("upload0.png · bucket 640x384")
+        caption = page.locator("#thumbs input").first
+        caption.fill("sks woman on a bench")
+        caption.press("Tab")
+        expect(caption).to_have_attribute("title", "saved")
         page.screenshot(path=shots / "ui-new.png", full_page=True)
         browser.close()
 
     assert elsewhere == []  # every script, style and image came from the server itself
+    alice = volumes / "data" / "alice"
+    assert (alice / "upload0.png").read_bytes() == photos[0].read_bytes()
+    assert (alice / "upload0.txt").read_text() == "sks woman on a bench\n"
     events = (volumes / "output" / "demo" / "events.jsonl").read_text()
     assert events.count('"event": "train_start"') == 2  # started, then resumed from its checkpoint

@@ -1,6 +1,7 @@
 """`dreambooth serve`'s HTTP side: every route, the token, the same-origin check, paths that lead outside the
 volumes, bad input (one clear message, nothing written), and runs found again from disk."""
 
+import io
 import json
 import os
 import subprocess
@@ -16,7 +17,7 @@ from starlette.testclient import TestClient
 
 from dreambooth import runlock
 from dreambooth.ui import jobs, runs
-from dreambooth.ui.server import MAX_BODY, create_app
+from dreambooth.ui.server import MAX_BODY, MAX_PHOTO, create_app
 from dreambooth.ui.volumes import Volumes
 
 HOST = "http://testserver"
@@ -243,6 +244,83 @@ def test_a_body_over_the_limit_is_refused_before_anything_is_written(volumes):
     big = {"path": "alice/p1.png", "caption": "x" * (MAX_BODY + 10)}
     response = post(client, "/api/caption", big)
     assert response.status_code == 413 and not (volumes.data / "alice" / "p1.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------------ photo uploads
+
+
+def image_bytes(size=(64, 48), fmt="PNG", noise=False) -> bytes:
+    image = Image.frombytes("RGB", size, os.urandom(size[0] * size[1] * 3)) if noise else Image.new("RGB", size)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def upload(client, folder, name, data, *, secret=True):
+    headers = {"X-Dreambooth-Csrf": csrf_of(client)} if secret else {}
+    return client.post("/api/photos", params={"folder": folder, "name": name}, content=data, headers=headers)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_photos_upload_into_a_new_folder_whole_and_never_over_another_file(volumes):
+    client = client_for(volumes)
+    photo = image_bytes((1200, 800), noise=True)  # 2.9 MB: bigger than any other request may be
+    assert len(photo) > MAX_BODY
+    first = upload(client, "bob", "b0.png", photo)
+    assert first.status_code == 201 and first.json() == {"path": "bob/b0.png", "name": "b0.png", "size": len(photo)}
+    assert upload(client, "bob", "b0.mask.png", image_bytes((1200, 800))).status_code == 201  # its loss mask
+    assert upload(client, "people/carol", "c 1.jpg", image_bytes(fmt="JPEG")).status_code == 201
+    assert tree(volumes.data / "bob") == {"b0.png": photo, "b0.mask.png": tree(volumes.data / "bob")["b0.mask.png"]}
+    assert (volumes.data / "people" / "carol" / "c 1.jpg").is_file()
+    # it is a photo of the folder like any other: its bucket, no caption yet; the mask is not a photo
+    listed = {e["name"]: e for e in client.get("/api/browse/data", params={"path": "bob"}).json()["entries"]}
+    assert listed["b0.png"]["bucket"] == "640x384" and listed["b0.png"]["caption"] is None
+    assert "bucket" not in listed["b0.mask.png"]
+    # the same name again is refused, and the first file stays as it was
+    again = upload(client, "bob", "b0.png", image_bytes())
+    assert again.status_code == 409 and "bob/b0.png already exists" in again.json()["error"]
+    assert (volumes.data / "bob" / "b0.png").read_bytes() == photo
+    assert sorted(p.name for p in (volumes.data / "bob").iterdir()) == ["b0.mask.png", "b0.png"]  # no part file
+
+
+@pytest.mark.parametrize(
+    ("folder", "name", "data", "status", "says"),
+    [
+        ("../elsewhere", "p.png", "png", 422, "no hidden or '..' parts"),
+        ("/tmp", "p.png", "png", 422, "name a folder of /data"),
+        ("", "p.png", "png", 422, "name a folder of /data"),
+        ("escape", "p.png", "png", 404, "leads outside"),
+        ("alice", "../p.png", "png", 422, "a photo's file name ends in"),
+        ("alice", ".hidden.png", "png", 422, "a photo's file name ends in"),
+        ("alice", "notes.txt", "png", 422, "a photo's file name ends in"),
+        ("alice", "p9.png", "text", 422, "not an image Pillow can read"),
+        ("alice", "p9.png", "empty", 422, "not an image Pillow can read"),
+        ("alice", "p9.png", "cut", 422, "not an image Pillow can read"),
+        ("alice", "p9.jpg", "cut-jpeg", 422, "not an image Pillow can read"),
+        ("alice/p0.png", "x.png", "png", 422, "is a file, not a folder"),
+    ],
+)
+def test_a_bad_upload_is_one_message_and_writes_nothing(volumes, folder, name, data, status, says):
+    (volumes.data / "escape").symlink_to(volumes.output.parent)  # a symlink out of /data
+    body = {"png": image_bytes(), "text": b"not an image", "empty": b"", "cut": image_bytes()[:60],
+            "cut-jpeg": image_bytes((256, 256), "JPEG", noise=True)[:-2000]}[data]  # fmt: skip
+    root = volumes.output.parent
+    before = tree(root)
+    response = upload(client_for(volumes), folder, name, body)
+    assert response.status_code == status and says in response.json()["error"]
+    assert tree(root) == before
+
+
+def test_an_upload_needs_the_pages_secret_and_has_its_own_bound(volumes):
+    client = client_for(volumes)
+    before = tree(volumes.data)
+    assert upload(client, "bob", "b0.png", image_bytes(), secret=False).status_code == 403
+    too_big = upload(client, "bob", "b0.png", b"\0" * (MAX_PHOTO + 1))
+    assert too_big.status_code == 413 and str(MAX_PHOTO) in too_big.json()["error"]
+    assert tree(volumes.data) == before and not (volumes.data / "bob").exists()
 
 
 # ------------------------------------------------------------------------------------------------ a new run

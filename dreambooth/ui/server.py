@@ -1,7 +1,7 @@
 """The HTTP side of `dreambooth serve` (Starlette): pages, a small JSON API, server-sent events, files.
 
 Security, in the order a request meets it:
-- a body larger than MAX_BODY is refused (413) before it is read;
+- a body larger than MAX_BODY (MAX_PHOTO for a photo upload) is refused (413) before it is read;
 - with a token (required for any address but loopback) every request must carry it: `?token=` once (it becomes
   an HttpOnly, SameSite=Strict cookie), the cookie, or `Authorization: Bearer`; otherwise 401;
 - a POST must come from a page this server served: the header X-Dreambooth-Csrf equal to the per-process secret
@@ -13,6 +13,7 @@ Security, in the order a request meets it:
 
 import asyncio
 import hmac
+import io
 import json
 import secrets
 import subprocess
@@ -33,28 +34,42 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from dreambooth.buckets import assign_bucket, bucket_grid, bucket_name, image_size
 from dreambooth.fileio import atomic_path
 from dreambooth.ui import forms, jobs, runs
-from dreambooth.ui.volumes import OutsideVolume, Volumes, inside, is_photo, listing
+from dreambooth.ui.volumes import (
+    IMAGE_SUFFIXES,
+    MASK_SUFFIX,
+    OutsideVolume,
+    Volumes,
+    inside,
+    is_photo,
+    is_plain_name,
+    listing,
+    write_new_file,
+)
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ui"
-MAX_BODY = 1 << 20  # 1 MiB: a form, a caption; the page uploads nothing bigger
+MAX_BODY = 1 << 20  # 1 MiB: a form, a caption
+MAX_PHOTO = 64 << 20  # 64 MiB: one uploaded photo (a 50-megapixel JPEG is about 25 MB, a 16-bit TIFF more)
+UPLOAD = "/api/photos"  # the one route whose body may be bigger than MAX_BODY
 MAX_CAPTION = 4096  # characters
 COOKIE = "dreambooth_token"
 POLL_SECONDS = 0.5  # how often a live page's event stream looks for new lines
 
 
 class BodyLimit:
-    """Refuse a request body over `limit` bytes: by its Content-Length, or while it streams in without one."""
+    """Refuse a request body over `limit` bytes (`limits[path]` for the paths named there): by its Content-Length,
+    or while it streams in without one."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, limits: dict[str, int]) -> None:
+        self.app, self.limit, self.limits = app, limit, limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.limits.get(scope["path"], self.limit)
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.limit):
-            await JSONResponse({"error": f"the request is over {self.limit} bytes"}, 413)(scope, receive, send)
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await JSONResponse({"error": f"the request is over {limit} bytes"}, 413)(scope, receive, send)
             return
         seen = 0
 
@@ -62,7 +77,7 @@ class BodyLimit:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit:
+            if seen > limit:
                 raise ValueError("request body over the limit")
             return message
 
@@ -292,6 +307,37 @@ async def save_caption(request: Request) -> JSONResponse:
     return JSONResponse({"path": form["path"], "caption": _caption(image)})
 
 
+async def upload_photo(request: Request) -> JSONResponse:
+    """One photo (or its `.mask.png`) into a folder of /data, its bytes as the body: `?folder=alice&name=p.jpg`.
+    The folder is made when missing; a file already there is never replaced (409); what Pillow cannot read is
+    refused (422); nothing is left behind by a refused or failed upload."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder_name, name = request.query_params.get("folder", ""), request.query_params.get("name", "")
+    if not folder_name or not all(is_plain_name(part) for part in folder_name.split("/")):
+        return _refuse(422, f"folder {folder_name!r}: name a folder of /data (e.g. alice); no hidden or '..' parts")
+    if not is_plain_name(name) or not (is_photo(name) or name.lower().endswith(MASK_SUFFIX)):
+        return _refuse(422, f"{name!r}: a photo's file name ends in {', '.join(IMAGE_SUFFIXES)} (or {MASK_SUFFIX})")
+    folder = inside(_volumes(request).data, folder_name, must_exist=False)
+    if folder.exists() and not folder.is_dir():
+        return _refuse(422, f"{folder_name} in /data is a file, not a folder: pick another name")
+    body = await request.body()
+    try:
+        with Image.open(io.BytesIO(body)) as image:
+            image.load()  # every pixel, as training will read it: a cut JPEG fails here, not at step 0
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError):
+        return _refuse(422, f"{name}: not an image Pillow can read (PNG, JPEG, WebP, BMP or TIFF)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        write_new_file(folder / name, body)
+    except FileExistsError:
+        return _refuse(409, f"{folder_name}/{name} already exists: rename the file, or remove the old one first")
+    except OSError as exc:
+        return _refuse(507, f"could not write {folder_name}/{name} in /data: {exc.strerror or exc}")
+    path = (folder / name).relative_to(_volumes(request).data).as_posix()
+    return JSONResponse({"path": path, "name": name, "size": len(body)}, 201)
+
+
 async def file(request: Request) -> Response:
     volume = request.path_params["volume"]
     if volume not in ("output", "data"):
@@ -330,6 +376,7 @@ ROUTES = [
     Route("/api/browse/{volume}", browse),
     Route("/api/model-info", model_info),
     Route("/api/caption", save_caption, methods=["POST"]),
+    Route(UPLOAD, upload_photo, methods=["POST"]),
     Route("/files/{volume}/{path:path}", file),
     Mount("/static", StaticFiles(directory=str(ASSETS / "static")), name="static"),
 ]
@@ -340,7 +387,10 @@ def create_app(volumes: Volumes, *, token: str | None = None) -> Starlette:
     csrf = secrets.token_urlsafe(24)
     app = Starlette(
         routes=ROUTES,
-        middleware=[Middleware(BodyLimit, limit=MAX_BODY), Middleware(Guard, token=token, csrf=csrf)],
+        middleware=[
+            Middleware(BodyLimit, limit=MAX_BODY, limits={UPLOAD: MAX_PHOTO}),
+            Middleware(Guard, token=token, csrf=csrf),
+        ],
         exception_handlers={OutsideVolume: _not_found, jobs.JobError: _refused, ValueError: _bad_request},
     )
     app.state.volumes, app.state.csrf = volumes, csrf

@@ -4,6 +4,8 @@ Every path a request names is relative to one of them and resolved here: absolut
 lead outside are refused before anything is opened, so no request reads or writes outside the volumes.
 """
 
+import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +15,29 @@ MASK_SUFFIX = ".mask.png"  # a photo's loss mask (--masked-loss), not a photo
 
 def is_photo(name: str) -> bool:
     return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.lower().endswith(MASK_SUFFIX)
+
+
+def is_plain_name(name: str) -> bool:
+    """One visible file or folder name: no separators, not hidden, no control characters."""
+    return (
+        bool(name)
+        and name == name.strip()
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\")
+        and all(c.isprintable() for c in name)
+    )
+
+
+def write_new_file(dest: Path, data: bytes) -> None:
+    """DEST with these bytes, whole or not at all, and never over a file already there: written beside it under a
+    hidden name, then linked into place (unlike a rename, a link fails when DEST exists, so of two uploads of one
+    name exactly one lands). FileExistsError when DEST is taken."""
+    part = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.part")
+    try:
+        part.write_bytes(data)
+        os.link(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
 
 
 class OutsideVolume(ValueError):

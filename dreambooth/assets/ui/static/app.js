@@ -214,6 +214,7 @@ function newPage() {
   const fill = async (select, volume, keep) => {
     const response = await fetch(`/api/browse/${volume}`);
     if (!response.ok) return;
+    select.replaceChildren(select.options[0]);
     for (const entry of (await response.json()).entries) {
       if (!keep(entry)) continue;
       const option = document.createElement("option");
@@ -261,6 +262,34 @@ function newPage() {
       figure.append(img, caption, input);
       thumbs.append(figure);
     }
+  });
+
+  // photos from this computer into a folder of /data, one request each; the folder is then shown as picked
+  $("#upload").addEventListener("click", async () => {
+    const folder = $("#upload-folder").value.trim().replace(/^\/+|\/+$/g, "") || $("#photos").value;
+    const files = [...$("#upload-files").files];
+    const status = $("#upload-status");
+    if (!folder || !files.length) { status.textContent = "choose photos, and a folder to put them in"; return; }
+    let uploaded = 0;
+    const failed = [];
+    for (const [i, file] of files.entries()) {
+      status.textContent = `uploading ${i + 1} of ${files.length}…`;
+      const response = await fetch(`/api/photos?folder=${encodeURIComponent(folder)}&name=${encodeURIComponent(file.name)}`, {
+        method: "POST", headers: { "Content-Type": "application/octet-stream", "X-Dreambooth-Csrf": csrf() }, body: file,
+      });
+      if (response.ok) { uploaded += 1; continue; }
+      let data = {};
+      try { data = await response.json(); } catch (e) { data = { error: response.statusText }; }
+      failed.push(data.error || `${file.name}: ${response.status}`);
+    }
+    status.textContent = [`${uploaded} of ${files.length} uploaded to ${folder}`, ...failed].join(" · ");
+    status.classList.toggle("error", failed.length > 0);
+    $("#upload-files").value = "";
+    const photos = $("#photos");
+    await fill(photos, "data", (e) => e.folder);
+    if (![...photos.options].some((o) => o.value === folder)) photos.append(new Option(`${folder}/`, folder));
+    photos.value = folder;
+    photos.dispatchEvent(new Event("change"));
   });
 
   const settings = () => {
