@@ -151,6 +151,9 @@ train: build dirs ## Train in the image: MODEL=./models/x.safetensors DATA=./dat
 
 .PHONY: ui
 ui: build dirs ## The web page in the image: http://127.0.0.1:7860 [UI_PORT=]; it prints the link with its token
+	@# the page saves captions and uploaded photos in ./data; as root the container runs as 1000:0, so let group 0
+	@# create files in data's folders (the photos themselves keep their owner and mode)
+	@if [ "$(HOST_UID)" = 0 ]; then find data -type d -exec chmod g+rwx {} +; fi
 	@set -x; $(COMPOSE) --profile ui up ui
 
 .PHONY: demo-image

@@ -10,9 +10,11 @@ network, not root; read-only /models and /data. Then: the built-in demo (full an
 import json
 import os
 import shlex
+import struct
 import subprocess
 import time
 import uuid
+import zlib
 from pathlib import Path
 
 import pytest
@@ -273,9 +275,21 @@ def test_doctor_is_content_in_the_hardened_container(volumes):
     assert checks["volume:/models"]["detail"].startswith("ro") and checks["volume:/data"]["detail"].startswith("ro")
 
 
+def png_bytes(width: int, height: int) -> bytes:
+    """A small RGB PNG written by hand (these tests run without Pillow)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    rows = b"".join(b"\0" + bytes([200, 90, 40]) * width for _ in range(height))  # filter byte 0, then pixels
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
 def test_make_ui_serves_the_runs_list_to_this_machine_only_and_asks_for_its_token(volumes):
     """`make ui`: compose.yaml's `ui` service from the built image; the page answers on 127.0.0.1 with the runs
-    under /output, refuses a request without the token, and its network has no route out."""
+    under /output, refuses a request without the token, saves an uploaded photo in ./data, and its network has no
+    route out."""
     import socket
     import urllib.error
     import urllib.request
@@ -308,6 +322,15 @@ def test_make_ui_serves_the_runs_list_to_this_machine_only_and_asks_for_its_toke
         asked = urllib.request.Request(f"{base}/api/runs", headers={"Authorization": "Bearer container-test-token"})
         runs = json.loads(urllib.request.urlopen(asked, timeout=10).read())["runs"]
         assert [(r["name"], r["status"]) for r in runs] == [("alice", "done")]
+        # a photo uploaded from the page lands in ./data (the one volume the page writes besides /output)
+        token = {"Authorization": "Bearer container-test-token"}
+        page = urllib.request.urlopen(urllib.request.Request(f"{base}/new", headers=token), timeout=10).read()
+        csrf = page.decode().split('<meta name="csrf" content="')[1].split('"')[0]
+        photo = png_bytes(4, 3)
+        upload = urllib.request.Request(f"{base}/api/photos?folder=bob&name=b0.png", data=photo,
+                                        headers={**token, "X-Dreambooth-Csrf": csrf}, method="POST")  # fmt: skip
+        assert urllib.request.urlopen(upload, timeout=30).status == 201
+        assert (volumes["data"] / "bob" / "b0.png").read_bytes() == photo
         (container,) = subprocess.run([*compose, "ps", "-q", "ui"], capture_output=True, text=True, env=env,
                                       timeout=60).stdout.split()  # fmt: skip
         host = inspect(container)["HostConfig"]
