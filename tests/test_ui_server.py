@@ -239,6 +239,24 @@ def test_a_caption_is_written_atomically_and_bad_ones_write_nothing(volumes):
     assert (volumes.output.parent / "secret.txt").read_text() == "outside every volume\n"
 
 
+def test_a_folder_the_page_may_not_write_is_one_message(volumes, monkeypatch):
+    """A read-only /data (compose's other services mount it so) or a folder of another user: a caption or an upload
+    is refused in one line (the write fails as the operating system would fail it, whoever runs the test)."""
+    from dreambooth.ui import server
+
+    def refused(*_args, **_kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(server, "atomic_path", refused)
+    monkeypatch.setattr(server, "write_new_file", refused)
+    client = client_for(volumes)
+    caption = post(client, "/api/caption", {"path": "alice/p1.png", "caption": "x"})
+    photo = upload(client, "alice", "p9.png", image_bytes())
+    assert [caption.status_code, photo.status_code] == [507, 507]
+    assert caption.json()["error"] == "could not write the caption of alice/p1.png in /data: Permission denied"
+    assert photo.json()["error"] == "could not write alice/p9.png in /data: Permission denied"
+
+
 def test_a_body_over_the_limit_is_refused_before_anything_is_written(volumes):
     client = client_for(volumes)
     big = {"path": "alice/p1.png", "caption": "x" * (MAX_BODY + 10)}

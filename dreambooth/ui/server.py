@@ -302,8 +302,11 @@ async def save_caption(request: Request) -> JSONResponse:
     caption = form["caption"].strip()
     if len(caption) > MAX_CAPTION or "\x00" in caption:
         return _refuse(422, f"a caption is one line of at most {MAX_CAPTION} characters")
-    with atomic_path(image.with_suffix(".txt")) as tmp:  # a reader sees the old caption or the new, never half
-        tmp.write_text(caption.replace("\n", " ") + "\n", encoding="utf-8")
+    try:
+        with atomic_path(image.with_suffix(".txt")) as tmp:  # a reader sees the old caption or the new, never half
+            tmp.write_text(caption.replace("\n", " ") + "\n", encoding="utf-8")
+    except OSError as exc:  # a read-only /data, or a folder this user may not write
+        return _refuse(507, f"could not write the caption of {form['path']} in /data: {exc.strerror or exc}")
     return JSONResponse({"path": form["path"], "caption": _caption(image)})
 
 
