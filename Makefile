@@ -177,6 +177,9 @@ doctor: build dirs ## Environment report inside the image (GPU, driver, versions
 .PHONY: test-image
 test-image: build ## The test suite inside the frozen image (target `test`): PYTEST_ARGS="-m 'not slow'" for the quick part
 	@$(with_base); set -x; $(COMPOSE) --profile test build test
+	@# as `build` does for the image: drop the test image this rebuild left untagged (it has no OCI labels)
+	@$(DOCKER) image prune -f --filter label=com.docker.compose.project=dreambooth \
+		--filter label=com.docker.compose.service=test >/dev/null
 	@# pytest exits 5 when it collected no tests: that is a broken suite (or image), not a pass
 	$(COMPOSE_RUN) test python -m pytest -p no:cacheprovider $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests in the image" >&2; exit 1; fi; exit $$rc
