@@ -362,16 +362,8 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train,
                                    [e.prompt for e in held_out])  # fmt: skip
 
-    names = list(trained)
-    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
-    trained = dict(zip(names, prepared, strict=True))
-    c.denoiser = trained[c.denoiser_name]
-    c.text_encoders.update(c.text_models(trained))
-    if cfg.train_text_encoder and not text_encoders_train:
-        # resumed past --text-encoder-steps: they stay in the optimizer (so the saved state fits) but get no grads
-        # (after prepare: DDP refuses to wrap a model of which nothing trains)
-        for name in text:
-            trained[name].requires_grad_(False)
+    freeze_text = cfg.train_text_encoder and not text_encoders_train
+    trained, optimizer = prepare_trained(accelerator, c, trained, optimizer, freeze_text=freeze_text)
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
 
     run = Run(
@@ -384,35 +376,63 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     )  # fmt: skip
     if state is not None:
         resume(run, state, resume_from)
-    run.setup = {
-        "device": str(device),
-        "family": family.name,
-        **adapter.describe(cfg),
-        "mixed_precision": mixed,
-        "optimizer": optimizer_name,
-        "optimizer_args": optimizer_args,
-        "attention": attention,
-        **describe_levers(cfg, c, swap, held_out, instances),
-        "prediction_type": c.prediction_type,
-        "objective": objective.name,
-        "seed": seed,
-        "model_dir": str(model.folder or model.parts["transformer"].path),
-        "model": model.describe(),
-        **describe_data(cfg, instances, classes, all_examples, stream),
-        "max_token_length": cfg.max_token_length,
-        "long_prompts": describe_long_prompts(family, c, stream.all_prompts() + list(cfg.save_sample_prompt)),
-        "trainable_parameters": sum(p.numel() for p in params),
-        "disk": disk,
-        **describe_batch(cfg, accelerator),
-        "learning_rate": lr,
-        "learning_rate_from": cfg.lr_source,
-        "text_encoder_lr": text_lr if text else None,
-        "scale_lr": cfg.scale_lr,
-        "first_step": run.step,
-    }
+    run.setup = describe_setup(
+        run, model, instances, classes, held_out, mixed=mixed, optimizer=(optimizer_name, optimizer_args),
+        attention=attention, disk=disk, learning_rates=(lr, text_lr if text else None),
+    )  # fmt: skip
     run.last_saved = resume_from
     events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
     return run
+
+
+def prepare_trained(accelerator, c: Components, trained: dict, optimizer, *, freeze_text: bool):
+    """accelerate wraps what trains (the device; DDP or DeepSpeed) together with the optimizer, and the components
+    use the wrapped models from here on. Text encoders resumed past --text-encoder-steps stay in the optimizer (so
+    the saved state fits) but get no gradients; after prepare, because DDP refuses to wrap a model of which nothing
+    trains."""
+    names, text = list(trained), list(c.text_models(trained))
+    *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
+    trained = dict(zip(names, prepared, strict=True))
+    c.denoiser = trained[c.denoiser_name]
+    c.text_encoders.update(c.text_models(trained))
+    if freeze_text:
+        for name in text:
+            trained[name].requires_grad_(False)
+    return trained, optimizer
+
+
+def describe_setup(
+    run: Run, model: ResolvedModel, instances: list, classes: dict | None, held_out: list, *, mixed: str,
+    optimizer: tuple[str, dict], attention: str, disk: dict, learning_rates: tuple[float, float | None],
+) -> dict:  # fmt: skip
+    """What the run is, as train_start's event and the report's settings tell it."""
+    cfg, c = run.cfg, run.c
+    return {
+        "device": str(run.accelerator.device),
+        "family": run.family.name,
+        **run.adapter.describe(cfg),
+        "mixed_precision": mixed,
+        "optimizer": optimizer[0],
+        "optimizer_args": optimizer[1],
+        "attention": attention,
+        **describe_levers(cfg, c, run.swap, held_out, instances),
+        "prediction_type": c.prediction_type,
+        "objective": run.objective.name,
+        "seed": run.seed,
+        "model_dir": str(model.folder or model.parts["transformer"].path),
+        "model": model.describe(),
+        **describe_data(cfg, instances, classes, run.all_examples, run.stream),
+        "max_token_length": cfg.max_token_length,
+        "long_prompts": describe_long_prompts(run.family, c, run.stream.all_prompts() + list(cfg.save_sample_prompt)),
+        "trainable_parameters": sum(p.numel() for p in run.params),
+        "disk": disk,
+        **describe_batch(cfg, run.accelerator),
+        "learning_rate": learning_rates[0],
+        "learning_rate_from": cfg.lr_source,
+        "text_encoder_lr": learning_rates[1],
+        "scale_lr": cfg.scale_lr,
+        "first_step": run.step,
+    }
 
 
 def describe_levers(cfg: TrainConfig, c: Components, swap: BlockSwap | None, held_out: list, instances: list) -> dict:
