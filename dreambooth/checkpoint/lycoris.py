@@ -44,6 +44,13 @@ def module_paths(state: dict[str, torch.Tensor], kind: str) -> list[str]:
     return sorted({key[: -len(s)] for key in state for s in firsts if key.endswith(s)})
 
 
+def module_scales(info: dict, component: str, state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each trained module of one component → the scale its product is applied with, alpha / r (lora.json records
+    both per module: a rank or alpha pattern makes them differ)."""
+    record = info["components"][component]
+    return {m: float(record["alphas"][m]) / record["ranks"][m] for m in module_paths(state, kind_of(info))}
+
+
 def file_tensors(kind: str, state: dict, module: str, rank: int, alpha: float, norms: dict | None = None) -> dict:
     """One module's tensors in the file (suffix → tensor), `.alpha` included."""
     out = {}

@@ -289,8 +289,8 @@ def export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Pat
     config, tensors, where = _base_transformer(described)
     check_base(info, variant(config), where)
     kind, state = lycoris.kind_of(info), states["transformer"]
-    ranks, alphas = info["components"]["transformer"]["ranks"], info["components"]["transformer"]["alphas"]
-    trained = set(lycoris.module_paths(state, kind))
+    scales = lycoris.module_scales(info, "transformer", state)
+    trained = set(scales)
     merged = {
         key: (t if not half or not t.is_floating_point() else files._cast(t, "BF16")) for key, t in tensors.items()
     }
@@ -298,7 +298,7 @@ def export_merged(info: dict, states: dict, dest: Path, *, half: bool, base: Pat
         if not trained.intersection(parts):
             continue
         weight = tensors[f"{original}.weight"]
-        merge = {p: partial(lycoris.merged, kind, state, p, alphas[p] / ranks[p]) for p in parts if p in trained}
+        merge = {p: partial(lycoris.merged, kind, state, p, scales[p]) for p in parts if p in trained}
         rows = _part_rows(original, parts, weight, info["transformer_layout"], where)
         merged[f"{original}.weight"] = _merged(weight, rows, merge, _dtype_name(weight, half))
         trained -= set(parts)
@@ -334,11 +334,10 @@ def _export_merged_clip(info: dict, state: dict, base: dict, dest: Path, half: b
         weights = load_safetensors_file(path)
         weights = parts.strip(weights, parts.identify(weights)["text_encoder"])
     weights = {"text_model." + k.removeprefix("text_model."): v for k, v in weights.items()}
-    ranks, alphas = info["components"]["text_encoder"]["ranks"], info["components"]["text_encoder"]["alphas"]
     kind = lycoris.kind_of(info)
-    for module in lycoris.module_paths(state, kind):
+    for module, scale in lycoris.module_scales(info, "text_encoder", state).items():
         target = "text_model." + module.removeprefix("text_model.") + ".weight"
-        made = lycoris.merged(kind, state, module, float(alphas[module]) / ranks[module], weights[target])
+        made = lycoris.merged(kind, state, module, scale, weights[target])
         weights[target] = made.to(weights[target].dtype)
     if half:
         weights = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in weights.items()}

@@ -176,8 +176,7 @@ def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, tor
         target = out.get(component)
         if target is None:
             raise UserError(f"--base {source} has no {component}", "merge onto the model the LoRA was trained on")
-        alphas, ranks = info["components"][component]["alphas"], info["components"][component]["ranks"]
-        for module in lycoris.module_paths(state, kind):
+        for module, scale in lycoris.module_scales(info, component, state).items():
             weight_key = _base_key(target, module)
             if weight_key is None:
                 raise UserError(
@@ -194,7 +193,7 @@ def merged_states(info: dict, states: dict, base_states: dict[str, dict[str, tor
                         "merge onto the model the LoRA was trained on (info: base)",
                     )
             try:
-                new = lycoris.merged(kind, state, module, alphas[module] / ranks[module], weight)
+                new = lycoris.merged(kind, state, module, scale, weight)
             except RuntimeError as exc:  # the product does not reshape to this weight
                 raise UserError(
                     f"--base {source}: {component} {module} is {tuple(weight.shape)}, which the LoRA does not fit: "
