@@ -323,8 +323,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     quiet_progress_bars()
 
     # --- device, precision, seed -------------------------------------------------------------------------
-    device = accelerator.device
-    world = accelerator.num_processes
+    device, world = accelerator.device, accelerator.num_processes
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed, torch.float32)
     seed = choose_seed(cfg, state, world)
 
@@ -343,7 +342,6 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
 
     # --- optimizer and schedule: the text encoders may have their own learning rate ----------------------
     lr, text_lr = learning_rates(cfg, accelerator.num_processes)
-    text = c.text_models(trained)
     groups = param_groups(c, trained, lr, text_lr)
     params = [p for g in groups for p in g["params"]]
     optimizer, optimizer_name, optimizer_args = make_optimizer(groups, cfg, device)
@@ -362,8 +360,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
     latents, prompts = make_caches(cfg, family, c, stream, seed, device, text_encoders_train,
                                    [e.prompt for e in held_out])  # fmt: skip
 
-    freeze_text = cfg.train_text_encoder and not text_encoders_train
-    trained, optimizer = prepare_trained(accelerator, c, trained, optimizer, freeze_text=freeze_text)
+    trained, optimizer = prepare_trained(accelerator, c, trained, optimizer, freeze_text=not text_encoders_train)
     all_examples = instances + [e for group in (classes or {}).values() for e in group]
 
     run = Run(
@@ -378,7 +375,7 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
         resume(run, state, resume_from)
     run.setup = describe_setup(
         run, model, instances, classes, held_out, mixed=mixed, optimizer=(optimizer_name, optimizer_args),
-        attention=attention, disk=disk, learning_rates=(lr, text_lr if text else None),
+        attention=attention, disk=disk, learning_rates=(lr, text_lr if c.text_models(trained) else None),
     )  # fmt: skip
     run.last_saved = resume_from
     events.emit("train_start", step=run.step, max_train_steps=cfg.max_train_steps, **run.setup)
@@ -387,9 +384,9 @@ def setup(cfg: TrainConfig, should_stop, model: ResolvedModel | None, instance_i
 
 def prepare_trained(accelerator, c: Components, trained: dict, optimizer, *, freeze_text: bool):
     """accelerate wraps what trains (the device; DDP or DeepSpeed) together with the optimizer, and the components
-    use the wrapped models from here on. Text encoders resumed past --text-encoder-steps stay in the optimizer (so
-    the saved state fits) but get no gradients; after prepare, because DDP refuses to wrap a model of which nothing
-    trains."""
+    use the wrapped models from here on. With `freeze_text` (resumed past --text-encoder-steps) the trained text
+    encoders stay in the optimizer, so the saved state fits, but get no gradients; after prepare, because DDP
+    refuses to wrap a model of which nothing trains."""
     names, text = list(trained), list(c.text_models(trained))
     *prepared, optimizer = accelerator.prepare(*trained.values(), optimizer)
     trained = dict(zip(names, prepared, strict=True))
