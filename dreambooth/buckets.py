@@ -1,4 +1,5 @@
-"""Image sizes and aspect-ratio buckets: plain arithmetic on headers, no pixels decoded and no torch.
+"""Which files are photos, image sizes and aspect-ratio buckets: names and plain arithmetic on headers, no pixels
+decoded and no torch.
 
 Training (dreambooth/data.py, train.py) and the web page (which shows the bucket each photo would go to) share it.
 """
@@ -9,6 +10,17 @@ from pathlib import Path
 from PIL import ExifTags, Image
 
 Size = tuple[int, int]  # (height, width) in pixels, the order of a tensor's last two dimensions
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # the photos training reads
+MASK_SUFFIX = ".mask.png"  # photo.jpg's loss mask is photo.mask.png beside it (--masked-loss)
+
+
+def is_mask(name: str) -> bool:
+    return name.lower().endswith(MASK_SUFFIX)
+
+
+def is_photo(name: str) -> bool:
+    """A file name training reads as a photo (a loss mask weighs a photo, it is none)."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not is_mask(name)
 
 
 def image_size(path: Path) -> Size:

@@ -19,11 +19,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from dreambooth import events
-from dreambooth.buckets import Size, image_size
+from dreambooth.buckets import MASK_SUFFIX, Size, image_size, is_photo
 from dreambooth.errors import UserError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
-MASK_SUFFIX = ".mask.png"  # photo.jpg's loss mask is photo.mask.png beside it (--masked-loss)
 MIN_SIDE_FRACTION = 4  # images whose short side is under resolution/4 would be upscaled into mush: refuse them
 
 
@@ -56,7 +54,7 @@ def scan_images(folder: Path, resolution: int, flag: str, *, warn: bool = True) 
     usable = []
     min_side = max(8, resolution // MIN_SIDE_FRACTION)
     for path in sorted(p for p in Path(folder).iterdir() if not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES or is_mask_file(path):  # a mask weighs a photo, is none
+        if not is_photo(path.name):
             continue
         if path.is_symlink() and not path.exists():  # a link that loops, or points at nothing: said, not a mystery
             if warn:
@@ -105,10 +103,6 @@ def check_instance_dir(folder: Path, resolution: int, flag: str) -> list[Path]:
 
 
 # ───────────────────────────── loss masks ─────────────────────────────
-
-
-def is_mask_file(path: Path) -> bool:
-    return path.name.lower().endswith(MASK_SUFFIX)
 
 
 def mask_path(image: Path) -> Path:

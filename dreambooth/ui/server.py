@@ -31,20 +31,19 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from dreambooth.buckets import assign_bucket, bucket_grid, bucket_name, image_size
-from dreambooth.fileio import atomic_path
-from dreambooth.ui import forms, jobs, runs
-from dreambooth.ui.volumes import (
+from dreambooth.buckets import (
     IMAGE_SUFFIXES,
     MASK_SUFFIX,
-    OutsideVolume,
-    Volumes,
-    inside,
+    assign_bucket,
+    bucket_grid,
+    bucket_name,
+    image_size,
+    is_mask,
     is_photo,
-    is_plain_name,
-    listing,
-    write_new_file,
 )
+from dreambooth.fileio import atomic_path
+from dreambooth.ui import forms, jobs, runs
+from dreambooth.ui.volumes import OutsideVolume, Volumes, inside, is_plain_name, listing, write_new_file
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "ui"
 MAX_BODY = 1 << 20  # 1 MiB: a form, a caption
@@ -319,7 +318,7 @@ async def upload_photo(request: Request) -> JSONResponse:
     folder_name, name = request.query_params.get("folder", ""), request.query_params.get("name", "")
     if not folder_name or not all(is_plain_name(part) for part in folder_name.split("/")):
         return _refuse(422, f"folder {folder_name!r}: name a folder of /data (e.g. alice); no hidden or '..' parts")
-    if not is_plain_name(name) or not (is_photo(name) or name.lower().endswith(MASK_SUFFIX)):
+    if not is_plain_name(name) or not (is_photo(name) or is_mask(name)):
         return _refuse(422, f"{name!r}: a photo's file name ends in {', '.join(IMAGE_SUFFIXES)} (or {MASK_SUFFIX})")
     folder = inside(_volumes(request).data, folder_name, must_exist=False)
     if folder.exists() and not folder.is_dir():

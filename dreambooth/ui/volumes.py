@@ -9,13 +9,6 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")  # what training reads (data.py)
-MASK_SUFFIX = ".mask.png"  # a photo's loss mask (--masked-loss), not a photo
-
-
-def is_photo(name: str) -> bool:
-    return Path(name).suffix.lower() in IMAGE_SUFFIXES and not name.lower().endswith(MASK_SUFFIX)
-
 
 def is_plain_name(name: str) -> bool:
     """One visible file or folder name: no separators, not hidden, no control characters."""
